@@ -1,0 +1,67 @@
+"""Projection / prediction MLP heads and the linear classifier used by the evaluators."""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLPHead(nn.Module):
+    """MLP head: (Dense -> BN -> ReLU) per hidden layer, then a Dense output layer.
+
+    Attributes:
+      hidden_dims: widths of the hidden layers; () gives a single linear layer.
+      out_dim: output width.
+      use_bn: BatchNorm after each hidden Dense. The Dense then has no bias, which BN would cancel.
+      last_bn: BatchNorm without scale or bias on the output (the output Dense then has no bias), as
+        BYOL / SimSiam / MoCo v3 do. SimCLR v2's TF head keeps a learnable scale there; we do not.
+      dtype: compute dtype; parameters and BN statistics stay float32, outputs are float32.
+      bn_axis_name: mesh axis over which BN averages batch statistics (None: local batch).
+    """
+    hidden_dims: Sequence[int]
+    out_dim: int
+    use_bn: bool = True
+    last_bn: bool = False
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    def _bn(self, train: bool, name: str, affine: bool = True) -> nn.BatchNorm:
+        return nn.BatchNorm(
+            use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+            use_scale=affine, use_bias=affine, dtype=self.dtype, param_dtype=jnp.float32,
+            axis_name=self.bn_axis_name, name=name)
+
+    @nn.compact
+    def __call__(self, x_BxD, train: bool, return_hidden: bool = False):
+        """Returns out_BxO (float32), plus the float32 post-ReLU hidden activations [B x H_i] if return_hidden.
+
+        SimCLR v2 fine-tunes from the first of those hidden layers (`hidden[0]`).
+        """
+        x = jnp.asarray(x_BxD, self.dtype)
+        hidden = []
+        for i, width in enumerate(self.hidden_dims):
+            x = nn.Dense(width, use_bias=not self.use_bn, dtype=self.dtype, param_dtype=jnp.float32,
+                         name=f"dense{i}")(x)
+            if self.use_bn:
+                x = self._bn(train, f"bn{i}")(x)
+            x = nn.relu(x)
+            hidden.append(x.astype(jnp.float32))
+        n = len(self.hidden_dims)
+        x = nn.Dense(self.out_dim, use_bias=not self.last_bn, dtype=self.dtype, param_dtype=jnp.float32,
+                     name=f"dense{n}")(x)
+        if self.last_bn:
+            x = self._bn(train, f"bn{n}", affine=False)(x)
+        out_BxO = x.astype(jnp.float32)
+        return (out_BxO, hidden) if return_hidden else out_BxO
+
+
+class LinearClassifier(nn.Module):
+    """A float32 Dense layer from features to class logits (linear evaluation, online probe)."""
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x_BxD):
+        """Returns logits B x num_classes in float32."""
+        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="fc")(
+            jnp.asarray(x_BxD, jnp.float32))

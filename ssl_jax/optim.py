@@ -1,0 +1,99 @@
+"""Optimizers (LARS, SGD, AdamW, LAMB), learning-rate schedules and the weight-decay / trust-ratio mask.
+
+LARS follows SimCLR's TF implementation, which `optax.lars` reproduces step for step:
+    g <- g + wd * w                                  (weight decay before the trust ratio)
+    r  = eta * ||w|| / ||g||, or 1 if either norm is 0
+    v <- momentum * v + lr * r * g                   (momentum after the learning rate)
+    w <- w - v
+Biases and BatchNorm parameters get neither weight decay nor the trust ratio (for them this is plain
+momentum SGD), selected by `decay_mask`, the predicate BYOL's JAX code uses.
+"""
+import math
+from typing import Any
+
+import jax
+import optax
+
+OPTIMIZERS = ("adamw", "lamb", "lars", "sgd")
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+def _leaf_name(path) -> str:
+    last = path[-1]
+    return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def decay_mask(params: Any) -> Any:
+    """Returns a pytree of bools like `params`: True for conv/dense kernels, False for biases and BN params."""
+    # Flax BN params are named scale/bias and are 1-D; ndim also catches vectors under other names.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: len(p.shape) > 1 and _leaf_name(path) not in ("bias", "scale"), params)
+
+
+def _all_true(params: Any) -> Any:
+    return jax.tree.map(lambda _: True, params)
+
+
+def scaled_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float:
+    """Returns the peak lr: base_lr * B / 256 ('linear'), base_lr * sqrt(B) ('sqrt') or base_lr ('none')."""
+    if scaling == "linear":
+        return base_lr * batch_size / 256.0
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    if scaling == "none":
+        return float(base_lr)
+    raise ValueError(f"Unknown learning-rate scaling {scaling!r}; expected one of {LR_SCALINGS}.")
+
+
+def make_schedule(optim_cfg, batch_size: int, steps_per_epoch: int, num_epochs: float) -> optax.Schedule:
+    """Returns step -> lr: linear warmup from 0 for `warmup_epochs`, then cosine decay to `end_lr_factor`*peak.
+
+    The schedule reaches its end value at step `steps_per_epoch * num_epochs`, the count after the
+    last update (the last update itself uses the value one step before), as in SimCLR.
+    """
+    peak = scaled_learning_rate(optim_cfg["lr"], batch_size, optim_cfg.get("lr_scaling", "linear"))
+    total_steps = int(round(steps_per_epoch * num_epochs))
+    warmup_steps = int(round(steps_per_epoch * optim_cfg.get("warmup_epochs", 0)))
+    end_factor = optim_cfg.get("end_lr_factor", 0.0)
+    if total_steps <= 0:
+        raise ValueError(f"The schedule needs at least one step, got {steps_per_epoch} steps x {num_epochs}.")
+    if warmup_steps >= total_steps:
+        raise ValueError(f"Warmup ({warmup_steps} steps) must be shorter than training ({total_steps}).")
+    if warmup_steps == 0:
+        return optax.cosine_decay_schedule(peak, decay_steps=total_steps, alpha=end_factor)
+    # decay_steps is the total length, warmup included.
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=total_steps,
+        end_value=end_factor * peak)
+
+
+def make_optimizer(optim_cfg, batch_size: int, steps_per_epoch: int,
+                   num_epochs: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Returns (optax optimizer, lr schedule) for optim_cfg.name in 'lars' | 'sgd' | 'adamw' | 'lamb'.
+
+    `optim_cfg.exclude_bias_and_norm` (default True) exempts biases and BatchNorm from weight decay
+    (and from LARS's trust ratio); set it False for torch recipes that decay every parameter.
+    """
+    name = optim_cfg["name"]
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.")
+    schedule = make_schedule(optim_cfg, batch_size, steps_per_epoch, num_epochs)
+    wd = optim_cfg.get("weight_decay", 0.0)
+    mask = decay_mask if optim_cfg.get("exclude_bias_and_norm", True) else _all_true
+    momentum = optim_cfg.get("momentum", 0.9)
+    nesterov = optim_cfg.get("nesterov", False)
+    b1, b2 = optim_cfg.get("b1", 0.9), optim_cfg.get("b2", 0.999)
+
+    if name == "lars":
+        tx = optax.lars(schedule, weight_decay=wd, weight_decay_mask=mask,
+                        trust_coefficient=optim_cfg.get("trust_coefficient", 0.001), trust_ratio_mask=mask,
+                        momentum=momentum, nesterov=nesterov)
+    elif name == "sgd":
+        # torch.optim.SGD: L2 decay added to the gradient, momentum on the gradient, then the lr.
+        tx = optax.chain(optax.add_decayed_weights(wd, mask=mask),
+                         optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
+    elif name == "adamw":
+        tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd, mask=mask)
+    else:
+        tx = optax.lamb(schedule, b1=b1, b2=b2, weight_decay=wd, mask=mask)
+    return tx, schedule

@@ -1,0 +1,291 @@
+"""Tests for ssl_jax.models: parameter counts, shapes, bf16, synchronized BatchNorm, zero-init, heads."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ssl_jax.models import LinearClassifier, MLPHead, get_backbone
+from ssl_jax.models.resnet import BasicBlock, BottleneckBlock, conv_kernel_init
+
+# Threefry kernels take seconds to compile on a small CPU; "rbg" keys keep parameter init fast.
+RNG = jax.random.key(0, impl="rbg")
+
+
+def normal(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def torchvision_param_count(stage_sizes, block, width=64, cifar_stem=False, in_channels=3):
+    """Trainable parameters of torchvision's ResNet without fc, counted layer by layer."""
+    expansion = 1 if block == "basic" else 4
+    k = 3 if cifar_stem else 7
+    n = k * k * in_channels * width + 2 * width  # conv1 + bn1 (weight, bias)
+    c_in = width
+    for i, num_blocks in enumerate(stage_sizes):
+        w = width * 2 ** i
+        for j in range(num_blocks):
+            stride = 2 if i > 0 and j == 0 else 1
+            if block == "basic":
+                n += 9 * c_in * w + 2 * w + 9 * w * w + 2 * w
+            else:
+                n += c_in * w + 2 * w + 9 * w * w + 2 * w + w * 4 * w + 2 * 4 * w
+            if stride != 1 or c_in != w * expansion:
+                n += c_in * w * expansion + 2 * w * expansion
+            c_in = w * expansion
+    return n
+
+
+def init(module, rng, *args, **kwargs):
+    """Jitted module.init (eager Flax is slow on a 2-core CPU)."""
+    return jax.jit(lambda r, *a: module.init(r, *a, **kwargs))(rng, *args)
+
+
+def apply(module, variables, *args, **kwargs):
+    """Jitted module.apply."""
+    return jax.jit(lambda v, *a: module.apply(v, *a, **kwargs))(variables, *args)
+
+
+def param_count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def abstract_init(model, image_size, batch=2):
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(RNG, x, train=False), x)
+
+
+def test_torchvision_param_counts():
+    # torchvision's published totals minus fc (512*1000+1000 and 2048*1000+1000).
+    assert torchvision_param_count((2, 2, 2, 2), "basic") == 11_689_512 - 513_000 == 11_176_512
+    assert torchvision_param_count((3, 4, 6, 3), "bottleneck") == 25_557_032 - 2_049_000 == 23_508_032
+
+
+@pytest.mark.parametrize("name,stages,block,dim", [
+    ("resnet18", (2, 2, 2, 2), "basic", 512),
+    ("resnet34", (3, 4, 6, 3), "basic", 512),
+    ("resnet50", (3, 4, 6, 3), "bottleneck", 2048),
+    ("resnet101", (3, 4, 23, 3), "bottleneck", 2048),
+])
+def test_param_count_matches_torchvision(name, stages, block, dim):
+    model, feature_dim = get_backbone(name)
+    variables = abstract_init(model, 224)
+    assert feature_dim == dim
+    assert param_count(variables["params"]) == torchvision_param_count(stages, block)
+    # Running mean and variance for every BN channel: half the BN params (scale, bias).
+    bn_params = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(variables["params"])
+                    if "bn" in jax.tree_util.keystr(path))
+    assert param_count(variables["batch_stats"]) == bn_params
+
+
+def test_torchvision_names():
+    variables = abstract_init(get_backbone("resnet50")[0], 64)
+    p = variables["params"]
+    assert p["conv1"]["kernel"].shape == (7, 7, 3, 64)
+    names = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_conv", "downsample_bn"}
+    assert set(p["layer1_0"]) == names
+    assert "downsample_conv" not in p["layer1_1"]
+    assert p["layer2_0"]["conv2"]["kernel"].shape == (3, 3, 128, 128)  # v1.5: stride in the 3x3 conv
+    assert p["layer4_2"]["conv3"]["kernel"].shape == (1, 1, 512, 2048)
+    assert all("bias" not in v for k, v in p["layer3_5"].items() if k.startswith("conv"))
+
+
+def _torch_out_size(n, kernel, stride, pad):
+    return (n + 2 * pad - kernel) // stride + 1
+
+
+@pytest.mark.parametrize("name,cifar_stem,size", [
+    ("resnet18", True, 32), ("resnet18", False, 224), ("resnet18", False, 225), ("resnet50", False, 97),
+])
+def test_output_and_final_map_shapes(name, cifar_stem, size):
+    model, dim = get_backbone(name, cifar_stem=cifar_stem)
+    x = jax.ShapeDtypeStruct((3, size, size, 3), jnp.float32)
+    variables = abstract_init(model, size)
+    feats, state = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"]),
+        variables, x)
+    assert feats.shape == (3, dim) and feats.dtype == jnp.float32
+    # Spatial size by torchvision's formulas (explicit symmetric padding everywhere).
+    n = size if cifar_stem else _torch_out_size(_torch_out_size(size, 7, 2, 3), 3, 2, 1)
+    for _ in range(3):
+        n = _torch_out_size(n, 3, 2, 1)
+    last = sorted(k for k in state["intermediates"] if k.startswith("layer4"))[-1]
+    assert state["intermediates"][last]["__call__"][0].shape == (3, n, n, dim)
+
+
+def test_width_multiplier_doubles_widths():
+    base, base_dim = get_backbone("resnet50")
+    wide, wide_dim = get_backbone("resnet50", width_multiplier=2)
+    pb, pw = abstract_init(base, 64)["params"], abstract_init(wide, 64)["params"]
+    assert wide_dim == 2 * base_dim == 4096
+    assert pw["conv1"]["kernel"].shape == (7, 7, 3, 128)
+    assert pw["layer1_0"]["conv1"]["kernel"].shape == (1, 1, 128, 128)
+    assert pw["layer3_0"]["conv3"]["kernel"].shape == (1, 1, 512, 2048)
+    for (path, b), w in zip(jax.tree_util.tree_leaves_with_path(pb), jax.tree.leaves(pw)):
+        # Every width doubles except the 3 RGB input channels of the stem.
+        expected = tuple(2 * d if d > 3 else d for d in b.shape)
+        if jax.tree_util.keystr(path).startswith("['conv1']"):
+            expected = b.shape[:3] + (2 * b.shape[3],)
+        assert w.shape == expected, path
+    assert param_count(pw) == torchvision_param_count((3, 4, 6, 3), "bottleneck", width=128)
+
+
+def test_bf16_compute_keeps_params_and_stats_float32():
+    model, _ = get_backbone("tiny", cifar_stem=True, dtype=jnp.bfloat16)
+    x = normal((4, 16, 16, 3))
+    variables = init(model, RNG, x, train=False)
+    feats, state = apply(model, variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                               capture_intermediates=lambda m, _: isinstance(m, (nn.Conv, nn.BatchNorm)))
+    convs_and_bns = jax.tree.leaves(state["intermediates"])
+    assert len(convs_and_bns) == 12  # 6 convs (one a shortcut), 6 BNs
+    assert all(a.dtype == jnp.bfloat16 for a in convs_and_bns)
+    assert feats.dtype == jnp.float32
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables["params"]))
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state["batch_stats"]))
+    # bf16 tracks the float32 model closely.
+    tiny32 = get_backbone("tiny", cifar_stem=True)[0]
+    feats32, _ = apply(tiny32, variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(feats, feats32, rtol=0.1, atol=0.05)
+
+
+def test_sync_batchnorm_under_shard_map_matches_full_batch():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    assert mesh.size == 8
+    x = normal((16, 16, 16, 3)) * 2.0 + 0.5
+    full, _ = get_backbone("tiny")
+    synced, _ = get_backbone("tiny", bn_axis_name="data")
+    variables = init(full, jax.random.key(1, impl="rbg"), x, train=False)
+
+    def run(model):
+        fn = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P())))
+
+    def run_features_only(model):
+        fn = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data")))
+
+    want, want_state = jax.jit(lambda v, x: full.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    got, got_state = run(synced)(variables, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    # The statistics did move, and unsynchronized BN (2 images per device) gives something else.
+    assert not np.allclose(want_state["batch_stats"]["bn1"]["mean"], 0.0)
+    local = run_features_only(full)(variables, x)
+    assert not np.allclose(local, want, atol=1e-3)
+
+
+def test_eval_uses_running_stats():
+    # With momentum 0 the running stats become the last batch's statistics, so eval on that batch
+    # must reproduce the train-mode output.
+    model, _ = get_backbone("tiny", cifar_stem=True)
+    model = model.clone(bn_momentum=0.0)
+    x = normal((6, 16, 16, 3)) + 1.0
+    variables = init(model, RNG, x, train=False)
+    train_out, state = apply(model, variables, x, train=True, mutable=["batch_stats"])
+    updated = {"params": variables["params"], **state}
+    eval_out = apply(model, updated, x, train=False)
+    np.testing.assert_allclose(eval_out, train_out, rtol=1e-4, atol=1e-5)
+    # In eval mode each example is processed on its own.
+    np.testing.assert_allclose(apply(model, updated, x[:1], train=False), eval_out[:1], rtol=1e-5, atol=1e-6)
+    # Fresh running stats (mean 0, var 1) give a different answer than the batch statistics.
+    assert not np.allclose(apply(model, variables, x, train=False), train_out, atol=1e-3)
+
+
+def test_zero_init_residual_blocks_start_as_shortcut():
+    eps = 1e-5
+    x = np.maximum(normal((2, 8, 8, 16)), 0.0)  # block inputs follow a ReLU
+    # Identity shortcut: the block is the identity on non-negative inputs.
+    for block, last_bn in ((BasicBlock(filters=16), "bn2"), (BottleneckBlock(filters=4), "bn3")):
+        v = init(block, RNG, x, train=False)
+        np.testing.assert_array_equal(v["params"][last_bn]["scale"], 0.0)
+        fwd = jax.jit(lambda v, x: block.apply(v, x, train=False))
+        np.testing.assert_allclose(fwd(v, x), x, atol=1e-6)
+        v["params"][last_bn]["scale"] = jnp.ones_like(v["params"][last_bn]["scale"])  # what it would be without
+        assert not np.allclose(fwd(v, x), x, atol=1e-3)
+    # Projection shortcut: relu(BN(1x1 stride-2 conv(x))) with fresh BN (mean 0, var 1, scale 1, bias 0).
+    block = BasicBlock(filters=32, strides=2)
+    v = init(block, RNG, x, train=False)
+    k = np.asarray(v["params"]["downsample_conv"]["kernel"][0, 0])
+    want = np.maximum(np.asarray(x)[:, ::2, ::2, :] @ k / np.sqrt(1.0 + eps), 0.0)
+    np.testing.assert_allclose(apply(block, v, x, train=False), want, rtol=1e-5, atol=1e-5)
+    # Whole network: every block's last BN scale starts at zero, other scales at one.
+    params = init(get_backbone("tiny")[0], RNG, x[..., :3], train=False)["params"]
+    for name in ("layer1_0", "layer2_0"):
+        np.testing.assert_array_equal(params[name]["bn2"]["scale"], 0.0)
+        np.testing.assert_array_equal(params[name]["bn1"]["scale"], 1.0)
+
+
+def test_conv_init_is_kaiming_fan_out():
+    k = np.asarray(conv_kernel_init(RNG, (3, 3, 256, 512)))
+    np.testing.assert_allclose(k.std(), np.sqrt(2.0 / (9 * 512)), rtol=0.01)
+    assert np.abs(k).max() > 4.0 * k.std()  # untruncated normal, as torch.nn.init.kaiming_normal_
+    model = get_backbone("tiny", width_multiplier=4)[0]
+    params = init(model, RNG, jnp.ones((1, 16, 16, 3)), train=False)["params"]
+    k = np.asarray(params["layer2_0"]["conv2"]["kernel"])  # 3x3x64x64
+    np.testing.assert_allclose(k.std(), np.sqrt(2.0 / (9 * 64)), rtol=0.05)
+
+
+def _np_bn(x, eps=1e-5):
+    return (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
+
+
+def test_mlp_head_matches_numpy():
+    x = normal((10, 12))
+    head = MLPHead(hidden_dims=(16, 8), out_dim=4)
+    v = init(head, RNG, x, train=False)
+    (out, hidden), state = apply(head, v, x, train=True, return_hidden=True, mutable=["batch_stats"])
+    p = jax.tree.map(np.asarray, v["params"])
+    assert set(p) == {"dense0", "bn0", "dense1", "bn1", "dense2"}
+    assert "bias" not in p["dense0"] and "bias" in p["dense2"]  # BN makes the hidden bias redundant
+    h1 = np.maximum(_np_bn(x @ p["dense0"]["kernel"]), 0)  # fresh BN: scale 1, bias 0
+    h2 = np.maximum(_np_bn(h1 @ p["dense1"]["kernel"]), 0)
+    want = h2 @ p["dense2"]["kernel"] + p["dense2"]["bias"]
+    assert out.shape == (10, 4) and out.dtype == jnp.float32
+    assert [h.shape for h in hidden] == [(10, 16), (10, 8)]
+    np.testing.assert_allclose(hidden[0], h1, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(state["batch_stats"]["bn0"]["mean"], 0.1 * (x @ p["dense0"]["kernel"]).mean(0),
+                               rtol=1e-4, atol=1e-6)
+    assert apply(head, v, x, train=False).shape == (10, 4)
+
+
+def test_mlp_head_last_bn_and_no_bn():
+    x = normal((32, 12)) * 3.0 + 1.0
+    head = MLPHead(hidden_dims=(16,), out_dim=6, last_bn=True)
+    v = init(head, RNG, x, train=False)
+    assert "bn1" not in v["params"] and v["batch_stats"]["bn1"]["mean"].shape == (6,)
+    assert set(v["params"]["dense1"]) == {"kernel"}
+    out, _ = apply(head, v, x, train=True, mutable=["batch_stats"])
+    # Output BN has no affine part: each feature is standardized over the batch.
+    np.testing.assert_allclose(np.mean(out, 0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.var(out, 0), 1.0, rtol=1e-3)
+
+    plain = MLPHead(hidden_dims=(16,), out_dim=6, use_bn=False)
+    vp = init(plain, RNG, x, train=False)
+    assert "batch_stats" not in vp and set(vp["params"]) == {"dense0", "dense1"}
+    p = jax.tree.map(np.asarray, vp["params"])
+    h = np.maximum(x @ p["dense0"]["kernel"] + p["dense0"]["bias"], 0)
+    want = h @ p["dense1"]["kernel"] + p["dense1"]["bias"]
+    np.testing.assert_allclose(apply(plain, vp, x, train=True), want, rtol=1e-4, atol=1e-4)
+
+    bf16 = MLPHead(hidden_dims=(16,), out_dim=6, last_bn=True, dtype=jnp.bfloat16)
+    out16, st16 = apply(bf16, v, x, train=True, mutable=["batch_stats"])
+    assert out16.dtype == jnp.float32 and all(a.dtype == jnp.float32 for a in jax.tree.leaves(st16))
+
+
+def test_linear_classifier():
+    x = jnp.asarray(normal((5, 7)), jnp.bfloat16)
+    clf = LinearClassifier(num_classes=3)
+    v = init(clf, RNG, x)
+    logits = apply(clf, v, x)
+    p = v["params"]["fc"]
+    assert logits.dtype == jnp.float32 and logits.shape == (5, 3)
+    want = np.asarray(x, np.float32) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_backbone_raises():
+    with pytest.raises(ValueError, match="resnet7"):
+        get_backbone("resnet7")
