@@ -218,9 +218,9 @@ def train(config, workdir, *, progress=True, evaluate_fn=None):
         drain()
         result = evaluate_fn(setup, state)
         writer.write(done, {"epoch": done / spe, **result})
-        bar.write(f"step {done} (epoch {done / spe:g}): " + json.dumps({k: round(v, 4) for k, v in result.items()}))
+        bar.write(f"step {done} (epoch {done / spe:g}): " + json.dumps({k: round(v, 4) for k, v in result.items()}), file=sys.stderr)
       if stop:
-        bar.write(f"stop requested ({guard.signal_name or 'preemption'}): saved step {done}, exiting")
+        bar.write(f"stop requested ({guard.signal_name or 'preemption'}): saved step {done}, exiting", file=sys.stderr)
         break
     drain()
   finally:
