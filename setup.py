@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.10",
-        "optax>=0.2.4",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "ml-collections>=1.0",
         "numpy>=1.26",

@@ -13,74 +13,74 @@ import orbax.checkpoint as ocp
 
 
 def checkpoint_dir(workdir):
-  """Returns the absolute directory holding a run's checkpoints."""
-  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+    """Returns the absolute directory holding a run's checkpoints."""
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
 def make_manager(workdir, max_to_keep=2, async_save=True):
-  """Returns an orbax CheckpointManager for `workdir`/checkpoints keeping the newest `max_to_keep`."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    """Returns an orbax CheckpointManager for `workdir`/checkpoints keeping the newest `max_to_keep`."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def latest_step(manager):
-  """Returns the newest finished checkpoint step, or None."""
-  return manager.latest_step()
+    """Returns the newest finished checkpoint step, or None."""
+    return manager.latest_step()
 
 
 def save(manager, step, state, *, force=False):
-  """Saves `state` at `step` (asynchronously when enabled); returns whether a save was started."""
-  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    """Saves `state` at `step` (asynchronously when enabled); returns whether a save was started."""
+    return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
 def restore(manager, abstract_state, step=None):
-  """Returns the state restored from `step` (default: newest) with the shardings of `abstract_state`."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    """Returns the state restored from `step` (default: newest) with the shardings of `abstract_state`."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
 def abstract_like(state):
-  """Returns ShapeDtypeStructs (with shardings) describing `state`, the restore target."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    """Returns ShapeDtypeStructs (with shardings) describing `state`, the restore target."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (and SIGINT, optionally) into a flag the training loop polls between steps.
+    """Turns SIGTERM (and SIGINT, optionally) into a flag the training loop polls between steps.
 
-  The loop then saves a checkpoint and exits cleanly instead of dying mid-step. orbax's own
-  `reached_preemption` is consulted too; it only works after `jax.distributed.initialize()`.
-  """
+    The loop then saves a checkpoint and exits cleanly instead of dying mid-step. orbax's own
+    `reached_preemption` is consulted too; it only works after `jax.distributed.initialize()`.
+    """
 
-  def __init__(self, manager=None, signals=(signal.SIGTERM,)):
-    self._manager = manager
-    self._flag = threading.Event()
-    self._previous = {}
-    self.signal_name = None
-    if threading.current_thread() is threading.main_thread():
-      for sig in signals:
-        self._previous[sig] = signal.signal(sig, self._handle)
+    def __init__(self, manager=None, signals=(signal.SIGTERM,)):
+        self._manager = manager
+        self._flag = threading.Event()
+        self._previous = {}
+        self.signal_name = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
-  def _handle(self, signum, frame):
-    del frame
-    self.signal_name = signal.Signals(signum).name
-    self._flag.set()
+    def _handle(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        self._flag.set()
 
-  def requested(self, step):
-    """Returns True once a stop was signalled (by a signal or by the platform's preemption notice)."""
-    if self._flag.is_set():
-      return True
-    if self._manager is not None and jax.process_count() > 1:
-      try:
-        return bool(self._manager.reached_preemption(step))
-      except Exception:  # pylint: disable=broad-except  (no preemption service: single host)
+    def requested(self, step):
+        """Returns True once a stop was signalled (by a signal or by the platform's preemption notice)."""
+        if self._flag.is_set():
+            return True
+        if self._manager is not None and jax.process_count() > 1:
+            try:
+                return bool(self._manager.reached_preemption(step))
+            except Exception:  # pylint: disable=broad-except  (no preemption service: single host)
+                return False
         return False
-    return False
 
-  def restore_handlers(self):
-    """Puts back the signal handlers that were installed before this guard."""
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
+    def restore_handlers(self):
+        """Puts back the signal handlers that were installed before this guard."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -7,81 +7,81 @@ USAGE_OVERRIDES = "overrides: --config.KEY=VALUE (e.g. --config.optim.lr=0.5 --c
 
 
 def _parser():
-  p = argparse.ArgumentParser(prog="ssl-jax", description="Self-supervised representation learning in JAX.",
-                              epilog=USAGE_OVERRIDES)
-  sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="ssl-jax", description="Self-supervised representation learning in JAX.",
+                                epilog=USAGE_OVERRIDES)
+    sub = p.add_subparsers(dest="command", required=True)
 
-  def common(sp):
-    sp.add_argument("--cpu-devices", type=int, default=0,
-                    help="fake this many CPU devices (for trying the sharded path without accelerators)")
-    sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    def common(sp):
+        sp.add_argument("--cpu-devices", type=int, default=0,
+                        help="fake this many CPU devices (for trying the sharded path without accelerators)")
+        sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-  t = sub.add_parser("train", help="pretrain (resumes from DIR's newest checkpoint)", epilog=USAGE_OVERRIDES)
-  t.add_argument("--config", required=True, help="configs/<method>.py:<preset>")
-  t.add_argument("--workdir", required=True, help="run directory: config.json, metrics.jsonl, checkpoints")
-  common(t)
-  e = sub.add_parser("eval", help="evaluate a run's newest checkpoint", epilog=USAGE_OVERRIDES)
-  e.add_argument("--workdir", required=True)
-  e.add_argument("--protocol", required=True, choices=("knn", "linear"))
-  common(e)
-  b = sub.add_parser("bench", help="time the full training step (input and augmentation included)",
-                     epilog=USAGE_OVERRIDES)
-  b.add_argument("--config", required=True)
-  b.add_argument("--steps", type=int, default=50, help="timed steps after warm-up")
-  b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
-  common(b)
-  return p
+    t = sub.add_parser("train", help="pretrain (resumes from DIR's newest checkpoint)", epilog=USAGE_OVERRIDES)
+    t.add_argument("--config", required=True, help="configs/<method>.py:<preset>")
+    t.add_argument("--workdir", required=True, help="run directory: config.json, metrics.jsonl, checkpoints")
+    common(t)
+    e = sub.add_parser("eval", help="evaluate a run's newest checkpoint", epilog=USAGE_OVERRIDES)
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--protocol", required=True, choices=("knn", "linear"))
+    common(e)
+    b = sub.add_parser("bench", help="time the full training step (input and augmentation included)",
+                       epilog=USAGE_OVERRIDES)
+    b.add_argument("--config", required=True)
+    b.add_argument("--steps", type=int, default=50, help="timed steps after warm-up")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    common(b)
+    return p
 
 
 def _split_overrides(extra, parser):
-  """Returns KEY=VALUE strings from `--config.KEY=VALUE` / `--config.KEY VALUE` arguments."""
-  out, i = [], 0
-  while i < len(extra):
-    arg = extra[i]
-    if not arg.startswith("--config."):
-      parser.error(f"unrecognized argument {arg!r}; {USAGE_OVERRIDES}")
-    body = arg[len("--config."):]
-    if "=" not in body:
-      if i + 1 >= len(extra):
-        parser.error(f"{arg} needs a value")
-      body, i = f"{body}={extra[i + 1]}", i + 1
-    out.append(body)
-    i += 1
-  return out
+    """Returns KEY=VALUE strings from `--config.KEY=VALUE` / `--config.KEY VALUE` arguments."""
+    out, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--config."):
+            parser.error(f"unrecognized argument {arg!r}; {USAGE_OVERRIDES}")
+        body = arg[len("--config."):]
+        if "=" not in body:
+            if i + 1 >= len(extra):
+                parser.error(f"{arg} needs a value")
+            body, i = f"{body}={extra[i + 1]}", i + 1
+        out.append(body)
+        i += 1
+    return out
 
 
 def main(argv=None):
-  """Runs the command line; returns the process exit code."""
-  parser = _parser()
-  args, extra = parser.parse_known_args(argv)
-  overrides = _split_overrides(extra, parser)
-  import jax  # pylint: disable=import-outside-toplevel  (after parsing: --help stays fast)
-  if args.cpu_devices:
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-  from ssl_jax import config as config_lib, data, train  # pylint: disable=import-outside-toplevel
-  expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, FileNotFoundError, ValueError)
-  try:
-    if args.command == "train":
-      config = config_lib.load_config(args.config, overrides)
-      train.train(config, args.workdir, progress=not args.no_progress)
-    elif args.command == "eval":
-      from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
-      result = protocols.evaluate_workdir(args.workdir, args.protocol, overrides, progress=not args.no_progress)
-      print(json.dumps(result))
-    elif args.command == "bench":
-      from ssl_jax import bench  # pylint: disable=import-outside-toplevel
-      config = config_lib.load_config(args.config, overrides)
-      print(json.dumps(bench.bench(config, steps=args.steps, warmup=args.warmup)))
-  except expected as e:
-    print(f"ssl-jax {args.command}: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+    """Runs the command line; returns the process exit code."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = _split_overrides(extra, parser)
+    import jax  # pylint: disable=import-outside-toplevel  (after parsing: --help stays fast)
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from ssl_jax import config as config_lib, data, train  # pylint: disable=import-outside-toplevel
+    expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, FileNotFoundError, ValueError)
+    try:
+        if args.command == "train":
+            config = config_lib.load_config(args.config, overrides)
+            train.train(config, args.workdir, progress=not args.no_progress)
+        elif args.command == "eval":
+            from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
+            result = protocols.evaluate_workdir(args.workdir, args.protocol, overrides, progress=not args.no_progress)
+            print(json.dumps(result))
+        elif args.command == "bench":
+            from ssl_jax import bench  # pylint: disable=import-outside-toplevel
+            config = config_lib.load_config(args.config, overrides)
+            print(json.dumps(bench.bench(config, steps=args.steps, warmup=args.warmup)))
+    except expected as e:
+        print(f"ssl-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def run():
-  """Console-script entry point."""
-  sys.exit(main())
+    """Console-script entry point."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-  run()
+    run()

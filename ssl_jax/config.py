@@ -15,117 +15,117 @@ REQUIRED_KEYS = ("method", "seed", "num_epochs", "batch_size", "data.name", "dat
 
 
 class ConfigError(ValueError):
-  """A config file, preset or override that cannot be used."""
+    """A config file, preset or override that cannot be used."""
 
 
 def load_config(spec, overrides=()):
-  """Returns the locked ConfigDict for `path.py[:arg]` with `KEY=VALUE` overrides applied."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file not found: {path!r}")
-  module_spec = importlib.util.spec_from_file_location(f"_ssl_jax_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} defines no get_config(arg)")
-  config = module.get_config(arg) if arg else module.get_config()
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
-  config.lock()
-  for override in overrides:
-    key, sep, value = override.partition("=")
-    if not sep:
-      raise ConfigError(f"override {override!r} is not of the form KEY=VALUE")
-    apply_override(config, key, value)
-  validate(config)
-  return config
+    """Returns the locked ConfigDict for `path.py[:arg]` with `KEY=VALUE` overrides applied."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path!r}")
+    module_spec = importlib.util.spec_from_file_location(f"_ssl_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(arg)")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    config.lock()
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ConfigError(f"override {override!r} is not of the form KEY=VALUE")
+        apply_override(config, key, value)
+    validate(config)
+    return config
 
 
 def _lookup(config, key):
-  """Returns (parent ConfigDict, leaf name) for a dotted key, raising ConfigError for unknown keys."""
-  node, parts = config, key.split(".")
-  for i, part in enumerate(parts):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      hint = difflib.get_close_matches(part, known, n=3)
-      prefix = ".".join(parts[:i]) or "<top level>"
-      msg = f"unknown config key {key!r}: {prefix} has no field {part!r}"
-      raise ConfigError(msg + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
-    if i < len(parts) - 1:
-      node = node[part]
-  return node, parts[-1]
+    """Returns (parent ConfigDict, leaf name) for a dotted key, raising ConfigError for unknown keys."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            hint = difflib.get_close_matches(part, known, n=3)
+            prefix = ".".join(parts[:i]) or "<top level>"
+            msg = f"unknown config key {key!r}: {prefix} has no field {part!r}"
+            raise ConfigError(msg + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
+        if i < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
 
 
 def _parse(key, text, current):
-  """Returns `text` converted to the type of `current`, or raises ConfigError naming the key."""
-  kind = type(current)
-  try:
-    if isinstance(current, bool):
-      if text.lower() in ("true", "1", "yes"):
-        return True
-      if text.lower() in ("false", "0", "no"):
-        return False
-      raise ValueError(text)
-    if isinstance(current, int):
-      return int(text)
-    if isinstance(current, float):
-      return float(text)
-    if isinstance(current, str):
-      return text
-    if isinstance(current, (tuple, list)):
-      value = ast.literal_eval(text)
-      value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-      return kind(value)
-    if current is None:
-      return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    pass
-  raise ConfigError(f"config key {key!r} expects a {kind.__name__}, got {text!r}")
+    """Returns `text` converted to the type of `current`, or raises ConfigError naming the key."""
+    kind = type(current)
+    try:
+        if isinstance(current, bool):
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(text)
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        if isinstance(current, (tuple, list)):
+            value = ast.literal_eval(text)
+            value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            return kind(value)
+        if current is None:
+            return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    raise ConfigError(f"config key {key!r} expects a {kind.__name__}, got {text!r}")
 
 
 def apply_override(config, key, text):
-  """Sets `config.<key>` from the string `text`, typed like the existing value."""
-  parent, leaf = _lookup(config, key)
-  current = parent[leaf]
-  if isinstance(current, ml_collections.ConfigDict):
-    raise ConfigError(f"config key {key!r} is a group; set one of its fields: {', '.join(current.keys())}")
-  value = _parse(key, text, current)
-  with parent.unlocked():
-    parent[leaf] = value
+    """Sets `config.<key>` from the string `text`, typed like the existing value."""
+    parent, leaf = _lookup(config, key)
+    current = parent[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {key!r} is a group; set one of its fields: {', '.join(current.keys())}")
+    value = _parse(key, text, current)
+    with parent.unlocked():
+        parent[leaf] = value
 
 
 def validate(config):
-  """Raises ConfigError when a required key is missing or a number is out of range."""
-  for key in REQUIRED_KEYS:
-    _lookup(config, key)
-  if config.batch_size <= 0:
-    raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
-  if config.num_epochs <= 0:
-    raise ConfigError(f"num_epochs must be positive, got {config.num_epochs}")
+    """Raises ConfigError when a required key is missing or a number is out of range."""
+    for key in REQUIRED_KEYS:
+        _lookup(config, key)
+    if config.batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
+    if config.num_epochs <= 0:
+        raise ConfigError(f"num_epochs must be positive, got {config.num_epochs}")
 
 
 def to_json(config):
-  """Returns the config as pretty JSON text (tuples become lists)."""
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+    """Returns the config as pretty JSON text (tuples become lists)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
 def from_json_file(path):
-  """Returns a locked ConfigDict read back from a run's `config.json`, tuples restored."""
-  with open(path) as f:
-    return from_json_text(f.read())
+    """Returns a locked ConfigDict read back from a run's `config.json`, tuples restored."""
+    with open(path) as f:
+        return from_json_text(f.read())
 
 
 def from_json_text(text):
-  """Returns a locked ConfigDict from JSON text written by `to_json`, tuples restored."""
-  raw = json.loads(text)
+    """Returns a locked ConfigDict from JSON text written by `to_json`, tuples restored."""
+    raw = json.loads(text)
 
-  def fix(node):
-    if isinstance(node, dict):
-      return {k: fix(v) for k, v in node.items()}
-    if isinstance(node, list):
-      return tuple(fix(v) for v in node)
-    return node
+    def fix(node):
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return tuple(fix(v) for v in node)
+        return node
 
-  config = ml_collections.ConfigDict(fix(raw))
-  config.lock()
-  return config
+    config = ml_collections.ConfigDict(fix(raw))
+    config.lock()
+    return config

@@ -8,61 +8,61 @@ import numpy as np
 
 
 def _plain(value):
-  """Returns a JSON-friendly Python scalar for numpy/jax scalars."""
-  value = np.asarray(value)
-  if value.dtype.kind in "iu":
-    return int(value)
-  if value.dtype.kind == "b":
-    return bool(value)
-  out = float(value)
-  return out if math.isfinite(out) else str(out)
+    """Returns a JSON-friendly Python scalar for numpy/jax scalars."""
+    value = np.asarray(value)
+    if value.dtype.kind in "iu":
+        return int(value)
+    if value.dtype.kind == "b":
+        return bool(value)
+    out = float(value)
+    return out if math.isfinite(out) else str(out)
 
 
 class MetricWriter:
-  """Appends records to metrics.jsonl and TensorBoard; only process 0 writes."""
+    """Appends records to metrics.jsonl and TensorBoard; only process 0 writes."""
 
-  def __init__(self, workdir, enabled=True, tensorboard=True):
-    self.enabled = enabled
-    self._tb = None
-    self._file = None
-    if not enabled:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-    if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    def __init__(self, workdir, enabled=True, tensorboard=True):
+        self.enabled = enabled
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step, record):
-    """Writes one record (a dict of scalars) for `step`; returns the record as written."""
-    row = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
-    if not self.enabled:
-      return row
-    self._file.write(json.dumps(row) + "\n")
-    if self._tb is not None:
-      for key, value in row.items():
-        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tb.add_scalar(key, value, global_step=int(step))
-    return row
+    def write(self, step, record):
+        """Writes one record (a dict of scalars) for `step`; returns the record as written."""
+        row = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
+        if not self.enabled:
+            return row
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, global_step=int(step))
+        return row
 
-  def close(self):
-    """Flushes and closes the outputs."""
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    def close(self):
+        """Flushes and closes the outputs."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_jsonl(path):
-  """Returns the list of records in a metrics.jsonl file."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    """Returns the list of records in a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def progress_bar(total, initial=0, desc="train", enabled=True):
-  """Returns a tqdm bar on stderr (disabled when not `enabled` or not process 0)."""
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, file=sys.stderr,
-              dynamic_ncols=True, mininterval=1.0, unit="step")
+    """Returns a tqdm bar on stderr (disabled when not `enabled` or not process 0)."""
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0, unit="step")

@@ -14,90 +14,90 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None):
-  """Returns a 1-D mesh over `devices` (default: all devices of all processes) with axis "data"."""
-  devices = jax.devices() if devices is None else list(devices)
-  # Auto axis types: outside shard_map, plain global-batch code (evaluation, init) must not hit
-  # ShardingTypeError, which the Explicit default of jax.make_mesh can raise.
-  return jax.sharding.Mesh(np.array(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    """Returns a 1-D mesh over `devices` (default: all devices of all processes) with axis "data"."""
+    devices = jax.devices() if devices is None else list(devices)
+    # Auto axis types: outside shard_map, plain global-batch code (evaluation, init) must not hit
+    # ShardingTypeError, which the Explicit default of jax.make_mesh can raise.
+    return jax.sharding.Mesh(np.array(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh):
-  """Returns the sharding that replicates an array on every device of `mesh`."""
-  return NamedSharding(mesh, P())
+    """Returns the sharding that replicates an array on every device of `mesh`."""
+    return NamedSharding(mesh, P())
 
 
 def batch_sharded(mesh):
-  """Returns the sharding that splits an array's leading (batch) axis over "data"."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+    """Returns the sharding that splits an array's leading (batch) axis over "data"."""
+    return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def check_batch_size(global_batch, mesh):
-  """Raises ValueError unless the global batch splits evenly over devices and processes."""
-  n_dev, n_proc = mesh.devices.size, jax.process_count()
-  if global_batch % n_dev:
-    raise ValueError(
-        f"batch_size={global_batch} is not divisible by the number of devices ({n_dev}); "
-        f"use a multiple of {n_dev}, e.g. --config.batch_size={max(n_dev, global_batch // n_dev * n_dev)}")
-  if global_batch % n_proc:
-    raise ValueError(f"batch_size={global_batch} is not divisible by the process count ({n_proc})")
+    """Raises ValueError unless the global batch splits evenly over devices and processes."""
+    n_dev, n_proc = mesh.devices.size, jax.process_count()
+    if global_batch % n_dev:
+        raise ValueError(
+            f"batch_size={global_batch} is not divisible by the number of devices ({n_dev}); "
+            f"use a multiple of {n_dev}, e.g. --config.batch_size={max(n_dev, global_batch // n_dev * n_dev)}")
+    if global_batch % n_proc:
+        raise ValueError(f"batch_size={global_batch} is not divisible by the process count ({n_proc})")
 
 
 def put_replicated(tree, mesh):
-  """Returns `tree` with every leaf replicated over `mesh`."""
-  return jax.device_put(tree, replicated(mesh))
+    """Returns `tree` with every leaf replicated over `mesh`."""
+    return jax.device_put(tree, replicated(mesh))
 
 
 def put_batch(tree, mesh):
-  """Returns the global sharded arrays built from this process's slice of the batch (numpy leaves)."""
-  sharding = batch_sharded(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+    """Returns the global sharded arrays built from this process's slice of the batch (numpy leaves)."""
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def shard_step(fn, mesh, *, n_replicated, n_sharded, donate=(0,)):
-  """Returns jit(shard_map(fn)) whose first `n_replicated` args are P() and next `n_sharded` are P("data").
+    """Returns jit(shard_map(fn)) whose first `n_replicated` args are P() and next `n_sharded` are P("data").
 
-  All outputs are replicated: `fn` must reduce what it returns (pmean/psum) over DATA_AXIS.
-  """
-  in_specs = (P(),) * n_replicated + (P(DATA_AXIS),) * n_sharded
-  mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P())
-  return jax.jit(mapped, donate_argnums=donate)
+    All outputs are replicated: `fn` must reduce what it returns (pmean/psum) over DATA_AXIS.
+    """
+    in_specs = (P(),) * n_replicated + (P(DATA_AXIS),) * n_sharded
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P())
+    return jax.jit(mapped, donate_argnums=donate)
 
 
 def axis_size(axis_name):
-  """Returns the number of devices along `axis_name` (1 when unsharded)."""
-  return 1 if axis_name is None else lax.axis_size(axis_name)
+    """Returns the number of devices along `axis_name` (1 when unsharded)."""
+    return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
 def axis_index(axis_name):
-  """Returns this device's index along `axis_name` (0 when unsharded)."""
-  return 0 if axis_name is None else lax.axis_index(axis_name)
+    """Returns this device's index along `axis_name` (0 when unsharded)."""
+    return 0 if axis_name is None else lax.axis_index(axis_name)
 
 
 def all_gather(x, axis_name):
-  """Returns x concatenated over devices along the leading axis (x itself when unsharded).
+    """Returns x concatenated over devices along the leading axis (x itself when unsharded).
 
-  The transpose of a tiled all_gather is a reduce-scatter, so gradients flow back to the device that
-  produced each row: this is what makes the cross-replica contrastive denominator train correctly.
-  """
-  return x if axis_name is None else lax.all_gather(x, axis_name, axis=0, tiled=True)
+    The transpose of a tiled all_gather is a reduce-scatter, so gradients flow back to the device that
+    produced each row: this is what makes the cross-replica contrastive denominator train correctly.
+    """
+    return x if axis_name is None else lax.all_gather(x, axis_name, axis=0, tiled=True)
 
 
 def pmean(x, axis_name):
-  """Returns the mean of x over devices (x itself when unsharded)."""
-  return x if axis_name is None else lax.pmean(x, axis_name)
+    """Returns the mean of x over devices (x itself when unsharded)."""
+    return x if axis_name is None else lax.pmean(x, axis_name)
 
 
 def psum(x, axis_name):
-  """Returns the sum of x over devices (x itself when unsharded)."""
-  return x if axis_name is None else lax.psum(x, axis_name)
+    """Returns the sum of x over devices (x itself when unsharded)."""
+    return x if axis_name is None else lax.psum(x, axis_name)
 
 
 def global_example_index(local_batch, axis_name):
-  """Returns int32 [local_batch] global positions of this device's examples in the global batch."""
-  return axis_index(axis_name) * local_batch + jnp.arange(local_batch, dtype=jnp.int32)
+    """Returns int32 [local_batch] global positions of this device's examples in the global batch."""
+    return axis_index(axis_name) * local_batch + jnp.arange(local_batch, dtype=jnp.int32)
 
 
 def example_keys(rng, local_batch, axis_name):
-  """Returns [local_batch, 2] per-example keys: fold_in(rng, global index), independent of device count."""
-  idx = global_example_index(local_batch, axis_name)
-  return jax.vmap(jax.random.fold_in, (None, 0))(rng, idx)
+    """Returns [local_batch, 2] per-example keys: fold_in(rng, global index), independent of device count."""
+    idx = global_example_index(local_batch, axis_name)
+    return jax.vmap(jax.random.fold_in, (None, 0))(rng, idx)

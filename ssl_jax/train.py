@@ -24,210 +24,212 @@ AXIS = parallel.DATA_AXIS
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Training produced a non-finite loss, gradient or parameter norm."""
+    """Training produced a non-finite loss, gradient or parameter norm."""
 
 
 def get_method(config):
-  """Returns the method module named by config.method (ssl_jax.methods.<name>)."""
-  try:
-    return importlib.import_module(f"ssl_jax.methods.{config.method}")
-  except ModuleNotFoundError as e:
-    if e.name != f"ssl_jax.methods.{config.method}":
-      raise
-    raise config_lib.ConfigError(f"unknown method {config.method!r}: no module ssl_jax/methods/{config.method}.py")
+    """Returns the method module named by config.method (ssl_jax.methods.<name>)."""
+    try:
+        return importlib.import_module(f"ssl_jax.methods.{config.method}")
+    except ModuleNotFoundError as e:
+        if e.name != f"ssl_jax.methods.{config.method}":
+            raise
+        raise config_lib.ConfigError(f"unknown method {config.method!r}: no module ssl_jax/methods/{config.method}.py")
 
 
 @dataclasses.dataclass
 class Setup:
-  """Everything derived from a config that the loop, the benchmark and the evaluators share."""
-  config: object
-  method: object
-  mesh: object
-  train_source: object
-  steps_per_epoch: int
-  total_steps: int
-  tx: object
-  schedule: object
-  init_fn: object      # rng -> replicated train state
-  step_fn: object      # (state, dataset, batch) -> (state, metrics), jitted and sharded
-  dataset: object      # resident uint8 images on every device, or a placeholder
+    """Everything derived from a config that the loop, the benchmark and the evaluators share."""
+    config: object
+    method: object
+    mesh: object
+    train_source: object
+    steps_per_epoch: int
+    total_steps: int
+    tx: object
+    schedule: object
+    init_fn: object      # rng -> replicated train state
+    step_fn: object      # (state, dataset, batch) -> (state, metrics), jitted and sharded
+    dataset: object      # resident uint8 images on every device, or a placeholder
 
 
 # ----------------------------------------------------------------------------------------------
 # Setup: mesh, input, method, optimizer, state, update step.
 # ----------------------------------------------------------------------------------------------
 def build(config, train_source=None, devices=None):
-  """Returns the Setup for `config`: mesh (over `devices`, default all), data source, optimizer, step."""
-  mesh = parallel.make_mesh(devices)
-  parallel.check_batch_size(config.batch_size, mesh)
-  method = get_method(config)
-  source = train_source if train_source is not None else data_lib.get_source(config.data, "train")
-  steps_per_epoch = len(source) // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(source)} images)")
-  total_steps = config.num_epochs * steps_per_epoch
-  tx, schedule = optim.make_optimizer(config.optim, config.batch_size, steps_per_epoch, config.num_epochs)
-  num_classes = max(source.num_classes, 1)
-  sample = np.asarray(source.images[:1])
-  probe = LinearClassifier(num_classes)
+    """Returns the Setup for `config`: mesh (over `devices`, default all), data source, optimizer, step."""
+    mesh = parallel.make_mesh(devices)
+    parallel.check_batch_size(config.batch_size, mesh)
+    method = get_method(config)
+    source = train_source if train_source is not None else data_lib.get_source(config.data, "train")
+    steps_per_epoch = len(source) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(source)} images)")
+    total_steps = config.num_epochs * steps_per_epoch
+    tx, schedule = optim.make_optimizer(config.optim, config.batch_size, steps_per_epoch, config.num_epochs)
+    num_classes = max(source.num_classes, 1)
+    sample = np.asarray(source.images[:1])
+    probe = LinearClassifier(num_classes)
 
-  def init_fn(rng):
-    k_model, k_probe, k_state = jax.random.split(rng, 3)
-    params, batch_stats, extras = method.init(k_model, config, sample)
-    feat = jnp.zeros((1, method.feature_dim(config)), jnp.float32)
-    all_params = {"model": params, "probe": probe.init(k_probe, feat)["params"]}
-    return {"step": jnp.zeros((), jnp.int32), "params": all_params, "batch_stats": batch_stats,
-            "opt_state": tx.init(all_params), "extras": extras, "rng": k_state}
+    def init_fn(rng):
+        k_model, k_probe, k_state = jax.random.split(rng, 3)
+        params, batch_stats, extras = method.init(k_model, config, sample)
+        feat = jnp.zeros((1, method.feature_dim(config)), jnp.float32)
+        all_params = {"model": params, "probe": probe.init(k_probe, feat)["params"]}
+        return {"step": jnp.zeros((), jnp.int32), "params": all_params, "batch_stats": batch_stats,
+                "opt_state": tx.init(all_params), "extras": extras, "rng": k_state}
 
-  init_jit = jax.jit(init_fn, out_shardings=parallel.replicated(mesh))
+    init_jit = jax.jit(init_fn, out_shardings=parallel.replicated(mesh))
 
-  def step(state, dataset, batch):
-    rng = jax.random.fold_in(state["rng"], state["step"])
-    aug_rng, loss_rng = jax.random.split(rng)
-    images = dataset[batch["index"]] if config.data.resident else batch["image"]
-    labels = batch["label"]
-    keys = parallel.example_keys(aug_rng, images.shape[0], AXIS)
-    views = method.views(keys, images, config)
+    def step(state, dataset, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        aug_rng, loss_rng = jax.random.split(rng)
+        images = dataset[batch["index"]] if config.data.resident else batch["image"]
+        labels = batch["label"]
+        keys = parallel.example_keys(aug_rng, images.shape[0], AXIS)
+        views = method.views(keys, images, config)
 
-    def loss_fn(params):
-      value, (stats, m, aux) = method.loss(params["model"], state["batch_stats"], state["extras"], views,
-                                           loss_rng, config=config, axis_name=AXIS)
-      # Online linear probe on stop-gradient features: representation quality, live.
-      logits = probe.apply({"params": params["probe"]}, jax.lax.stop_gradient(aux["features"]))
-      probe_loss = losses.softmax_cross_entropy(logits, labels, AXIS)
-      probe_acc = parallel.pmean(jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)), AXIS)
-      return value + probe_loss, (value, probe_loss, probe_acc, stats, m, aux)
+        def loss_fn(params):
+            value, (stats, m, aux) = method.loss(params["model"], state["batch_stats"], state["extras"], views,
+                                                 loss_rng, config=config, axis_name=AXIS)
+            # Online linear probe on stop-gradient features: representation quality, live.
+            logits = probe.apply({"params": params["probe"]}, jax.lax.stop_gradient(aux["features"]))
+            probe_loss = losses.softmax_cross_entropy(logits, labels, AXIS)
+            probe_acc = parallel.pmean(jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)), AXIS)
+            return value + probe_loss, (value, probe_loss, probe_acc, stats, m, aux)
 
-    # The loss is already the pmean over devices, so the gradient w.r.t. the replicated params is the
-    # exact global gradient (vma-typed shard_map sums the per-device cotangents); no extra pmean.
-    (_, (value, probe_loss, probe_acc, stats, m, aux)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state["params"])
-    if not config.model.sync_bn:  # unsynchronized BatchNorm: average the running statistics once per step
-      stats = jax.tree.map(lambda x: parallel.pmean(x, AXIS), stats)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    extras = method.update_extras(params["model"], state["extras"], aux, state["step"], config)
-    new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats, "opt_state": opt_state,
-                 "extras": extras, "rng": state["rng"]}
-    out = {"loss": value, "probe_loss": probe_loss, "probe_top1": probe_acc, "lr": schedule(state["step"]),
-           "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params["model"]), **m}
-    return new_state, out
+        # The loss is already the pmean over devices, so the gradient w.r.t. the replicated params is the
+        # exact global gradient (vma-typed shard_map sums the per-device cotangents); no extra pmean.
+        (_, (value, probe_loss, probe_acc, stats, m, aux)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state["params"])
+        if not config.model.sync_bn:  # unsynchronized BatchNorm: average the running statistics once per step
+            stats = jax.tree.map(lambda x: parallel.pmean(x, AXIS), stats)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        extras = method.update_extras(params["model"], state["extras"], aux, state["step"], config)
+        new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats, "opt_state": opt_state,
+                     "extras": extras, "rng": state["rng"]}
+        out = {"loss": value, "probe_loss": probe_loss, "probe_top1": probe_acc, "lr": schedule(state["step"]),
+               "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params["model"]), **m}
+        return new_state, out
 
-  step_fn = parallel.shard_step(step, mesh, n_replicated=2, n_sharded=1, donate=(0,))
-  if config.data.resident:
-    dataset = parallel.put_replicated(np.asarray(source.images), mesh)
-  else:
-    dataset = parallel.put_replicated(np.zeros((1,), np.uint8), mesh)
-  return Setup(config, method, mesh, source, steps_per_epoch, total_steps, tx, schedule, init_jit, step_fn,
-               dataset)
+    step_fn = parallel.shard_step(step, mesh, n_replicated=2, n_sharded=1, donate=(0,))
+    if config.data.resident:
+        dataset = parallel.put_replicated(np.asarray(source.images), mesh)
+    else:
+        dataset = parallel.put_replicated(np.zeros((1,), np.uint8), mesh)
+    return Setup(config, method, mesh, source, steps_per_epoch, total_steps, tx, schedule, init_jit, step_fn,
+                 dataset)
 
 
 def initial_state(setup):
-  """Returns a freshly initialized, replicated train state."""
-  return setup.init_fn(jax.random.PRNGKey(setup.config.seed))
+    """Returns a freshly initialized, replicated train state."""
+    return setup.init_fn(jax.random.PRNGKey(setup.config.seed))
 
 
 def loader(setup, start_step):
-  """Returns the host loader that yields this process's part of each global batch from `start_step`."""
-  return pipeline.HostLoader(setup.train_source, setup.config.batch_size, setup.config.seed, start_step,
-                             process_index=jax.process_index(), process_count=jax.process_count(),
-                             resident=setup.config.data.resident)
+    """Returns the host loader that yields this process's part of each global batch from `start_step`."""
+    return pipeline.HostLoader(setup.train_source, setup.config.batch_size, setup.config.seed, start_step,
+                               process_index=jax.process_index(), process_count=jax.process_count(),
+                               resident=setup.config.data.resident)
 
 
 def check_finite(step, record):
-  """Raises NonFiniteLossError naming the step when loss, gradient or parameter norm is not finite."""
-  bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(record[k])]
-  if bad:
-    values = ", ".join(f"{k}={record[k]}" for k in bad)
-    raise NonFiniteLossError(
-        f"non-finite {values} at step {step}; stopping. The last good checkpoint is kept "
-        f"(try a lower --config.optim.lr or --config.model.dtype=float32)")
+    """Raises NonFiniteLossError naming the step when loss, gradient or parameter norm is not finite."""
+    bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(record[k])]
+    if bad:
+        values = ", ".join(f"{k}={record[k]}" for k in bad)
+        raise NonFiniteLossError(
+            f"non-finite {values} at step {step}; stopping. The last good checkpoint is kept "
+            f"(try a lower --config.optim.lr or --config.model.dtype=float32)")
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
 def train(config, workdir, *, progress=True, evaluate_fn=None):
-  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final state."""
-  from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
-  evaluate_fn = evaluate_fn or protocols.monitor
-  is_main = jax.process_index() == 0
-  setup = build(config)
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
+    """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final state."""
+    from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
+    evaluate_fn = evaluate_fn or protocols.monitor
+    is_main = jax.process_index() == 0
+    setup = build(config)
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
 
-  # Checkpoint: resume from the newest one if there is one.
-  manager = checkpoint.make_manager(workdir, max_to_keep=config.checkpoint.keep)
-  state = initial_state(setup)
-  start = checkpoint.latest_step(manager)
-  if start is not None:
-    state = checkpoint.restore(manager, checkpoint.abstract_like(state))
-    start = int(state["step"])
-    print(f"resuming from the checkpoint at step {start} in {checkpoint.checkpoint_dir(workdir)}",
-          file=sys.stderr)
-  start = start or 0
-  if start >= setup.total_steps:
-    print(f"nothing to do: step {start} >= {setup.total_steps} steps of {config.num_epochs} epochs",
-          file=sys.stderr)
-    manager.close()
-    return state
+    # Checkpoint: resume from the newest one if there is one.
+    manager = checkpoint.make_manager(workdir, max_to_keep=config.checkpoint.keep)
+    state = initial_state(setup)
+    start = checkpoint.latest_step(manager)
+    if start is not None:
+        state = checkpoint.restore(manager, checkpoint.abstract_like(state))
+        start = int(state["step"])
+        print(f"resuming from the checkpoint at step {start} in {checkpoint.checkpoint_dir(workdir)}",
+              file=sys.stderr)
+    start = start or 0
+    if start >= setup.total_steps:
+        print(f"nothing to do: step {start} >= {setup.total_steps} steps of {config.num_epochs} epochs",
+              file=sys.stderr)
+        manager.close()
+        return state
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  guard = checkpoint.PreemptionGuard(manager)
-  batches = loader(setup, start)
-  bar = metrics_lib.progress_bar(setup.total_steps, start, desc=config.method, enabled=progress and is_main)
-  spe, every = setup.steps_per_epoch, config.log_every_steps
-  ckpt_every = config.checkpoint.every_epochs * spe
-  knn_every = config.eval.knn_every_epochs * spe
-  pending = None  # (step, device metrics) of the previous step, fetched one step late
-  timer = (time.perf_counter(), start)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    guard = checkpoint.PreemptionGuard(manager)
+    batches = loader(setup, start)
+    bar = metrics_lib.progress_bar(setup.total_steps, start, desc=config.method, enabled=progress and is_main)
+    spe, every = setup.steps_per_epoch, config.log_every_steps
+    ckpt_every = config.checkpoint.every_epochs * spe
+    knn_every = config.eval.knn_every_epochs * spe
+    pending = None  # (step, device metrics) of the previous step, fetched one step late
+    timer = (time.perf_counter(), start)
 
-  def drain():
-    """Fetches the pending step's metrics, checks them, and logs every `every` steps."""
-    nonlocal pending, timer
-    if pending is None:
-      return
-    step, device_metrics = pending
-    pending = None
-    record = jax.device_get(device_metrics)
-    check_finite(step, record)
-    done = step + 1
-    if done % every == 0 or done == setup.total_steps:
-      now = time.perf_counter()
-      record["img_per_s"] = (done - timer[1]) * config.batch_size / max(now - timer[0], 1e-9)
-      timer = (now, done)
-      record["epoch"] = done / spe
-      writer.write(done, record)
-      bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+    def drain():
+        """Fetches the pending step's metrics, checks them, and logs every `every` steps."""
+        nonlocal pending, timer
+        if pending is None:
+            return
+        step, device_metrics = pending
+        pending = None
+        record = jax.device_get(device_metrics)
+        check_finite(step, record)
+        done = step + 1
+        if done % every == 0 or done == setup.total_steps:
+            now = time.perf_counter()
+            record["img_per_s"] = (done - timer[1]) * config.batch_size / max(now - timer[0], 1e-9)
+            timer = (now, done)
+            record["epoch"] = done / spe
+            writer.write(done, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
-  try:
-    for step in range(start, setup.total_steps):
-      batch = parallel.put_batch(next(batches), setup.mesh)
-      state, device_metrics = setup.step_fn(state, setup.dataset, batch)
-      drain()  # the previous step's metrics; the device is already busy with this one
-      pending = (step, device_metrics)
-      bar.update(1)
-      done = step + 1
-      stop = guard.requested(done)
-      if done % ckpt_every == 0 or done == setup.total_steps or stop:
-        drain()  # a checkpoint is written only after its step was checked finite
-        checkpoint.save(manager, done, state, force=True)
-      if knn_every and (done % knn_every == 0 or done == setup.total_steps):
+    try:
+        for step in range(start, setup.total_steps):
+            batch = parallel.put_batch(next(batches), setup.mesh)
+            state, device_metrics = setup.step_fn(state, setup.dataset, batch)
+            drain()  # the previous step's metrics; the device is already busy with this one
+            pending = (step, device_metrics)
+            bar.update(1)
+            done = step + 1
+            stop = guard.requested(done)
+            if done % ckpt_every == 0 or done == setup.total_steps or stop:
+                drain()  # a checkpoint is written only after its step was checked finite
+                checkpoint.save(manager, done, state, force=True)
+            if knn_every and (done % knn_every == 0 or done == setup.total_steps):
+                drain()
+                result = evaluate_fn(setup, state)
+                writer.write(done, {"epoch": done / spe, **result})
+                summary = json.dumps({k: round(v, 4) for k, v in result.items()})
+                bar.write(f"step {done} (epoch {done / spe:g}): {summary}", file=sys.stderr)
+            if stop:
+                reason = guard.signal_name or "preemption"
+                bar.write(f"stop requested ({reason}): saved step {done}, exiting", file=sys.stderr)
+                break
         drain()
-        result = evaluate_fn(setup, state)
-        writer.write(done, {"epoch": done / spe, **result})
-        bar.write(f"step {done} (epoch {done / spe:g}): " + json.dumps({k: round(v, 4) for k, v in result.items()}), file=sys.stderr)
-      if stop:
-        bar.write(f"stop requested ({guard.signal_name or 'preemption'}): saved step {done}, exiting", file=sys.stderr)
-        break
-    drain()
-  finally:
-    bar.close()
-    batches.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    guard.restore_handlers()
-  return state
+    finally:
+        bar.close()
+        batches.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        guard.restore_handlers()
+    return state

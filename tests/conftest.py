@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def threefry():
-  """Use the library default PRNG (threefry): rbg's bits depend on vmap and sharding, threefry's do not."""
-  previous = jax.config.jax_default_prng_impl
-  jax.config.update("jax_default_prng_impl", "threefry2x32")
-  yield
-  jax.config.update("jax_default_prng_impl", previous)
+    """Use the library default PRNG (threefry): rbg's bits depend on vmap and sharding, threefry's do not."""
+    previous = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "threefry2x32")
+    yield
+    jax.config.update("jax_default_prng_impl", previous)

@@ -19,118 +19,118 @@ SMOKE = os.path.join(ROOT, "configs", "simclr.py") + ":smoke"
 
 
 def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the CLI runs as a user would: the real device count (one CPU here)
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the CLI runs as a user would: the real device count (one CPU here)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
 
 
 def _cli(*args, check=True, **kwargs):
-  proc = subprocess.run([sys.executable, "-m", "ssl_jax", *args, "--no-progress"], cwd=ROOT, env=_env(),
-                        capture_output=True, text=True, timeout=600, **kwargs)
-  if check and proc.returncode:
-    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-  return proc
+    proc = subprocess.run([sys.executable, "-m", "ssl_jax", *args, "--no-progress"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600, **kwargs)
+    if check and proc.returncode:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def _train_rows(workdir):
-  return [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    return [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("smoke"))
-  start = time.perf_counter()
-  _cli("train", "--config", SMOKE, "--workdir", workdir)
-  return workdir, time.perf_counter() - start
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    start = time.perf_counter()
+    _cli("train", "--config", SMOKE, "--workdir", workdir)
+    return workdir, time.perf_counter() - start
 
 
 def test_smoke_train_writes_finite_metrics_config_and_checkpoint(smoke_run):
-  workdir, seconds = smoke_run
-  assert seconds < 120  # the done-when bar is one minute on this CPU; leave room for a loaded CI machine
-  rows = _train_rows(workdir)
-  assert rows and rows[-1]["step"] == 16 and rows[-1]["epoch"] == 2.0
-  for row in rows:
-    for key in ("loss", "lr", "img_per_s", "grad_norm", "param_norm", "epoch"):
-      assert isinstance(row[key], float) and np.isfinite(row[key]), (key, row)
-  knn = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "knn_top1" in r]
-  assert [r["step"] for r in knn] == [8, 16] and all(0.0 <= r["knn_top1"] <= 1.0 for r in knn)
-  config = json.load(open(os.path.join(workdir, "config.json")))
-  assert config["method"] == "simclr" and config["num_epochs"] == 2 and config["data"]["name"] == "synthetic"
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
+    workdir, seconds = smoke_run
+    assert seconds < 120  # the done-when bar is one minute on this CPU; leave room for a loaded CI machine
+    rows = _train_rows(workdir)
+    assert rows and rows[-1]["step"] == 16 and rows[-1]["epoch"] == 2.0
+    for row in rows:
+        for key in ("loss", "lr", "img_per_s", "grad_norm", "param_norm", "epoch"):
+            assert isinstance(row[key], float) and np.isfinite(row[key]), (key, row)
+    knn = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [8, 16] and all(0.0 <= r["knn_top1"] <= 1.0 for r in knn)
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["method"] == "simclr" and config["num_epochs"] == 2 and config["data"]["name"] == "synthetic"
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
 
 
 def test_more_epochs_resume_from_the_checkpoint(smoke_run):
-  workdir, _ = smoke_run
-  before = len(_train_rows(workdir))
-  proc = _cli("train", "--config", SMOKE, "--workdir", workdir, "--config.num_epochs=3")
-  assert "resuming from the checkpoint at step 16" in proc.stderr
-  new_rows = _train_rows(workdir)[before:]
-  assert new_rows and min(r["step"] for r in new_rows) > 16 and new_rows[-1]["step"] == 24
-  assert json.load(open(os.path.join(workdir, "config.json")))["num_epochs"] == 3
+    workdir, _ = smoke_run
+    before = len(_train_rows(workdir))
+    proc = _cli("train", "--config", SMOKE, "--workdir", workdir, "--config.num_epochs=3")
+    assert "resuming from the checkpoint at step 16" in proc.stderr
+    new_rows = _train_rows(workdir)[before:]
+    assert new_rows and min(r["step"] for r in new_rows) > 16 and new_rows[-1]["step"] == 24
+    assert json.load(open(os.path.join(workdir, "config.json")))["num_epochs"] == 3
 
 
 def test_eval_protocols_append_to_metrics(smoke_run):
-  workdir, _ = smoke_run
-  for protocol, key in (("knn", "knn_top1"), ("linear", "linear_top1")):
-    out = json.loads(_cli("eval", "--workdir", workdir, "--protocol", protocol,
-                          "--config.eval.linear_epochs=5").stdout.strip().splitlines()[-1])
-    assert 0.0 <= out[key] <= 1.0 and out["step"] >= 16
-    assert metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1][key] == out[key]
+    workdir, _ = smoke_run
+    for protocol, key in (("knn", "knn_top1"), ("linear", "linear_top1")):
+        out = json.loads(_cli("eval", "--workdir", workdir, "--protocol", protocol,
+                              "--config.eval.linear_epochs=5").stdout.strip().splitlines()[-1])
+        assert 0.0 <= out[key] <= 1.0 and out["step"] >= 16
+        assert metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1][key] == out[key]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  workdir = str(tmp_path / "run")
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "ssl_jax", "train", "--config", SMOKE, "--workdir", workdir, "--no-progress",
-       "--config.num_epochs=200", "--config.log_every_steps=1", "--config.eval.knn_every_epochs=0",
-       "--config.checkpoint.every_epochs=100"],
-      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and not (os.path.exists(path) and len(open(path).readlines()) >= 3):
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err
-  assert "stop requested (SIGTERM)" in err
-  manager = checkpoint.make_manager(workdir, async_save=False)
-  step = checkpoint.latest_step(manager)
-  manager.close()
-  assert step is not None and 3 <= step < 200 * 8  # saved where it stopped, long before the end
+    workdir = str(tmp_path / "run")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssl_jax", "train", "--config", SMOKE, "--workdir", workdir, "--no-progress",
+         "--config.num_epochs=200", "--config.log_every_steps=1", "--config.eval.knn_every_epochs=0",
+         "--config.checkpoint.every_epochs=100"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(path) and len(open(path).readlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "stop requested (SIGTERM)" in err
+    manager = checkpoint.make_manager(workdir, async_save=False)
+    step = checkpoint.latest_step(manager)
+    manager.close()
+    assert step is not None and 3 <= step < 200 * 8  # saved where it stopped, long before the end
 
 
 def _in_process(capsys, *argv):
-  code = cli.main(list(argv) + ["--no-progress"])
-  return code, capsys.readouterr().err
+    code = cli.main(list(argv) + ["--no-progress"])
+    return code, capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-  workdir = str(tmp_path / "run")
-  assert _in_process(capsys, "train", "--config", SMOKE, "--workdir", workdir)[0] == 0
-  code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", workdir, "--config.num_epochs=4",
-                          "--config.optim.lr=1e30")
-  assert code == 2 and "non-finite" in err and "at step 16" in err
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]  # nothing newer was written
-  # ...and the kept checkpoint is whole and finite: evaluation restores it.
-  code, _ = _in_process(capsys, "eval", "--workdir", workdir, "--protocol", "knn")
-  assert code == 0
+    workdir = str(tmp_path / "run")
+    assert _in_process(capsys, "train", "--config", SMOKE, "--workdir", workdir)[0] == 0
+    code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", workdir, "--config.num_epochs=4",
+                            "--config.optim.lr=1e30")
+    assert code == 2 and "non-finite" in err and "at step 16" in err
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["16", "8"]  # nothing newer was written
+    # ...and the kept checkpoint is whole and finite: evaluation restores it.
+    code, _ = _in_process(capsys, "eval", "--workdir", workdir, "--protocol", "knn")
+    assert code == 0
 
 
 def _tar_with_corrupt_image(path):
-  with tarfile.open(path, "w:gz") as tar:
-    for split in ("train", "test"):
-      for cls in ("a", "b"):
-        for i in range(8):
-          buf = io.BytesIO()
-          Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(buf, format="PNG")
-          data = buf.getvalue()
-          if (split, cls, i) == ("train", "b", 3):
-            data = data[:20]  # truncated: not decodable
-          info = tarfile.TarInfo(f"tiny/{split}/{cls}/{i:03d}.png")
-          info.size = len(data)
-          tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for cls in ("a", "b"):
+                for i in range(8):
+                    buf = io.BytesIO()
+                    Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(buf, format="PNG")
+                    data = buf.getvalue()
+                    if (split, cls, i) == ("train", "b", 3):
+                        data = data[:20]  # truncated: not decodable
+                    info = tarfile.TarInfo(f"tiny/{split}/{cls}/{i:03d}.png")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -140,17 +140,17 @@ def _tar_with_corrupt_image(path):
     ("--config.data.path=/no/such/cifar.tar.gz", "/no/such/cifar.tar.gz"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, override, message):
-  argv = ["train", "--config", SMOKE, "--workdir", str(tmp_path / "run"), override]
-  if "data.path" in override:
-    argv.append("--config.data.name=imagefolder")
-  code, err = _in_process(capsys, *argv)
-  assert code == 2 and message in err, err
+    argv = ["train", "--config", SMOKE, "--workdir", str(tmp_path / "run"), override]
+    if "data.path" in override:
+        argv.append("--config.data.name=imagefolder")
+    code, err = _in_process(capsys, *argv)
+    assert code == 2 and message in err, err
 
 
 def test_corrupt_image_error_names_the_file(tmp_path, capsys):
-  archive = str(tmp_path / "tiny.tar.gz")
-  _tar_with_corrupt_image(archive)
-  code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", str(tmp_path / "run"),
-                          "--config.data.name=imagefolder", f"--config.data.path={archive}",
-                          f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.num_workers=1")
-  assert code == 2 and "tiny/train/b/003.png" in err, err
+    archive = str(tmp_path / "tiny.tar.gz")
+    _tar_with_corrupt_image(archive)
+    code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", str(tmp_path / "run"),
+                            "--config.data.name=imagefolder", f"--config.data.path={archive}",
+                            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.num_workers=1")
+    assert code == 2 and "tiny/train/b/003.png" in err, err

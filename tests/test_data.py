@@ -16,61 +16,61 @@ CIFAR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar
 
 
 def _cfg(tmp_path, **overrides):
-  cfg = dict(name="imagefolder", path="", image_size=8, cache_dir=str(tmp_path / "cache"), num_workers=1,
-             num_examples=0, num_classes=10, tfds_data_dir="")
-  cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
+    cfg = dict(name="imagefolder", path="", image_size=8, cache_dir=str(tmp_path / "cache"), num_workers=1,
+               num_examples=0, num_classes=10, tfds_data_dir="")
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
 
 
 def _pixels(seed, height=8, width=8):
-  return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 def _save(path, array):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(array).save(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
 
 
 def _make_tree(root, test_dir="test"):
-  """Writes an ImageFolder tree under root/top/ and returns {relative path: image written}."""
-  top = root / "top"
-  files = {
-      "train/cat/b.png": _pixels(1), "train/cat/a.png": _pixels(2), "train/cat/c.jpg": _pixels(3),
-      "train/ant/x.PNG": _pixels(4), "train/ant/wide.png": _pixels(5, 8, 14),  # cropped to the middle 8 columns
-      "train/bee/flat.png": np.full((16, 16, 3), (10, 200, 30), np.uint8),  # resized 16 -> 8
-      f"{test_dir}/cat/t.png": _pixels(6), f"{test_dir}/ant/t.png": _pixels(7), f"{test_dir}/bee/t.png": _pixels(8),
-  }
-  for rel, array in files.items():
-    _save(top / rel, array)
-  _save(top / "train/bee/gray.png", _pixels(9)[..., 0])  # grayscale (mode L)
-  files["train/bee/gray.png"] = np.repeat(_pixels(9)[..., :1], 3, axis=-1)
-  _save(top / "train/bee/rgba.png", np.dstack([_pixels(10), np.full((8, 8), 128, np.uint8)]))
-  files["train/bee/rgba.png"] = _pixels(10)
-  (top / "train/cat/._a.png").write_bytes(b"\0resource fork")  # macOS junk: skipped
-  (top / "train/cat/notes.txt").write_text("not an image")
-  return top, files
+    """Writes an ImageFolder tree under root/top/ and returns {relative path: image written}."""
+    top = root / "top"
+    files = {
+        "train/cat/b.png": _pixels(1), "train/cat/a.png": _pixels(2), "train/cat/c.jpg": _pixels(3),
+        "train/ant/x.PNG": _pixels(4), "train/ant/wide.png": _pixels(5, 8, 14),  # cropped to the middle 8 columns
+        "train/bee/flat.png": np.full((16, 16, 3), (10, 200, 30), np.uint8),  # resized 16 -> 8
+        f"{test_dir}/cat/t.png": _pixels(6), f"{test_dir}/ant/t.png": _pixels(7), f"{test_dir}/bee/t.png": _pixels(8),
+    }
+    for rel, array in files.items():
+        _save(top / rel, array)
+    _save(top / "train/bee/gray.png", _pixels(9)[..., 0])  # grayscale (mode L)
+    files["train/bee/gray.png"] = np.repeat(_pixels(9)[..., :1], 3, axis=-1)
+    _save(top / "train/bee/rgba.png", np.dstack([_pixels(10), np.full((8, 8), 128, np.uint8)]))
+    files["train/bee/rgba.png"] = _pixels(10)
+    (top / "train/cat/._a.png").write_bytes(b"\0resource fork")  # macOS junk: skipped
+    (top / "train/cat/notes.txt").write_text("not an image")
+    return top, files
 
 
 def _expected(files, split_dir, top):
-  """Returns (images, labels) the loader should produce: the arrays written (JPEGs decoded by PIL), cropped
-  or resized with plain NumPy."""
-  classes = ["ant", "bee", "cat"]
-  rows = sorted((classes.index(rel.split("/")[1]), rel) for rel in files if rel.startswith(split_dir + "/"))
-  images = []
-  for _, rel in rows:
-    img = np.asarray(Image.open(top / rel)) if rel.endswith(".jpg") else files[rel]
-    if img.shape[1] == 14:
-      img = img[:, 3:11]  # shorter side already 8: centre crop only
-    elif img.shape[0] == 16:
-      img = np.full((8, 8, 3), (10, 200, 30), np.uint8)  # a flat colour stays flat under bilinear resizing
-    images.append(img)
-  return np.stack(images), np.array([y for y, _ in rows], np.int32)
+    """Returns (images, labels) the loader should produce: the arrays written (JPEGs decoded by PIL), cropped
+    or resized with plain NumPy."""
+    classes = ["ant", "bee", "cat"]
+    rows = sorted((classes.index(rel.split("/")[1]), rel) for rel in files if rel.startswith(split_dir + "/"))
+    images = []
+    for _, rel in rows:
+        img = np.asarray(Image.open(top / rel)) if rel.endswith(".jpg") else files[rel]
+        if img.shape[1] == 14:
+            img = img[:, 3:11]  # shorter side already 8: centre crop only
+        elif img.shape[0] == 16:
+            img = np.full((8, 8, 3), (10, 200, 30), np.uint8)  # a flat colour stays flat under bilinear resizing
+        images.append(img)
+    return np.stack(images), np.array([y for y, _ in rows], np.int32)
 
 
 def _tar(top, out):
-  with tarfile.open(out, "w:gz") as tar:
-    tar.add(top, arcname=top.name)
-  return out
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(top, arcname=top.name)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,182 +78,182 @@ def _tar(top, out):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_imagefolder_dir_and_tar_decode_like_pil(tmp_path):
-  top, files = _make_tree(tmp_path / "tree")
-  archive = _tar(top, tmp_path / "tree.tar.gz")
-  for path in (top, tmp_path / "tree", archive):  # the split folders under a top-level folder, too
-    for split, split_dir in (("train", "train"), ("test", "test")):
-      source = data.get_source(_cfg(tmp_path, path=str(path)), split)
-      want_images, want_labels = _expected(files, split_dir, top)
-      assert source.class_names == ["ant", "bee", "cat"] and source.num_classes == 3
-      assert source.images.dtype == np.uint8 and source.images.shape == (len(want_labels), 8, 8, 3)
-      np.testing.assert_array_equal(source.labels, want_labels)
-      np.testing.assert_array_equal(source.images, want_images)
-      assert len(source) == len(want_labels) and source.labels.dtype == np.int32
+    top, files = _make_tree(tmp_path / "tree")
+    archive = _tar(top, tmp_path / "tree.tar.gz")
+    for path in (top, tmp_path / "tree", archive):  # the split folders under a top-level folder, too
+        for split, split_dir in (("train", "train"), ("test", "test")):
+            source = data.get_source(_cfg(tmp_path, path=str(path)), split)
+            want_images, want_labels = _expected(files, split_dir, top)
+            assert source.class_names == ["ant", "bee", "cat"] and source.num_classes == 3
+            assert source.images.dtype == np.uint8 and source.images.shape == (len(want_labels), 8, 8, 3)
+            np.testing.assert_array_equal(source.labels, want_labels)
+            np.testing.assert_array_equal(source.images, want_images)
+            assert len(source) == len(want_labels) and source.labels.dtype == np.int32
 
 
 def test_name_with_path_reads_imagefolder(tmp_path):
-  top, _ = _make_tree(tmp_path / "tree")
-  source = data.get_source(_cfg(tmp_path, name="cifar10", path=str(top)), "test")
-  assert source.name == "cifar10" and source.class_names == ["ant", "bee", "cat"]
+    top, _ = _make_tree(tmp_path / "tree")
+    source = data.get_source(_cfg(tmp_path, name="cifar10", path=str(top)), "test")
+    assert source.name == "cifar10" and source.class_names == ["ant", "bee", "cat"]
 
 
 def test_cache_is_reused_and_memory_mapped(tmp_path, monkeypatch):
-  top, _ = _make_tree(tmp_path / "tree")
-  archive = _tar(top, tmp_path / "tree.tar.gz")
-  first = data.get_source(_cfg(tmp_path, path=str(archive)), "train")
-  first_images = np.array(first.images)
+    top, _ = _make_tree(tmp_path / "tree")
+    archive = _tar(top, tmp_path / "tree.tar.gz")
+    first = data.get_source(_cfg(tmp_path, path=str(archive)), "train")
+    first_images = np.array(first.images)
 
-  def fail(*args, **kwargs):
-    raise AssertionError("decoded again instead of using the cache")
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded again instead of using the cache")
 
-  monkeypatch.setattr(imagefolder, "decode_images", fail)
-  again = data.get_source(_cfg(tmp_path, path=str(archive)), "train")
-  assert isinstance(again.images, np.memmap)
-  np.testing.assert_array_equal(again.images, first_images)
-  np.testing.assert_array_equal(again.labels, first.labels)
-  # Another image size is another cache entry, so it must decode.
-  with pytest.raises(AssertionError, match="decoded again"):
-    data.get_source(_cfg(tmp_path, path=str(archive), image_size=4), "train")
+    monkeypatch.setattr(imagefolder, "decode_images", fail)
+    again = data.get_source(_cfg(tmp_path, path=str(archive)), "train")
+    assert isinstance(again.images, np.memmap)
+    np.testing.assert_array_equal(again.images, first_images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    # Another image size is another cache entry, so it must decode.
+    with pytest.raises(AssertionError, match="decoded again"):
+        data.get_source(_cfg(tmp_path, path=str(archive), image_size=4), "train")
 
 
 def test_cache_notices_added_files(tmp_path):
-  top, _ = _make_tree(tmp_path / "tree")
-  before = data.get_source(_cfg(tmp_path, path=str(top)), "train")
-  _save(top / "train/ant/y.png", _pixels(11))
-  after = data.get_source(_cfg(tmp_path, path=str(top)), "train")
-  assert len(after) == len(before) + 1
-  np.testing.assert_array_equal(after.images[2], _pixels(11))  # ant: wide.png, x.PNG, y.png
+    top, _ = _make_tree(tmp_path / "tree")
+    before = data.get_source(_cfg(tmp_path, path=str(top)), "train")
+    _save(top / "train/ant/y.png", _pixels(11))
+    after = data.get_source(_cfg(tmp_path, path=str(top)), "train")
+    assert len(after) == len(before) + 1
+    np.testing.assert_array_equal(after.images[2], _pixels(11))  # ant: wide.png, x.PNG, y.png
 
 
 def test_interrupted_decode_leaves_no_cache(tmp_path, monkeypatch):
-  top, _ = _make_tree(tmp_path / "tree")
-  real = imagefolder.decode_images
+    top, _ = _make_tree(tmp_path / "tree")
+    real = imagefolder.decode_images
 
-  def interrupted(*args, **kwargs):
-    for i, item in enumerate(real(*args, **kwargs)):
-      if i == 3:
-        raise KeyboardInterrupt
-      yield item
+    def interrupted(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
 
-  monkeypatch.setattr(imagefolder, "decode_images", interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    data.get_source(_cfg(tmp_path, path=str(top)), "train")
-  leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-  assert leftovers == []
-  monkeypatch.setattr(imagefolder, "decode_images", real)
-  assert len(data.get_source(_cfg(tmp_path, path=str(top)), "train")) == 8
+    monkeypatch.setattr(imagefolder, "decode_images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.get_source(_cfg(tmp_path, path=str(top)), "train")
+    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert leftovers == []
+    monkeypatch.setattr(imagefolder, "decode_images", real)
+    assert len(data.get_source(_cfg(tmp_path, path=str(top)), "train")) == 8
 
 
 def test_worker_pool_matches_in_process_decoding(tmp_path, monkeypatch):
-  top, _ = _make_tree(tmp_path / "tree")
-  archive = _tar(top, tmp_path / "tree.tar.gz")
-  serial = data.get_source(_cfg(tmp_path, path=str(archive), cache_dir=str(tmp_path / "c1")), "train")
-  monkeypatch.setattr(imagefolder, "_MIN_IMAGES_FOR_POOL", 0)
-  monkeypatch.setattr(imagefolder, "_CHUNK", 3)
-  pooled = data.get_source(_cfg(tmp_path, path=str(archive), cache_dir=str(tmp_path / "c2"), num_workers=2),
-                           "train")
-  np.testing.assert_array_equal(pooled.images, serial.images)
-  np.testing.assert_array_equal(pooled.labels, serial.labels)
-  # A corrupt file decoded in a worker process is reported by name in this one.
-  (top / "train/bee/broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-  with pytest.raises(data.DataError, match="top/train/bee/broken.jpg"):
-    data.get_source(_cfg(tmp_path, path=str(_tar(top, tmp_path / "b.tgz")), num_workers=2), "train")
+    top, _ = _make_tree(tmp_path / "tree")
+    archive = _tar(top, tmp_path / "tree.tar.gz")
+    serial = data.get_source(_cfg(tmp_path, path=str(archive), cache_dir=str(tmp_path / "c1")), "train")
+    monkeypatch.setattr(imagefolder, "_MIN_IMAGES_FOR_POOL", 0)
+    monkeypatch.setattr(imagefolder, "_CHUNK", 3)
+    pooled = data.get_source(_cfg(tmp_path, path=str(archive), cache_dir=str(tmp_path / "c2"), num_workers=2),
+                             "train")
+    np.testing.assert_array_equal(pooled.images, serial.images)
+    np.testing.assert_array_equal(pooled.labels, serial.labels)
+    # A corrupt file decoded in a worker process is reported by name in this one.
+    (top / "train/bee/broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(data.DataError, match="top/train/bee/broken.jpg"):
+        data.get_source(_cfg(tmp_path, path=str(_tar(top, tmp_path / "b.tgz")), num_workers=2), "train")
 
 
 def test_val_folder_is_the_test_split(tmp_path):
-  top, files = _make_tree(tmp_path / "tree", test_dir="val")
-  source = data.get_source(_cfg(tmp_path, path=str(top)), "test")
-  want_images, want_labels = _expected(files, "val", top)
-  np.testing.assert_array_equal(source.images, want_images)
-  np.testing.assert_array_equal(source.labels, want_labels)
+    top, files = _make_tree(tmp_path / "tree", test_dir="val")
+    source = data.get_source(_cfg(tmp_path, path=str(top)), "test")
+    want_images, want_labels = _expected(files, "val", top)
+    np.testing.assert_array_equal(source.images, want_images)
+    np.testing.assert_array_equal(source.labels, want_labels)
 
 
 def test_corrupt_image_is_named(tmp_path):
-  top, _ = _make_tree(tmp_path / "tree")
-  (top / "train/cat/bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-  with pytest.raises(data.DataError, match="bad.jpg"):
-    data.get_source(_cfg(tmp_path, path=str(top)), "train")
-  with pytest.raises(data.DataError, match=r"tree\.tar\.gz:top/train/cat/bad\.jpg"):
-    data.get_source(_cfg(tmp_path, path=str(_tar(top, tmp_path / "tree.tar.gz"))), "train")
+    top, _ = _make_tree(tmp_path / "tree")
+    (top / "train/cat/bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(data.DataError, match="bad.jpg"):
+        data.get_source(_cfg(tmp_path, path=str(top)), "train")
+    with pytest.raises(data.DataError, match=r"tree\.tar\.gz:top/train/cat/bad\.jpg"):
+        data.get_source(_cfg(tmp_path, path=str(_tar(top, tmp_path / "tree.tar.gz"))), "train")
 
 
 def test_missing_path_split_and_classes(tmp_path):
-  missing = tmp_path / "nowhere.tar.gz"
-  with pytest.raises(data.MissingDataError, match="nowhere.tar.gz") as info:
-    data.get_source(_cfg(tmp_path, path=str(missing)), "train")
-  assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, data.DataError)
+    missing = tmp_path / "nowhere.tar.gz"
+    with pytest.raises(data.MissingDataError, match="nowhere.tar.gz") as info:
+        data.get_source(_cfg(tmp_path, path=str(missing)), "train")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, data.DataError)
 
-  only_train = tmp_path / "only_train"
-  _save(only_train / "train/a/1.png", _pixels(1))
-  assert len(data.get_source(_cfg(tmp_path, path=str(only_train)), "train")) == 1
-  with pytest.raises(data.DataError, match="no test split.*test/.*val/"):
-    data.get_source(_cfg(tmp_path, path=str(only_train)), "test")
+    only_train = tmp_path / "only_train"
+    _save(only_train / "train/a/1.png", _pixels(1))
+    assert len(data.get_source(_cfg(tmp_path, path=str(only_train)), "train")) == 1
+    with pytest.raises(data.DataError, match="no test split.*test/.*val/"):
+        data.get_source(_cfg(tmp_path, path=str(only_train)), "test")
 
-  _save(only_train / "test/b/1.png", _pixels(2))
-  with pytest.raises(data.DataError, match=r"missing \['a'\], extra \['b'\]"):
-    data.get_source(_cfg(tmp_path, path=str(only_train)), "test")
+    _save(only_train / "test/b/1.png", _pixels(2))
+    with pytest.raises(data.DataError, match=r"missing \['a'\], extra \['b'\]"):
+        data.get_source(_cfg(tmp_path, path=str(only_train)), "test")
 
-  no_train = tmp_path / "no_train"
-  _save(no_train / "test/a/1.png", _pixels(1))
-  with pytest.raises(data.DataError, match="no train/"):
-    data.get_source(_cfg(tmp_path, path=str(no_train)), "train")
-  with pytest.raises(data.DataError, match="needs data.path"):
-    data.get_source(_cfg(tmp_path), "train")
+    no_train = tmp_path / "no_train"
+    _save(no_train / "test/a/1.png", _pixels(1))
+    with pytest.raises(data.DataError, match="no train/"):
+        data.get_source(_cfg(tmp_path, path=str(no_train)), "train")
+    with pytest.raises(data.DataError, match="needs data.path"):
+        data.get_source(_cfg(tmp_path), "train")
 
 
 def test_native_size_must_be_uniform(tmp_path):
-  root = tmp_path / "mixed"
-  _save(root / "train/a/1.png", _pixels(1, 8, 8))
-  _save(root / "train/a/2.png", _pixels(2, 6, 8))
-  with pytest.raises(data.DataError, match="image_size"):
-    data.get_source(_cfg(tmp_path, path=str(root), image_size=0), "train")
-  _save(root / "train/a/2.png", _pixels(2, 8, 8))  # the failed decode cached nothing, so this is read
-  source = data.get_source(_cfg(tmp_path, path=str(root), image_size=0), "train")
-  np.testing.assert_array_equal(source.images, np.stack([_pixels(1), _pixels(2)]))
+    root = tmp_path / "mixed"
+    _save(root / "train/a/1.png", _pixels(1, 8, 8))
+    _save(root / "train/a/2.png", _pixels(2, 6, 8))
+    with pytest.raises(data.DataError, match="image_size"):
+        data.get_source(_cfg(tmp_path, path=str(root), image_size=0), "train")
+    _save(root / "train/a/2.png", _pixels(2, 8, 8))  # the failed decode cached nothing, so this is read
+    source = data.get_source(_cfg(tmp_path, path=str(root), image_size=0), "train")
+    np.testing.assert_array_equal(source.images, np.stack([_pixels(1), _pixels(2)]))
 
 
 def test_decode_image_modes_and_resize():
-  cmyk = io.BytesIO()
-  Image.fromarray(_pixels(1)).convert("CMYK").save(cmyk, format="JPEG")
-  assert imagefolder.decode_image(cmyk.getvalue(), 0).shape == (8, 8, 3)
-  tall = np.zeros((20, 10, 3), np.uint8)
-  tall[5:15] = 255  # the middle 10 rows survive the centre crop to 10x10 unchanged
-  np.testing.assert_array_equal(imagefolder.decode_image(tall, 10), np.full((10, 10, 3), 255, np.uint8))
-  big = _pixels(3, 24, 36)
-  want = np.asarray(Image.fromarray(big).resize((18, 12), Image.BILINEAR))[:, 3:15]
-  np.testing.assert_array_equal(imagefolder.decode_image(big, 12), want)
+    cmyk = io.BytesIO()
+    Image.fromarray(_pixels(1)).convert("CMYK").save(cmyk, format="JPEG")
+    assert imagefolder.decode_image(cmyk.getvalue(), 0).shape == (8, 8, 3)
+    tall = np.zeros((20, 10, 3), np.uint8)
+    tall[5:15] = 255  # the middle 10 rows survive the centre crop to 10x10 unchanged
+    np.testing.assert_array_equal(imagefolder.decode_image(tall, 10), np.full((10, 10, 3), 255, np.uint8))
+    big = _pixels(3, 24, 36)
+    want = np.asarray(Image.fromarray(big).resize((18, 12), Image.BILINEAR))[:, 3:15]
+    np.testing.assert_array_equal(imagefolder.decode_image(big, 12), want)
 
 
 def test_subset():
-  source = synthetic.make_synthetic(20, 4, 8, seed=0)
-  part = data.subset(source, [3, 1, 7])
-  np.testing.assert_array_equal(part.images, source.images[[3, 1, 7]])
-  np.testing.assert_array_equal(part.labels, source.labels[[3, 1, 7]])
+    source = synthetic.make_synthetic(20, 4, 8, seed=0)
+    part = data.subset(source, [3, 1, 7])
+    np.testing.assert_array_equal(part.images, source.images[[3, 1, 7]])
+    np.testing.assert_array_equal(part.labels, source.labels[[3, 1, 7]])
 
 
 @pytest.fixture(scope="session")
 def cifar_test_split(tmp_path_factory):
-  """Decodes the 10,000-image test split of the real CIFAR-10 archive once per session (about 5 s)."""
-  cfg = _cfg(tmp_path_factory.mktemp("cifar"), name="cifar10", path=str(CIFAR), image_size=0, num_workers=0)
-  return cfg, data.get_source(cfg, "test")
+    """Decodes the 10,000-image test split of the real CIFAR-10 archive once per session (about 5 s)."""
+    cfg = _cfg(tmp_path_factory.mktemp("cifar"), name="cifar10", path=str(CIFAR), image_size=0, num_workers=0)
+    return cfg, data.get_source(cfg, "test")
 
 
 @pytest.mark.skipif(not CIFAR.exists(), reason=f"{CIFAR} not present")
 def test_cifar10_archive(cifar_test_split):
-  cfg, source = cifar_test_split
-  assert source.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                "ship", "truck"]
-  assert source.images.shape == (10000, 32, 32, 3)
-  np.testing.assert_array_equal(np.bincount(source.labels), np.full(10, 1000))
-  with tarfile.open(CIFAR, "r|gz") as tar:  # test/airplane/ comes first in the archive
-    for member in tar:
-      if member.name == "cifar10-jpeg/test/airplane/0001.jpg":
-        want = np.asarray(Image.open(tar.extractfile(member)).convert("RGB"))
-        break
-  np.testing.assert_array_equal(source.images[1], want)
-  again = data.get_source(cfg, "test")
-  assert isinstance(again.images, np.memmap)
-  np.testing.assert_array_equal(again.images[::997], source.images[::997])
+    cfg, source = cifar_test_split
+    assert source.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                  "ship", "truck"]
+    assert source.images.shape == (10000, 32, 32, 3)
+    np.testing.assert_array_equal(np.bincount(source.labels), np.full(10, 1000))
+    with tarfile.open(CIFAR, "r|gz") as tar:  # test/airplane/ comes first in the archive
+        for member in tar:
+            if member.name == "cifar10-jpeg/test/airplane/0001.jpg":
+                want = np.asarray(Image.open(tar.extractfile(member)).convert("RGB"))
+                break
+    np.testing.assert_array_equal(source.images[1], want)
+    again = data.get_source(cfg, "test")
+    assert isinstance(again.images, np.memmap)
+    np.testing.assert_array_equal(again.images[::997], source.images[::997])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,80 +261,80 @@ def test_cifar10_archive(cifar_test_split):
 # ---------------------------------------------------------------------------------------------------------
 
 def _tiny_image(index):
-  return np.random.default_rng(100 + index).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.random.default_rng(100 + index).integers(0, 256, (8, 8, 3), dtype=np.uint8)
 
 
 class SslJaxTinyImages(tfds.core.GeneratorBasedBuilder):
-  """Train and validation splits of 8x8 PNGs; prepared without TensorFlow because images arrive encoded."""
-  VERSION = tfds.core.Version("1.0.0")
+    """Train and validation splits of 8x8 PNGs; prepared without TensorFlow because images arrive encoded."""
+    VERSION = tfds.core.Version("1.0.0")
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self, supervised_keys=("image", "label"),
-        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(8, 8, 3)),
-                                             "label": tfds.features.ClassLabel(names=["x", "y", "z"])}))
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, supervised_keys=("image", "label"),
+            features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(8, 8, 3)),
+                                                 "label": tfds.features.ClassLabel(names=["x", "y", "z"])}))
 
-  def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(range(7)), "validation": self._generate_examples(range(7, 11))}
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(range(7)), "validation": self._generate_examples(range(7, 11))}
 
-  def _generate_examples(self, indices):
-    for i in indices:
-      png = io.BytesIO()
-      Image.fromarray(_tiny_image(i)).save(png, format="PNG")
-      png.seek(0)
-      yield i, {"image": png, "label": i % 3}
+    def _generate_examples(self, indices):
+        for i in indices:
+            png = io.BytesIO()
+            Image.fromarray(_tiny_image(i)).save(png, format="PNG")
+            png.seek(0)
+            yield i, {"image": png, "label": i % 3}
 
 
 def test_tfds_data_source_without_tensorflow(tmp_path):
-  data_dir = tmp_path / "tfds"
-  SslJaxTinyImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-  cfg = _cfg(tmp_path, name="ssl_jax_tiny_images", image_size=0, tfds_data_dir=str(data_dir))
-  for split, indices in (("train", range(7)), ("test", range(7, 11))):  # no test split: validation is used
-    source = data.get_source(cfg, split)
-    reference = tfds.data_source("ssl_jax_tiny_images", split="train" if split == "train" else "validation",
-                                 data_dir=str(data_dir))
-    want = np.stack([reference[i]["image"] for i in range(len(reference))])
-    assert sorted(map(tuple, want.reshape(len(want), -1))) == sorted(
-        tuple(_tiny_image(i).reshape(-1)) for i in indices)  # tfds shuffles the order; the set is ours
-    np.testing.assert_array_equal(source.images, want)
-    np.testing.assert_array_equal(source.labels, [reference[i]["label"] for i in range(len(reference))])
-    assert source.class_names == ["x", "y", "z"]
-  resized = data.get_source(_cfg(tmp_path, name="ssl_jax_tiny_images", image_size=4, tfds_data_dir=str(data_dir)),
-                            "train")
-  assert resized.images.shape == (7, 4, 4, 3)
+    data_dir = tmp_path / "tfds"
+    SslJaxTinyImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    cfg = _cfg(tmp_path, name="ssl_jax_tiny_images", image_size=0, tfds_data_dir=str(data_dir))
+    for split, indices in (("train", range(7)), ("test", range(7, 11))):  # no test split: validation is used
+        source = data.get_source(cfg, split)
+        reference = tfds.data_source("ssl_jax_tiny_images", split="train" if split == "train" else "validation",
+                                     data_dir=str(data_dir))
+        want = np.stack([reference[i]["image"] for i in range(len(reference))])
+        assert sorted(map(tuple, want.reshape(len(want), -1))) == sorted(
+            tuple(_tiny_image(i).reshape(-1)) for i in indices)  # tfds shuffles the order; the set is ours
+        np.testing.assert_array_equal(source.images, want)
+        np.testing.assert_array_equal(source.labels, [reference[i]["label"] for i in range(len(reference))])
+        assert source.class_names == ["x", "y", "z"]
+    resized = data.get_source(_cfg(tmp_path, name="ssl_jax_tiny_images", image_size=4, tfds_data_dir=str(data_dir)),
+                              "train")
+    assert resized.images.shape == (7, 4, 4, 3)
 
 
 def test_tfds_mock_cifar10(tmp_path):
-  with tfds.testing.mock_data(num_examples=6):
-    source = data.get_source(_cfg(tmp_path, name="cifar10", image_size=0), "test")
-    reference = tfds.data_source("cifar10", split="test")
-    np.testing.assert_array_equal(source.images, np.stack([reference[i]["image"] for i in range(6)]))
-    np.testing.assert_array_equal(source.labels, [reference[i]["label"] for i in range(6)])
-    # Unprepared (mocked) cifar10 has not read its class names from the download: they are '0' .. '9'.
-    assert source.class_names == list(reference.dataset_info.features["label"].names) and source.num_classes == 10
-    assert source.name == "cifar10"
-    assert data.get_source(_cfg(tmp_path, name="cifar10", image_size=16), "train").images.shape == (6, 16, 16, 3)
+    with tfds.testing.mock_data(num_examples=6):
+        source = data.get_source(_cfg(tmp_path, name="cifar10", image_size=0), "test")
+        reference = tfds.data_source("cifar10", split="test")
+        np.testing.assert_array_equal(source.images, np.stack([reference[i]["image"] for i in range(6)]))
+        np.testing.assert_array_equal(source.labels, [reference[i]["label"] for i in range(6)])
+        # Unprepared (mocked) cifar10 has not read its class names from the download: they are '0' .. '9'.
+        assert source.class_names == list(reference.dataset_info.features["label"].names) and source.num_classes == 10
+        assert source.name == "cifar10"
+        assert data.get_source(_cfg(tmp_path, name="cifar10", image_size=16), "train").images.shape == (6, 16, 16, 3)
 
 
 def test_tfds_errors_and_split_names(tmp_path):
-  with pytest.raises(data.DataError, match="image_size"):  # imagenet2012 has images of many sizes
-    data.get_source(_cfg(tmp_path, name="imagenet2012", image_size=0), "train")
-  with pytest.raises(data.DataError, match="unknown dataset"):
-    data.get_source(_cfg(tmp_path, name="no_such_dataset_xyz"), "train")
-  labelled, withheld = [{"label": 3}], [{"label": -1}]
-  assert tfds_source.resolve_split("d", "test", {"train": labelled, "test": labelled}, "label") == "test"
-  assert tfds_source.resolve_split("d", "test", {"train": labelled, "validation": labelled}, "label") == "validation"
-  assert tfds_source.resolve_split("d", "test", {"test": withheld, "validation": labelled}, "label") == "validation"
-  with pytest.raises(data.DataError, match="no labelled split"):
-    tfds_source.resolve_split("d", "test", {"train": labelled}, "label")
+    with pytest.raises(data.DataError, match="image_size"):  # imagenet2012 has images of many sizes
+        data.get_source(_cfg(tmp_path, name="imagenet2012", image_size=0), "train")
+    with pytest.raises(data.DataError, match="unknown dataset"):
+        data.get_source(_cfg(tmp_path, name="no_such_dataset_xyz"), "train")
+    labelled, withheld = [{"label": 3}], [{"label": -1}]
+    assert tfds_source.resolve_split("d", "test", {"train": labelled, "test": labelled}, "label") == "test"
+    assert tfds_source.resolve_split("d", "test", {"train": labelled, "validation": labelled}, "label") == "validation"
+    assert tfds_source.resolve_split("d", "test", {"test": withheld, "validation": labelled}, "label") == "validation"
+    with pytest.raises(data.DataError, match="no labelled split"):
+        tfds_source.resolve_split("d", "test", {"train": labelled}, "label")
 
 
 def test_examples_to_items_on_plain_dicts():
-  examples = [{"image": _tiny_image(0), "label": 2}, {"image": np.array(b"\x89PNG", dtype=object), "label": 0}]
-  items = list(tfds_source.examples_to_items(examples, "image", "label", "fake"))
-  assert [(i, name, label) for i, name, _, label in items] == [(0, "fake[0]", 2), (1, "fake[1]", 0)]
-  np.testing.assert_array_equal(items[0][2], _tiny_image(0))
-  assert items[1][2] == b"\x89PNG"
+    examples = [{"image": _tiny_image(0), "label": 2}, {"image": np.array(b"\x89PNG", dtype=object), "label": 0}]
+    items = list(tfds_source.examples_to_items(examples, "image", "label", "fake"))
+    assert [(i, name, label) for i, name, _, label in items] == [(0, "fake[0]", 2), (1, "fake[1]", 0)]
+    np.testing.assert_array_equal(items[0][2], _tiny_image(0))
+    assert items[1][2] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,19 +342,19 @@ def test_examples_to_items_on_plain_dicts():
 # ---------------------------------------------------------------------------------------------------------
 
 def test_synthetic_is_deterministic_and_learnable(tmp_path):
-  cfg = _cfg(tmp_path, name="synthetic", image_size=0, num_examples=400, num_classes=5)
-  train, again, test = data.get_source(cfg, "train"), data.get_source(cfg, "train"), data.get_source(cfg, "test")
-  np.testing.assert_array_equal(train.images, again.images)
-  np.testing.assert_array_equal(train.labels, again.labels)
-  assert train.images.shape == (400, 16, 16, 3) and train.images.dtype == np.uint8 and len(test) == 100
-  np.testing.assert_array_equal(np.bincount(train.labels), np.full(5, 80))
-  assert not np.array_equal(train.images[:100], test.images)
-  # Nearest class mean on raw pixels, fitted on train, classifies the independently drawn test split.
-  x_train = train.images.reshape(len(train), -1).astype(np.float64)
-  means = np.stack([x_train[train.labels == c].mean(0) for c in range(5)])
-  x_test = test.images.reshape(len(test), -1).astype(np.float64)
-  predicted = np.argmin(((x_test[:, None] - means[None]) ** 2).sum(-1), axis=1)
-  assert (predicted == test.labels).mean() > 0.9
+    cfg = _cfg(tmp_path, name="synthetic", image_size=0, num_examples=400, num_classes=5)
+    train, again, test = data.get_source(cfg, "train"), data.get_source(cfg, "train"), data.get_source(cfg, "test")
+    np.testing.assert_array_equal(train.images, again.images)
+    np.testing.assert_array_equal(train.labels, again.labels)
+    assert train.images.shape == (400, 16, 16, 3) and train.images.dtype == np.uint8 and len(test) == 100
+    np.testing.assert_array_equal(np.bincount(train.labels), np.full(5, 80))
+    assert not np.array_equal(train.images[:100], test.images)
+    # Nearest class mean on raw pixels, fitted on train, classifies the independently drawn test split.
+    x_train = train.images.reshape(len(train), -1).astype(np.float64)
+    means = np.stack([x_train[train.labels == c].mean(0) for c in range(5)])
+    x_test = test.images.reshape(len(test), -1).astype(np.float64)
+    predicted = np.argmin(((x_test[:, None] - means[None]) ** 2).sum(-1), axis=1)
+    assert (predicted == test.labels).mean() > 0.9
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -362,81 +362,82 @@ def test_synthetic_is_deterministic_and_learnable(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_epoch_permutation_and_batches_cover_an_epoch():
-  perm = pipeline.epoch_permutation(3, 0, 103)
-  assert perm.dtype == np.int64
-  np.testing.assert_array_equal(np.sort(perm), np.arange(103))
-  np.testing.assert_array_equal(perm, pipeline.epoch_permutation(3, 0, 103))
-  assert not np.array_equal(perm, pipeline.epoch_permutation(3, 1, 103))
-  assert not np.array_equal(perm, pipeline.epoch_permutation(4, 0, 103))
-  steps = 103 // 10
-  epoch0 = np.concatenate([pipeline.batch_indices(3, 103, 10, s) for s in range(steps)])
-  np.testing.assert_array_equal(epoch0, perm[:100])  # 3 examples dropped, none repeated
-  assert len(np.unique(epoch0)) == 100
-  np.testing.assert_array_equal(pipeline.batch_indices(3, 103, 10, steps + 2),
-                                pipeline.epoch_permutation(3, 1, 103)[20:30])
+    perm = pipeline.epoch_permutation(3, 0, 103)
+    assert perm.dtype == np.int64
+    np.testing.assert_array_equal(np.sort(perm), np.arange(103))
+    np.testing.assert_array_equal(perm, pipeline.epoch_permutation(3, 0, 103))
+    assert not np.array_equal(perm, pipeline.epoch_permutation(3, 1, 103))
+    assert not np.array_equal(perm, pipeline.epoch_permutation(4, 0, 103))
+    steps = 103 // 10
+    epoch0 = np.concatenate([pipeline.batch_indices(3, 103, 10, s) for s in range(steps)])
+    np.testing.assert_array_equal(epoch0, perm[:100])  # 3 examples dropped, none repeated
+    assert len(np.unique(epoch0)) == 100
+    np.testing.assert_array_equal(pipeline.batch_indices(3, 103, 10, steps + 2),
+                                  pipeline.epoch_permutation(3, 1, 103)[20:30])
 
 
 def test_local_slices_concatenate_to_global_batch():
-  global_B = pipeline.batch_indices(0, 50, 12, 7)
-  parts = [pipeline.local_slice(global_B, p, 2) for p in range(2)]
-  assert all(len(p) == 6 for p in parts)
-  np.testing.assert_array_equal(np.concatenate(parts), global_B)
-  with pytest.raises(ValueError, match="12.*5"):
-    pipeline.local_slice(global_B, 0, 5)
+    global_B = pipeline.batch_indices(0, 50, 12, 7)
+    parts = [pipeline.local_slice(global_B, p, 2) for p in range(2)]
+    assert all(len(p) == 6 for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), global_B)
+    with pytest.raises(ValueError, match="12.*5"):
+        pipeline.local_slice(global_B, 0, 5)
 
 
 def test_host_loader_matches_direct_computation_and_resumes():
-  source = synthetic.make_synthetic(57, 3, 4, seed=0)
-  with pipeline.HostLoader(source, 8, seed=5, start_step=0) as loader:
-    full = [next(loader) for _ in range(15)]  # crosses the epoch boundary at step 7
-  for step, batch in enumerate(full):
-    idx = pipeline.batch_indices(5, 57, 8, step)
-    np.testing.assert_array_equal(batch["image"], source.images[idx])
-    np.testing.assert_array_equal(batch["label"], source.labels[idx])
-    assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int32
-  with pipeline.HostLoader(source, 8, seed=5, start_step=9) as resumed:
-    for step in range(9, 15):
-      np.testing.assert_array_equal(next(resumed)["image"], full[step]["image"])
-  for process in range(2):
-    with pipeline.HostLoader(source, 8, 5, 3, process_index=process, process_count=2, resident=True) as part:
-      batch = next(part)
-      np.testing.assert_array_equal(batch["index"], pipeline.batch_indices(5, 57, 8, 3)[4 * process:4 * (process + 1)])
-      assert batch["index"].dtype == np.int32 and set(batch) == {"index", "label"}
-  with pytest.raises(ValueError, match="8.*3"):
-    pipeline.HostLoader(source, 8, 5, 0, process_count=3)
+    source = synthetic.make_synthetic(57, 3, 4, seed=0)
+    with pipeline.HostLoader(source, 8, seed=5, start_step=0) as loader:
+        full = [next(loader) for _ in range(15)]  # crosses the epoch boundary at step 7
+    for step, batch in enumerate(full):
+        idx = pipeline.batch_indices(5, 57, 8, step)
+        np.testing.assert_array_equal(batch["image"], source.images[idx])
+        np.testing.assert_array_equal(batch["label"], source.labels[idx])
+        assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int32
+    with pipeline.HostLoader(source, 8, seed=5, start_step=9) as resumed:
+        for step in range(9, 15):
+            np.testing.assert_array_equal(next(resumed)["image"], full[step]["image"])
+    for process in range(2):
+        with pipeline.HostLoader(source, 8, 5, 3, process_index=process, process_count=2, resident=True) as part:
+            batch = next(part)
+            expected = pipeline.batch_indices(5, 57, 8, 3)[4 * process:4 * (process + 1)]
+            np.testing.assert_array_equal(batch["index"], expected)
+            assert batch["index"].dtype == np.int32 and set(batch) == {"index", "label"}
+    with pytest.raises(ValueError, match="8.*3"):
+        pipeline.HostLoader(source, 8, 5, 0, process_count=3)
 
 
 class _FailingImages:
-  shape = (100, 4, 4, 3)
+    shape = (100, 4, 4, 3)
 
-  def __getitem__(self, index):
-    raise RuntimeError("disk on fire")
+    def __getitem__(self, index):
+        raise RuntimeError("disk on fire")
 
 
 def test_host_loader_reraises_worker_errors_and_closes():
-  source = data.Source(_FailingImages(), np.zeros(100, np.int32), ["a"], "broken")
-  loader = pipeline.HostLoader(source, 10, 0, 0)
-  with pytest.raises(RuntimeError, match="disk on fire"):
-    next(loader)
-  assert not loader._thread.is_alive()
-  ok = pipeline.HostLoader(synthetic.make_synthetic(40, 2, 4), 10, 0, 0, prefetch=1)
-  next(ok)
-  ok.close()
-  assert not ok._thread.is_alive()
-  with pytest.raises(StopIteration):
+    source = data.Source(_FailingImages(), np.zeros(100, np.int32), ["a"], "broken")
+    loader = pipeline.HostLoader(source, 10, 0, 0)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        next(loader)
+    assert not loader._thread.is_alive()
+    ok = pipeline.HostLoader(synthetic.make_synthetic(40, 2, 4), 10, 0, 0, prefetch=1)
     next(ok)
+    ok.close()
+    assert not ok._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(ok)
 
 
 def test_eval_batches_cover_everything_once():
-  source = synthetic.make_synthetic(23, 3, 4, seed=1)
-  batches = list(pipeline.eval_batches(source, 8))
-  assert len(batches) == 3 and all(images.shape == (8, 4, 4, 3) for images, _, _ in batches)
-  mask = np.concatenate([m for _, _, m in batches])
-  assert mask.sum() == 23 and not mask[23:].any()
-  np.testing.assert_array_equal(np.concatenate([x for x, _, _ in batches])[mask], source.images)
-  np.testing.assert_array_equal(np.concatenate([y for _, y, _ in batches])[mask], source.labels)
-  assert not np.concatenate([x for x, _, _ in batches])[~mask].any()
-  halves = [list(pipeline.eval_batches(source, 8, process_index=p, process_count=2)) for p in range(2)]
-  for b in range(3):
-    np.testing.assert_array_equal(np.concatenate([halves[0][b][0], halves[1][b][0]]), batches[b][0])
-    np.testing.assert_array_equal(np.concatenate([halves[0][b][2], halves[1][b][2]]), batches[b][2])
+    source = synthetic.make_synthetic(23, 3, 4, seed=1)
+    batches = list(pipeline.eval_batches(source, 8))
+    assert len(batches) == 3 and all(images.shape == (8, 4, 4, 3) for images, _, _ in batches)
+    mask = np.concatenate([m for _, _, m in batches])
+    assert mask.sum() == 23 and not mask[23:].any()
+    np.testing.assert_array_equal(np.concatenate([x for x, _, _ in batches])[mask], source.images)
+    np.testing.assert_array_equal(np.concatenate([y for _, y, _ in batches])[mask], source.labels)
+    assert not np.concatenate([x for x, _, _ in batches])[~mask].any()
+    halves = [list(pipeline.eval_batches(source, 8, process_index=p, process_count=2)) for p in range(2)]
+    for b in range(3):
+        np.testing.assert_array_equal(np.concatenate([halves[0][b][0], halves[1][b][0]]), batches[b][0])
+        np.testing.assert_array_equal(np.concatenate([halves[0][b][2], halves[1][b][2]]), batches[b][2])

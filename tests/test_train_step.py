@@ -7,72 +7,72 @@ from ssl_jax import config as config_lib, data, parallel, train
 
 
 def _source(n=64, size=16, classes=4, seed=0):
-  rs = np.random.RandomState(seed)
-  images = rs.randint(0, 256, size=(n, size, size, 3)).astype(np.uint8)
-  labels = (np.arange(n) % classes).astype(np.int32)
-  return data.Source(images=images, labels=labels, class_names=list("abcd"), name="test")
+    rs = np.random.RandomState(seed)
+    images = rs.randint(0, 256, size=(n, size, size, 3)).astype(np.uint8)
+    labels = (np.arange(n) % classes).astype(np.int32)
+    return data.Source(images=images, labels=labels, class_names=list("abcd"), name="test")
 
 
 def _config(*overrides):
-  return config_lib.load_config("configs/simclr.py:smoke", [
-      "batch_size=16", "optim.warmup_epochs=0", "optim.lr=0.5", *overrides])
+    return config_lib.load_config("configs/simclr.py:smoke", [
+        "batch_size=16", "optim.warmup_epochs=0", "optim.lr=0.5", *overrides])
 
 
 def _run_steps(config, source, devices, steps=2):
-  setup = train.build(config, source, devices=devices)
-  state = train.initial_state(setup)
-  before = jax.device_get(state)
-  history = []
-  for step in range(steps):
-    idx = np.arange(step * 16, (step + 1) * 16, dtype=np.int32)
-    batch = parallel.put_batch({"index": idx, "label": source.labels[idx]}, setup.mesh)
-    state, metrics = setup.step_fn(state, setup.dataset, batch)
-    history.append(jax.device_get(metrics))
-  return setup, before, jax.device_get(state), history
+    setup = train.build(config, source, devices=devices)
+    state = train.initial_state(setup)
+    before = jax.device_get(state)
+    history = []
+    for step in range(steps):
+        idx = np.arange(step * 16, (step + 1) * 16, dtype=np.int32)
+        batch = parallel.put_batch({"index": idx, "label": source.labels[idx]}, setup.mesh)
+        state, metrics = setup.step_fn(state, setup.dataset, batch)
+        history.append(jax.device_get(metrics))
+    return setup, before, jax.device_get(state), history
 
 
 def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument
-  assert jax.device_count() == 8
-  source = _source()
-  config = _config()
-  _, before1, after1, hist1 = _run_steps(config, source, jax.devices()[:1])
-  setup8, before8, after8, hist8 = _run_steps(config, source, jax.devices())
-  assert setup8.mesh.devices.size == 8
-  jax.tree.map(np.testing.assert_array_equal, before1, before8)  # same init
-  for m1, m8 in zip(hist1, hist8):
-    for key in ("loss", "grad_norm", "param_norm", "probe_loss", "contrastive_acc"):
-      np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
-  # The parameter update after two SGD steps is a function of the gradients: equal updates, equal gradients.
-  delta1 = jax.tree.map(lambda a, b: a - b, after1["params"], before1["params"])
-  delta8 = jax.tree.map(lambda a, b: a - b, after8["params"], before8["params"])
-  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(delta1)) > 1e-4  # the step did move the weights
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), delta8, delta1)
-  # Synchronized BatchNorm: statistics of the global batch, whatever the device count.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               after8["batch_stats"], after1["batch_stats"])
+    assert jax.device_count() == 8
+    source = _source()
+    config = _config()
+    _, before1, after1, hist1 = _run_steps(config, source, jax.devices()[:1])
+    setup8, before8, after8, hist8 = _run_steps(config, source, jax.devices())
+    assert setup8.mesh.devices.size == 8
+    jax.tree.map(np.testing.assert_array_equal, before1, before8)  # same init
+    for m1, m8 in zip(hist1, hist8):
+        for key in ("loss", "grad_norm", "param_norm", "probe_loss", "contrastive_acc"):
+            np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
+    # The parameter update after two SGD steps is a function of the gradients: equal updates, equal gradients.
+    delta1 = jax.tree.map(lambda a, b: a - b, after1["params"], before1["params"])
+    delta8 = jax.tree.map(lambda a, b: a - b, after8["params"], before8["params"])
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(delta1)) > 1e-4  # the step did move the weights
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), delta8, delta1)
+    # Synchronized BatchNorm: statistics of the global batch, whatever the device count.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 after8["batch_stats"], after1["batch_stats"])
 
 
 def test_unsynchronized_batchnorm_uses_per_device_statistics():
-  source = _source()
-  _, _, synced, hist_sync = _run_steps(_config(), source, jax.devices(), steps=1)
-  _, _, local, hist_local = _run_steps(_config("model.sync_bn=false"), source, jax.devices(), steps=1)
-  # Per-device batches of 2 normalise differently from the global batch: a different loss, still finite,
-  # and running statistics averaged over devices so the replicated state stays identical everywhere.
-  assert np.isfinite(hist_local[0]["loss"]) and abs(hist_local[0]["loss"] - hist_sync[0]["loss"]) > 1e-3
-  for a in jax.tree.leaves(local["batch_stats"]):
-    assert np.isfinite(a).all()
+    source = _source()
+    _, _, synced, hist_sync = _run_steps(_config(), source, jax.devices(), steps=1)
+    _, _, local, hist_local = _run_steps(_config("model.sync_bn=false"), source, jax.devices(), steps=1)
+    # Per-device batches of 2 normalise differently from the global batch: a different loss, still finite,
+    # and running statistics averaged over devices so the replicated state stays identical everywhere.
+    assert np.isfinite(hist_local[0]["loss"]) and abs(hist_local[0]["loss"] - hist_sync[0]["loss"]) > 1e-3
+    for a in jax.tree.leaves(local["batch_stats"]):
+        assert np.isfinite(a).all()
 
 
 def test_step_compiles_once_and_metrics_are_complete():
-  source = _source()
-  setup, _, after, hist = _run_steps(_config(), source, None, steps=3)
-  assert setup.step_fn._cache_size() == 1  # pylint: disable=protected-access
-  assert int(after["step"]) == 3
-  assert {"loss", "lr", "grad_norm", "param_norm", "probe_loss", "probe_top1"} <= set(hist[-1])
-  assert all(np.isfinite(float(m["loss"])) for m in hist)
+    source = _source()
+    setup, _, after, hist = _run_steps(_config(), source, None, steps=3)
+    assert setup.step_fn._cache_size() == 1  # pylint: disable=protected-access
+    assert int(after["step"]) == 3
+    assert {"loss", "lr", "grad_norm", "param_norm", "probe_loss", "probe_top1"} <= set(hist[-1])
+    assert all(np.isfinite(float(m["loss"])) for m in hist)
 
 
 def test_batch_not_divisible_by_device_count_is_an_error():
-  source = _source()
-  with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the number of devices \(8\)"):
-    train.build(_config("batch_size=12"), source)
+    source = _source()
+    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the number of devices \(8\)"):
+        train.build(_config("batch_size=12"), source)

@@ -25,56 +25,56 @@ _CACHE_FORMAT = 1  # bump when the cache layout or the decoding (resize, crop) c
 
 
 class DataError(ValueError):
-  """A dataset is missing, malformed or cannot be decoded; the message names the file or setting at fault."""
+    """A dataset is missing, malformed or cannot be decoded; the message names the file or setting at fault."""
 
 
 class MissingDataError(DataError, FileNotFoundError):
-  """A dataset path does not exist (catchable as DataError or FileNotFoundError)."""
+    """A dataset path does not exist (catchable as DataError or FileNotFoundError)."""
 
 
 @dataclasses.dataclass
 class Source:
-  """A labelled image set: images_NxHxWx3 uint8 (ndarray or read-only memmap), labels_N int32."""
-  images: np.ndarray
-  labels: np.ndarray
-  class_names: list
-  name: str
+    """A labelled image set: images_NxHxWx3 uint8 (ndarray or read-only memmap), labels_N int32."""
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list
+    name: str
 
-  @property
-  def num_classes(self):
-    return len(self.class_names)
+    @property
+    def num_classes(self):
+        return len(self.class_names)
 
-  def __len__(self):
-    return len(self.labels)
+    def __len__(self):
+        return len(self.labels)
 
 
 def subset(source, indices):
-  """Returns a Source holding the examples of `source` at `indices` (read into memory), in that order."""
-  indices = np.asarray(indices, dtype=np.int64)
-  return Source(np.asarray(source.images[indices]), np.asarray(source.labels[indices], np.int32),
-                list(source.class_names), source.name)
+    """Returns a Source holding the examples of `source` at `indices` (read into memory), in that order."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return Source(np.asarray(source.images[indices]), np.asarray(source.labels[indices], np.int32),
+                  list(source.class_names), source.name)
 
 
 def get_source(data_cfg, split):
-  """Returns the Source for `split` ('train' | 'test') described by data_cfg (keys: see the module docstring)."""
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  name, path = data_cfg.name, data_cfg.get("path", "")
-  if name == "synthetic":
-    from ssl_jax.data import synthetic
-    num_examples = data_cfg.get("num_examples", 0) or synthetic.DEFAULT_NUM_EXAMPLES
-    if split == "test":  # a smaller, independently drawn test set from the same class patterns
-      num_examples = max(num_examples // 4, 1)
-    return synthetic.make_synthetic(num_examples, data_cfg.get("num_classes", 0) or 10,
-                                    data_cfg.get("image_size", 0) or synthetic.DEFAULT_IMAGE_SIZE,
-                                    seed=SPLITS.index(split))
-  if path:  # a path always means ImageFolder, whatever the name says (e.g. name=cifar10 + a local archive)
-    from ssl_jax.data import imagefolder
-    return imagefolder.load(path, split, data_cfg)
-  if name == "imagefolder":
-    raise DataError("data.name='imagefolder' needs data.path (a directory or .tar/.tar.gz archive)")
-  from ssl_jax.data import tfds_source
-  return tfds_source.load(name, split, data_cfg)
+    """Returns the Source for `split` ('train' | 'test') described by data_cfg (keys: see the module docstring)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    name, path = data_cfg.name, data_cfg.get("path", "")
+    if name == "synthetic":
+        from ssl_jax.data import synthetic
+        num_examples = data_cfg.get("num_examples", 0) or synthetic.DEFAULT_NUM_EXAMPLES
+        if split == "test":  # a smaller, independently drawn test set from the same class patterns
+            num_examples = max(num_examples // 4, 1)
+        return synthetic.make_synthetic(num_examples, data_cfg.get("num_classes", 0) or 10,
+                                        data_cfg.get("image_size", 0) or synthetic.DEFAULT_IMAGE_SIZE,
+                                        seed=SPLITS.index(split))
+    if path:  # a path always means ImageFolder, whatever the name says (e.g. name=cifar10 + a local archive)
+        from ssl_jax.data import imagefolder
+        return imagefolder.load(path, split, data_cfg)
+    if name == "imagefolder":
+        raise DataError("data.name='imagefolder' needs data.path (a directory or .tar/.tar.gz archive)")
+    from ssl_jax.data import tfds_source
+    return tfds_source.load(name, split, data_cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,80 +82,80 @@ def get_source(data_cfg, split):
 # ----------------------------------------------------------------------------------------------------------
 
 def cache_root(data_cfg):
-  """Returns the cache directory: data.cache_dir, else $SSL_JAX_CACHE, else ~/.cache/ssl_jax."""
-  root = data_cfg.get("cache_dir", "") or os.environ.get("SSL_JAX_CACHE") or "~/.cache/ssl_jax"
-  return os.path.abspath(os.path.expanduser(root))
+    """Returns the cache directory: data.cache_dir, else $SSL_JAX_CACHE, else ~/.cache/ssl_jax."""
+    root = data_cfg.get("cache_dir", "") or os.environ.get("SSL_JAX_CACHE") or "~/.cache/ssl_jax"
+    return os.path.abspath(os.path.expanduser(root))
 
 
 def cache_path(data_cfg, label, *key_parts):
-  """Returns <cache_root>/<label>-<hash of key_parts>: one folder per dataset version and image size."""
-  digest = hashlib.sha256(json.dumps([_CACHE_FORMAT, *key_parts], sort_keys=True).encode()).hexdigest()
-  label = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:48] or "data"
-  return os.path.join(cache_root(data_cfg), f"{label}-{digest[:16]}")
+    """Returns <cache_root>/<label>-<hash of key_parts>: one folder per dataset version and image size."""
+    digest = hashlib.sha256(json.dumps([_CACHE_FORMAT, *key_parts], sort_keys=True).encode()).hexdigest()
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:48] or "data"
+    return os.path.join(cache_root(data_cfg), f"{label}-{digest[:16]}")
 
 
 def _files(path, split):
-  return {k: os.path.join(path, f"{split}_{k}") for k in ("images.npy", "labels.npy", "meta.json")}
+    return {k: os.path.join(path, f"{split}_{k}") for k in ("images.npy", "labels.npy", "meta.json")}
 
 
 def load_cache(path, split, name):
-  """Returns the cached Source of `split` under `path` (images memory-mapped), or None if not complete."""
-  files = _files(path, split)
-  try:
-    with open(files["meta.json"]) as f:
-      meta = json.load(f)
-    images = np.load(files["images.npy"], mmap_mode="r")
-    labels = np.load(files["labels.npy"])
-  except (OSError, ValueError):
-    return None
-  # The meta file is written last, so its presence means the arrays were complete; this check only guards
-  # against files edited or truncated by hand.
-  if images.shape != (meta["count"], meta["height"], meta["width"], 3) or labels.shape != (meta["count"],):
-    return None
-  return Source(images, labels.astype(np.int32, copy=False), list(meta["class_names"]), name)
+    """Returns the cached Source of `split` under `path` (images memory-mapped), or None if not complete."""
+    files = _files(path, split)
+    try:
+        with open(files["meta.json"]) as f:
+            meta = json.load(f)
+        images = np.load(files["images.npy"], mmap_mode="r")
+        labels = np.load(files["labels.npy"])
+    except (OSError, ValueError):
+        return None
+    # The meta file is written last, so its presence means the arrays were complete; this check only guards
+    # against files edited or truncated by hand.
+    if images.shape != (meta["count"], meta["height"], meta["width"], 3) or labels.shape != (meta["count"],):
+        return None
+    return Source(images, labels.astype(np.int32, copy=False), list(meta["class_names"]), name)
 
 
 def write_cache(path, split, decoded, count, class_names, name, origin):
-  """Writes `decoded` items (index, item_name, image_HxWx3 uint8, label) to the cache and returns the Source.
+    """Writes `decoded` items (index, item_name, image_HxWx3 uint8, label) to the cache and returns the Source.
 
-  The arrays go to temporary files that are renamed into place (meta last), so an interrupted decode never
-  leaves a cache that `load_cache` accepts; concurrent writers (several hosts, one cache) are harmless.
-  Every image must have the size of the first one (DataError naming the item otherwise).
-  """
-  os.makedirs(path, exist_ok=True)
-  files = _files(path, split)
-  tmp = {k: f"{v}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" for k, v in files.items()}
-  images, labels, seen = None, np.full((count,), -1, np.int32), np.zeros((count,), bool)
-  try:
-    for index, item_name, image, label in decoded:
-      if images is None:
-        height, width = image.shape[:2]
-        images = np.lib.format.open_memmap(tmp["images.npy"], mode="w+", dtype=np.uint8,
-                                           shape=(count, height, width, 3))
-      if image.shape != images.shape[1:]:
-        raise DataError(f"{item_name} is {image.shape[1]}x{image.shape[0]} but the first image was "
-                        f"{images.shape[2]}x{images.shape[1]}; set data.image_size to resize all images")
-      images[index], labels[index], seen[index] = image, label, True
-    if images is None or not seen.all():
-      raise DataError(f"{origin}: expected {count} images for split {split!r}, got {int(seen.sum())}")
-    images.flush()
-    shape = images.shape
-    del images  # close the memmap before renaming it
-    with open(tmp["labels.npy"], "wb") as f:  # a file object, so np.save adds no ".npy" suffix
-      np.save(f, labels)
-    with open(tmp["meta.json"], "w") as f:
-      json.dump(dict(count=count, height=shape[1], width=shape[2], class_names=list(class_names),
-                     origin=origin, format=_CACHE_FORMAT), f)
-    for key in ("images.npy", "labels.npy", "meta.json"):
-      os.replace(tmp[key], files[key])
-  finally:
-    images = None
-    if hasattr(decoded, "close"):  # stops the decoder (and its worker pool) on error
-      decoded.close()
-    for f in tmp.values():
-      if os.path.exists(f):
-        os.remove(f)
-  source = load_cache(path, split, name)
-  if source is None:
-    raise DataError(f"cache {path} for split {split!r} was written but cannot be read back")
-  return source
+    The arrays go to temporary files that are renamed into place (meta last), so an interrupted decode never
+    leaves a cache that `load_cache` accepts; concurrent writers (several hosts, one cache) are harmless.
+    Every image must have the size of the first one (DataError naming the item otherwise).
+    """
+    os.makedirs(path, exist_ok=True)
+    files = _files(path, split)
+    tmp = {k: f"{v}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" for k, v in files.items()}
+    images, labels, seen = None, np.full((count,), -1, np.int32), np.zeros((count,), bool)
+    try:
+        for index, item_name, image, label in decoded:
+            if images is None:
+                height, width = image.shape[:2]
+                images = np.lib.format.open_memmap(tmp["images.npy"], mode="w+", dtype=np.uint8,
+                                                   shape=(count, height, width, 3))
+            if image.shape != images.shape[1:]:
+                raise DataError(f"{item_name} is {image.shape[1]}x{image.shape[0]} but the first image was "
+                                f"{images.shape[2]}x{images.shape[1]}; set data.image_size to resize all images")
+            images[index], labels[index], seen[index] = image, label, True
+        if images is None or not seen.all():
+            raise DataError(f"{origin}: expected {count} images for split {split!r}, got {int(seen.sum())}")
+        images.flush()
+        shape = images.shape
+        del images  # close the memmap before renaming it
+        with open(tmp["labels.npy"], "wb") as f:  # a file object, so np.save adds no ".npy" suffix
+            np.save(f, labels)
+        with open(tmp["meta.json"], "w") as f:
+            json.dump(dict(count=count, height=shape[1], width=shape[2], class_names=list(class_names),
+                           origin=origin, format=_CACHE_FORMAT), f)
+        for key in ("images.npy", "labels.npy", "meta.json"):
+            os.replace(tmp[key], files[key])
+    finally:
+        images = None
+        if hasattr(decoded, "close"):  # stops the decoder (and its worker pool) on error
+            decoded.close()
+        for f in tmp.values():
+            if os.path.exists(f):
+                os.remove(f)
+    source = load_cache(path, split, name)
+    if source is None:
+        raise DataError(f"cache {path} for split {split!r} was written but cannot be read back")
+    return source

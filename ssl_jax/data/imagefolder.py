@@ -29,132 +29,132 @@ _CHUNK = 64  # images per worker task; a few tasks per worker are kept in flight
 
 
 def load(path, split, data_cfg):
-  """Returns the Source of `split` ('train' | 'test') of the ImageFolder directory or archive at `path`."""
-  abspath = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(abspath):
-    raise data_lib.MissingDataError(f"data.path {path!r} does not exist (resolved to {abspath})")
-  image_size = int(data_cfg.get("image_size", 0))
-  label = _stem(abspath)
-  name = label if data_cfg.name == "imagefolder" else data_cfg.name
-  is_archive = os.path.isfile(abspath)
-  if is_archive:
-    stat = os.stat(abspath)
-    key, paths = (stat.st_size, stat.st_mtime_ns), None
-  else:
-    paths, key = _list_dir(abspath)
-  cache = data_lib.cache_path(data_cfg, label, "imagefolder", abspath, key, image_size)
-  source = data_lib.load_cache(cache, split, name)
-  if source is not None:
-    return source
+    """Returns the Source of `split` ('train' | 'test') of the ImageFolder directory or archive at `path`."""
+    abspath = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(abspath):
+        raise data_lib.MissingDataError(f"data.path {path!r} does not exist (resolved to {abspath})")
+    image_size = int(data_cfg.get("image_size", 0))
+    label = _stem(abspath)
+    name = label if data_cfg.name == "imagefolder" else data_cfg.name
+    is_archive = os.path.isfile(abspath)
+    if is_archive:
+        stat = os.stat(abspath)
+        key, paths = (stat.st_size, stat.st_mtime_ns), None
+    else:
+        paths, key = _list_dir(abspath)
+    cache = data_lib.cache_path(data_cfg, label, "imagefolder", abspath, key, image_size)
+    source = data_lib.load_cache(cache, split, name)
+    if source is not None:
+        return source
 
-  def decode_and_cache(files, class_names, items):
-    print(f"decoding {len(files)} images from {abspath} ({split}) into cache {cache}", file=sys.stderr)
-    decoded = decode_images(items, len(files), image_size, data_cfg.get("num_workers", 0), desc=f"decode {split}")
-    return data_lib.write_cache(cache, split, decoded, len(files), class_names, name, abspath)
+    def decode_and_cache(files, class_names, items):
+        print(f"decoding {len(files)} images from {abspath} ({split}) into cache {cache}", file=sys.stderr)
+        decoded = decode_images(items, len(files), image_size, data_cfg.get("num_workers", 0), desc=f"decode {split}")
+        return data_lib.write_cache(cache, split, decoded, len(files), class_names, name, abspath)
 
-  if not is_archive:
-    files, class_names = _layout(paths, split, abspath)
-    items = ((i, os.path.join(abspath, p), os.path.join(abspath, p), y) for i, (p, y) in enumerate(files))
-    return decode_and_cache(files, class_names, items)
-  try:
-    tar = _open_tar(abspath)
-  except (tarfile.TarError, OSError, EOFError) as e:
-    raise data_lib.DataError(f"data.path {abspath} is a file but not a readable .tar/.tar.gz archive: {e}") from e
-  with tar:
-    members = {_member_path(m.name): m for m in tar.getmembers() if m.isfile()}
-    files, class_names = _layout(list(members), split, abspath)
-    # Read members in archive order (a compressed tar only streams forwards) but keep sorted indices.
-    order = sorted(range(len(files)), key=lambda i: members[files[i][0]].offset_data)
-    items = ((i, f"{abspath}:{files[i][0]}", tar.extractfile(members[files[i][0]]).read(), files[i][1])
-             for i in order)
-    return decode_and_cache(files, class_names, items)
+    if not is_archive:
+        files, class_names = _layout(paths, split, abspath)
+        items = ((i, os.path.join(abspath, p), os.path.join(abspath, p), y) for i, (p, y) in enumerate(files))
+        return decode_and_cache(files, class_names, items)
+    try:
+        tar = _open_tar(abspath)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise data_lib.DataError(f"data.path {abspath} is a file but not a readable .tar/.tar.gz archive: {e}") from e
+    with tar:
+        members = {_member_path(m.name): m for m in tar.getmembers() if m.isfile()}
+        files, class_names = _layout(list(members), split, abspath)
+        # Read members in archive order (a compressed tar only streams forwards) but keep sorted indices.
+        order = sorted(range(len(files)), key=lambda i: members[files[i][0]].offset_data)
+        items = ((i, f"{abspath}:{files[i][0]}", tar.extractfile(members[files[i][0]]).read(), files[i][1])
+                 for i in order)
+        return decode_and_cache(files, class_names, items)
 
 
 def _open_tar(path):
-  # tarfile parses headers through gzip's Python-level seek/read; decompressing a small archive into memory
-  # first is faster (CIFAR-10: 0.4 s gunzip + 1.9 s listing instead of 3.4 s) and makes member reads cheap.
-  with open(path, "rb") as f:
-    is_gzip = f.read(2) == b"\x1f\x8b"
-  if is_gzip and os.path.getsize(path) <= _IN_MEMORY_ARCHIVE_BYTES:
+    # tarfile parses headers through gzip's Python-level seek/read; decompressing a small archive into memory
+    # first is faster (CIFAR-10: 0.4 s gunzip + 1.9 s listing instead of 3.4 s) and makes member reads cheap.
     with open(path, "rb") as f:
-      return tarfile.open(fileobj=io.BytesIO(gzip.decompress(f.read())), mode="r:")
-  return tarfile.open(path, "r:*")
+        is_gzip = f.read(2) == b"\x1f\x8b"
+    if is_gzip and os.path.getsize(path) <= _IN_MEMORY_ARCHIVE_BYTES:
+        with open(path, "rb") as f:
+            return tarfile.open(fileobj=io.BytesIO(gzip.decompress(f.read())), mode="r:")
+    return tarfile.open(path, "r:*")
 
 
 def _stem(path):
-  base = os.path.basename(path.rstrip("/"))
-  for suffix in (".tar.gz", ".tgz", ".tar"):
-    if base.lower().endswith(suffix):
-      return base[:-len(suffix)]
-  return base
+    base = os.path.basename(path.rstrip("/"))
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if base.lower().endswith(suffix):
+            return base[:-len(suffix)]
+    return base
 
 
 def _member_path(name):
-  return posixpath.normpath(name).lstrip("/")
+    return posixpath.normpath(name).lstrip("/")
 
 
 def _is_image(path):
-  parts = path.split("/")
-  if any(p.startswith(".") or p == "__MACOSX" for p in parts):  # macOS resource forks, hidden files
-    return False
-  return parts[-1].lower().endswith(IMAGE_EXTENSIONS)
+    parts = path.split("/")
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts):  # macOS resource forks, hidden files
+        return False
+    return parts[-1].lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _list_dir(root):
-  """Returns (relative image paths, cache key) of a directory tree."""
-  paths, dir_times = [], []
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
-    rel = "" if rel == "." else rel + "/"
-    # Adding, removing or renaming a file changes its folder's mtime; editing a file in place does not
-    # (delete the cache folder then). Stat-ing folders, not files, keeps this cheap for ImageNet.
-    dir_times.append((rel, os.stat(dirpath).st_mtime_ns))
-    paths.extend(rel + f for f in filenames)
-  return paths, sorted(dir_times)
+    """Returns (relative image paths, cache key) of a directory tree."""
+    paths, dir_times = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        rel = "" if rel == "." else rel + "/"
+        # Adding, removing or renaming a file changes its folder's mtime; editing a file in place does not
+        # (delete the cache folder then). Stat-ing folders, not files, keeps this cheap for ImageNet.
+        dir_times.append((rel, os.stat(dirpath).st_mtime_ns))
+        paths.extend(rel + f for f in filenames)
+    return paths, sorted(dir_times)
 
 
 def _layout(paths, split, origin):
-  """Returns ([(relative path, label)] sorted by class then path, class_names) of `split` in `paths`."""
-  paths = [p for p in paths if _is_image(p)]
-  roots = set()
-  for p in paths:
-    parts = p.split("/")
-    if len(parts) >= 3 and parts[0] == "train":
-      roots.add("")
-    elif len(parts) >= 4 and parts[1] == "train":
-      roots.add(parts[0] + "/")
-  if not roots:
-    raise data_lib.DataError(f"{origin}: no train/<class>/<image> folder found (looked at the top level and "
-                             f"inside one top-level folder; image types: {', '.join(IMAGE_EXTENSIONS)})")
-  if "" not in roots and len(roots) > 1:
-    raise data_lib.DataError(f"{origin}: several top-level folders hold a train/ folder: {sorted(roots)}")
-  root = "" if "" in roots else roots.pop()
-  train = _by_class(paths, root + "train/")
-  class_names = sorted(train)
-  if split == "train":
-    by_class = train
-  else:
-    found = [(d, _by_class(paths, f"{root}{d}/")) for d in _TEST_DIRS]
-    found = [(d, c) for d, c in found if c]
-    if not found:
-      raise data_lib.DataError(f"{origin}: no test split: neither {root}test/ nor {root}val/ holds "
-                               f"<class>/<image> files")
-    split_dir, by_class = found[0]
-    if sorted(by_class) != class_names:
-      missing, extra = sorted(set(class_names) - set(by_class)), sorted(set(by_class) - set(class_names))
-      raise data_lib.DataError(f"{origin}: {root}{split_dir}/ must have the classes of {root}train/; "
-                               f"missing {missing}, extra {extra}")
-  files = [(p, y) for y, c in enumerate(class_names) for p in sorted(by_class[c])]
-  return files, class_names
+    """Returns ([(relative path, label)] sorted by class then path, class_names) of `split` in `paths`."""
+    paths = [p for p in paths if _is_image(p)]
+    roots = set()
+    for p in paths:
+        parts = p.split("/")
+        if len(parts) >= 3 and parts[0] == "train":
+            roots.add("")
+        elif len(parts) >= 4 and parts[1] == "train":
+            roots.add(parts[0] + "/")
+    if not roots:
+        raise data_lib.DataError(f"{origin}: no train/<class>/<image> folder found (looked at the top level and "
+                                 f"inside one top-level folder; image types: {', '.join(IMAGE_EXTENSIONS)})")
+    if "" not in roots and len(roots) > 1:
+        raise data_lib.DataError(f"{origin}: several top-level folders hold a train/ folder: {sorted(roots)}")
+    root = "" if "" in roots else roots.pop()
+    train = _by_class(paths, root + "train/")
+    class_names = sorted(train)
+    if split == "train":
+        by_class = train
+    else:
+        found = [(d, _by_class(paths, f"{root}{d}/")) for d in _TEST_DIRS]
+        found = [(d, c) for d, c in found if c]
+        if not found:
+            raise data_lib.DataError(f"{origin}: no test split: neither {root}test/ nor {root}val/ holds "
+                                     f"<class>/<image> files")
+        split_dir, by_class = found[0]
+        if sorted(by_class) != class_names:
+            missing, extra = sorted(set(class_names) - set(by_class)), sorted(set(by_class) - set(class_names))
+            raise data_lib.DataError(f"{origin}: {root}{split_dir}/ must have the classes of {root}train/; "
+                                     f"missing {missing}, extra {extra}")
+    files = [(p, y) for y, c in enumerate(class_names) for p in sorted(by_class[c])]
+    return files, class_names
 
 
 def _by_class(paths, prefix):
-  out = collections.defaultdict(list)
-  for p in paths:
-    if p.startswith(prefix) and "/" in p[len(prefix):]:
-      out[p[len(prefix):].split("/", 1)[0]].append(p)
-  return out
+    out = collections.defaultdict(list)
+    for p in paths:
+        if p.startswith(prefix) and "/" in p[len(prefix):]:
+            out[p[len(prefix):].split("/", 1)[0]].append(p)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,104 +162,104 @@ def _by_class(paths, prefix):
 # ----------------------------------------------------------------------------------------------------------
 
 def decode_image(payload, image_size):
-  """Returns image_HxWx3 uint8 from encoded bytes, a file path or an array; resized and center-cropped to
-  image_size x image_size when image_size > 0 (shorter side resized bilinearly)."""
-  if isinstance(payload, np.ndarray):
-    array = payload[..., 0] if payload.ndim == 3 and payload.shape[-1] == 1 else payload
-    img = Image.fromarray(np.asarray(array, np.uint8))
-  else:
-    img = Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload)
-    if image_size and img.format == "JPEG":
-      img.draft("RGB", (image_size, image_size))  # let libjpeg downscale by 2/4/8 while staying >= size
-  if img.mode == "P" and "transparency" in img.info:
-    img = img.convert("RGBA")  # avoids PIL's warning; alpha is dropped below
-  if img.mode != "RGB":
-    img = img.convert("RGB")  # L, LA, RGBA, CMYK, YCbCr, ...
-  if image_size:
-    img = _resize_center_crop(img, image_size)
-  return np.asarray(img, dtype=np.uint8)
+    """Returns image_HxWx3 uint8 from encoded bytes, a file path or an array; resized and center-cropped to
+    image_size x image_size when image_size > 0 (shorter side resized bilinearly)."""
+    if isinstance(payload, np.ndarray):
+        array = payload[..., 0] if payload.ndim == 3 and payload.shape[-1] == 1 else payload
+        img = Image.fromarray(np.asarray(array, np.uint8))
+    else:
+        img = Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload)
+        if image_size and img.format == "JPEG":
+            img.draft("RGB", (image_size, image_size))  # let libjpeg downscale by 2/4/8 while staying >= size
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's warning; alpha is dropped below
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # L, LA, RGBA, CMYK, YCbCr, ...
+    if image_size:
+        img = _resize_center_crop(img, image_size)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def _resize_center_crop(img, size):
-  width, height = img.size
-  if (width, height) == (size, size):
-    return img
-  if min(width, height) != size:
-    scale = size / min(width, height)
-    width, height = max(size, round(width * scale)), max(size, round(height * scale))
-    img = img.resize((width, height), Image.BILINEAR)
-  left, top = (width - size) // 2, (height - size) // 2
-  return img.crop((left, top, left + size, top + size))
+    width, height = img.size
+    if (width, height) == (size, size):
+        return img
+    if min(width, height) != size:
+        scale = size / min(width, height)
+        width, height = max(size, round(width * scale)), max(size, round(height * scale))
+        img = img.resize((width, height), Image.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+    return img.crop((left, top, left + size, top + size))
 
 
 def _decode_batch(items, image_size):
-  """Returns ([(index, name, label)], images stacked when of one size (cheaper to pickle), error or None)."""
-  meta, images = [], []
-  for index, name, payload, label in items:
-    try:
-      images.append(decode_image(payload, image_size))
-    except Exception as e:  # pylint: disable=broad-except  (re-raised with the file's name by the parent)
-      return meta, images, f"cannot decode image {name}: {type(e).__name__}: {e}"
-    meta.append((index, name, label))
-  if len({im.shape for im in images}) == 1:
-    images = np.stack(images)
-  return meta, images, None
+    """Returns ([(index, name, label)], images stacked when of one size (cheaper to pickle), error or None)."""
+    meta, images = [], []
+    for index, name, payload, label in items:
+        try:
+            images.append(decode_image(payload, image_size))
+        except Exception as e:  # pylint: disable=broad-except  (re-raised with the file's name by the parent)
+            return meta, images, f"cannot decode image {name}: {type(e).__name__}: {e}"
+        meta.append((index, name, label))
+    if len({im.shape for im in images}) == 1:
+        images = np.stack(images)
+    return meta, images, None
 
 
 class _Ready:
-  """The result of a batch decoded in this process, with the interface of multiprocessing's AsyncResult."""
+    """The result of a batch decoded in this process, with the interface of multiprocessing's AsyncResult."""
 
-  def __init__(self, value):
-    self.value = value
+    def __init__(self, value):
+        self.value = value
 
-  def ready(self):
-    return True
+    def ready(self):
+        return True
 
-  def get(self):
-    return self.value
+    def get(self):
+        return self.value
 
 
 def decode_images(items, count, image_size, num_workers=0, desc="decode"):
-  """Yields (index, name, image_HxWx3 uint8, label) for items (index, name, bytes | path | array, label).
+    """Yields (index, name, image_HxWx3 uint8, label) for items (index, name, bytes | path | array, label).
 
-  Items are read in the calling thread (e.g. from a tar stream) and decoded by `num_workers` processes
-  (0 = all CPUs), a bounded number of batches ahead; a file that fails to decode raises DataError naming it.
-  """
-  num_workers = num_workers or os.cpu_count() or 1
-  bar = tqdm(total=count, desc=desc, unit="img", mininterval=0.5, file=sys.stderr)
-  pool = None
-  try:
-    if num_workers > 1 and count >= _MIN_IMAGES_FOR_POOL:
-      pool = multiprocessing.get_context("spawn").Pool(num_workers)
-    pending = collections.deque()
-    for chunk in _chunks(items, _CHUNK):
-      pending.append(pool.apply_async(_decode_batch, (chunk, image_size)) if pool
-                     else _Ready(_decode_batch(chunk, image_size)))
-      while pending and (len(pending) > 4 * num_workers or pending[0].ready()):
-        yield from _drain(pending.popleft(), bar)
-    while pending:
-      yield from _drain(pending.popleft(), bar)
-  finally:
-    bar.close()
-    if pool is not None:
-      pool.terminate()
+    Items are read in the calling thread (e.g. from a tar stream) and decoded by `num_workers` processes
+    (0 = all CPUs), a bounded number of batches ahead; a file that fails to decode raises DataError naming it.
+    """
+    num_workers = num_workers or os.cpu_count() or 1
+    bar = tqdm(total=count, desc=desc, unit="img", mininterval=0.5, file=sys.stderr)
+    pool = None
+    try:
+        if num_workers > 1 and count >= _MIN_IMAGES_FOR_POOL:
+            pool = multiprocessing.get_context("spawn").Pool(num_workers)
+        pending = collections.deque()
+        for chunk in _chunks(items, _CHUNK):
+            pending.append(pool.apply_async(_decode_batch, (chunk, image_size)) if pool
+                           else _Ready(_decode_batch(chunk, image_size)))
+            while pending and (len(pending) > 4 * num_workers or pending[0].ready()):
+                yield from _drain(pending.popleft(), bar)
+        while pending:
+            yield from _drain(pending.popleft(), bar)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
 
 
 def _drain(async_result, bar):
-  meta, images, error = async_result.get()
-  for (index, name, label), image in zip(meta, images):
-    yield index, name, image, label
-  if error is not None:
-    raise data_lib.DataError(error)
-  bar.update(len(meta))
+    meta, images, error = async_result.get()
+    for (index, name, label), image in zip(meta, images):
+        yield index, name, image, label
+    if error is not None:
+        raise data_lib.DataError(error)
+    bar.update(len(meta))
 
 
 def _chunks(iterable, size):
-  chunk = []
-  for x in iterable:
-    chunk.append(x)
-    if len(chunk) == size:
-      yield chunk
-      chunk = []
-  if chunk:
-    yield chunk
+    chunk = []
+    for x in iterable:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -14,26 +14,26 @@ _PATTERN_SEED = 1234  # the same class patterns in every split and run
 
 
 def make_synthetic(num_examples, num_classes, image_size=DEFAULT_IMAGE_SIZE, seed=0):
-  """Returns a Source of num_examples images_NxSxSx3 uint8 (S = image_size), balanced labels, seeded."""
-  if num_examples < 1 or num_classes < 1 or image_size < 1:
-    raise ValueError(f"synthetic data needs positive sizes, got num_examples={num_examples}, "
-                     f"num_classes={num_classes}, image_size={image_size}")
-  patterns = np.random.default_rng(_PATTERN_SEED)
-  colour_Cx3 = patterns.uniform(0.15, 0.85, (num_classes, 3))
-  angle_C = np.pi * np.arange(num_classes) / num_classes + patterns.uniform(0, 0.2, num_classes)
-  cycles_C = 1.0 + 3.0 * ((np.arange(num_classes) * 0.618034) % 1.0)  # stripes per image: 1 .. 4
+    """Returns a Source of num_examples images_NxSxSx3 uint8 (S = image_size), balanced labels, seeded."""
+    if num_examples < 1 or num_classes < 1 or image_size < 1:
+        raise ValueError(f"synthetic data needs positive sizes, got num_examples={num_examples}, "
+                         f"num_classes={num_classes}, image_size={image_size}")
+    patterns = np.random.default_rng(_PATTERN_SEED)
+    colour_Cx3 = patterns.uniform(0.15, 0.85, (num_classes, 3))
+    angle_C = np.pi * np.arange(num_classes) / num_classes + patterns.uniform(0, 0.2, num_classes)
+    cycles_C = 1.0 + 3.0 * ((np.arange(num_classes) * 0.618034) % 1.0)  # stripes per image: 1 .. 4
 
-  rng = np.random.default_rng(seed)
-  labels_N = rng.permutation(np.arange(num_examples) % num_classes).astype(np.int32)
-  phase_N = rng.uniform(0, 2 * np.pi, num_examples)
-  brightness_N = rng.uniform(0.85, 1.15, num_examples)
-  grid_S = np.arange(image_size) / image_size
-  y_SxS, x_SxS = np.meshgrid(grid_S, grid_S, indexing="ij")
-  angle_N, cycles_N = angle_C[labels_N], cycles_C[labels_N]
-  proj_NxSxS = (np.cos(angle_N)[:, None, None] * x_SxS + np.sin(angle_N)[:, None, None] * y_SxS)
-  stripes_NxSxS = 0.5 + 0.5 * np.sin(2 * np.pi * cycles_N[:, None, None] * proj_NxSxS + phase_N[:, None, None])
-  image_NxSxSx3 = (colour_Cx3[labels_N][:, None, None, :] * (0.5 + 0.5 * stripes_NxSxS[..., None])
-                   * brightness_N[:, None, None, None])
-  image_NxSxSx3 = image_NxSxSx3 + rng.normal(0, 0.05, image_NxSxSx3.shape)
-  images = np.round(np.clip(image_NxSxSx3, 0, 1) * 255).astype(np.uint8)
-  return data_lib.Source(images, labels_N, [f"class_{c}" for c in range(num_classes)], "synthetic")
+    rng = np.random.default_rng(seed)
+    labels_N = rng.permutation(np.arange(num_examples) % num_classes).astype(np.int32)
+    phase_N = rng.uniform(0, 2 * np.pi, num_examples)
+    brightness_N = rng.uniform(0.85, 1.15, num_examples)
+    grid_S = np.arange(image_size) / image_size
+    y_SxS, x_SxS = np.meshgrid(grid_S, grid_S, indexing="ij")
+    angle_N, cycles_N = angle_C[labels_N], cycles_C[labels_N]
+    proj_NxSxS = (np.cos(angle_N)[:, None, None] * x_SxS + np.sin(angle_N)[:, None, None] * y_SxS)
+    stripes_NxSxS = 0.5 + 0.5 * np.sin(2 * np.pi * cycles_N[:, None, None] * proj_NxSxS + phase_N[:, None, None])
+    image_NxSxSx3 = (colour_Cx3[labels_N][:, None, None, :] * (0.5 + 0.5 * stripes_NxSxS[..., None])
+                     * brightness_N[:, None, None, None])
+    image_NxSxSx3 = image_NxSxSx3 + rng.normal(0, 0.05, image_NxSxSx3.shape)
+    images = np.round(np.clip(image_NxSxSx3, 0, 1) * 255).astype(np.uint8)
+    return data_lib.Source(images, labels_N, [f"class_{c}" for c in range(num_classes)], "synthetic")

@@ -15,75 +15,75 @@ from ssl_jax import augment, losses, models
 
 
 def _dtype(config):
-  return jnp.dtype(config.model.dtype)
+    return jnp.dtype(config.model.dtype)
 
 
 def networks(config, axis_name=None):
-  """Returns (backbone, head) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn."""
-  bn_axis = axis_name if config.model.sync_bn else None
-  backbone, _ = models.get_backbone(
-      config.model.name, width_multiplier=config.model.width_multiplier,
-      cifar_stem=config.model.cifar_stem, dtype=_dtype(config), bn_axis_name=bn_axis)
-  head = models.MLPHead(
-      hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
-      use_bn=config.head.use_bn, last_bn=config.head.last_bn, dtype=_dtype(config), bn_axis_name=bn_axis)
-  return backbone, head
+    """Returns (backbone, head) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn."""
+    bn_axis = axis_name if config.model.sync_bn else None
+    backbone, _ = models.get_backbone(
+        config.model.name, width_multiplier=config.model.width_multiplier,
+        cifar_stem=config.model.cifar_stem, dtype=_dtype(config), bn_axis_name=bn_axis)
+    head = models.MLPHead(
+        hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
+        use_bn=config.head.use_bn, last_bn=config.head.last_bn, dtype=_dtype(config), bn_axis_name=bn_axis)
+    return backbone, head
 
 
 def feature_dim(config):
-  """Returns the backbone's representation size."""
-  return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
-                             cifar_stem=config.model.cifar_stem)[1]
+    """Returns the backbone's representation size."""
+    return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
+                               cifar_stem=config.model.cifar_stem)[1]
 
 
 def init(rng, config, sample_images):
-  """Returns (params, batch_stats, extras) for a backbone and projection head; SimCLR has no extras."""
-  backbone, head = networks(config)
-  k_backbone, k_head = jax.random.split(rng)
-  x = jnp.zeros((2, config.augment.crop_size, config.augment.crop_size, sample_images.shape[-1]), jnp.float32)
-  b_vars = backbone.init(k_backbone, x, train=False)
-  h_vars = head.init(k_head, jnp.zeros((2, feature_dim(config)), jnp.float32), train=False)
-  params = {"backbone": b_vars["params"], "head": h_vars["params"]}
-  batch_stats = {"backbone": b_vars.get("batch_stats", {}), "head": h_vars.get("batch_stats", {})}
-  return params, batch_stats, {}
+    """Returns (params, batch_stats, extras) for a backbone and projection head; SimCLR has no extras."""
+    backbone, head = networks(config)
+    k_backbone, k_head = jax.random.split(rng)
+    x = jnp.zeros((2, config.augment.crop_size, config.augment.crop_size, sample_images.shape[-1]), jnp.float32)
+    b_vars = backbone.init(k_backbone, x, train=False)
+    h_vars = head.init(k_head, jnp.zeros((2, feature_dim(config)), jnp.float32), train=False)
+    params = {"backbone": b_vars["params"], "head": h_vars["params"]}
+    batch_stats = {"backbone": b_vars.get("batch_stats", {}), "head": h_vars.get("batch_stats", {})}
+    return params, batch_stats, {}
 
 
 def views(keys_Bx2, images, config):
-  """Returns two independently augmented views of the uint8 batch, both with the config's recipe."""
-  spec = augment.spec_from_config(config.augment)
-  keys_1 = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, 1)
-  keys_2 = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, 2)
-  return augment.view_batch(keys_1, images, spec), augment.view_batch(keys_2, images, spec)
+    """Returns two independently augmented views of the uint8 batch, both with the config's recipe."""
+    spec = augment.spec_from_config(config.augment)
+    keys_1 = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, 1)
+    keys_2 = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, 2)
+    return augment.view_batch(keys_1, images, spec), augment.view_batch(keys_2, images, spec)
 
 
 def loss(params, batch_stats, extras, views, rng, *, config, axis_name):
-  """Returns NT-Xent of the two views' projections, the new BatchNorm statistics, metrics and aux."""
-  del extras, rng
-  backbone, head = networks(config, axis_name)
-  view_1, view_2 = views
-  b = view_1.shape[0]
-  # Both views in one pass, as SimCLR does: BatchNorm statistics are taken over all 2B images.
-  x = jnp.concatenate([view_1, view_2], axis=0).astype(_dtype(config))
-  h, b_vars = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                             x, train=True, mutable=["batch_stats"])
-  z, h_vars = head.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
-                         h, train=True, mutable=["batch_stats"])
-  z1, z2 = z[:b], z[b:]
-  value = losses.nt_xent(z1, z2, config.loss.temperature, axis_name=axis_name)
-  metrics = {"contrastive_acc": losses.contrastive_accuracy(z1, z2, axis_name=axis_name)}
-  new_stats = {"backbone": b_vars["batch_stats"], "head": h_vars.get("batch_stats", {})}
-  aux = {"features": jax.lax.stop_gradient(h[:b]).astype(jnp.float32), "embeddings": z1}
-  return value, (new_stats, metrics, aux)
+    """Returns NT-Xent of the two views' projections, the new BatchNorm statistics, metrics and aux."""
+    del extras, rng
+    backbone, head = networks(config, axis_name)
+    view_1, view_2 = views
+    b = view_1.shape[0]
+    # Both views in one pass, as SimCLR does: BatchNorm statistics are taken over all 2B images.
+    x = jnp.concatenate([view_1, view_2], axis=0).astype(_dtype(config))
+    h, b_vars = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
+                               x, train=True, mutable=["batch_stats"])
+    z, h_vars = head.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
+                           h, train=True, mutable=["batch_stats"])
+    z1, z2 = z[:b], z[b:]
+    value = losses.nt_xent(z1, z2, config.loss.temperature, axis_name=axis_name)
+    metrics = {"contrastive_acc": losses.contrastive_accuracy(z1, z2, axis_name=axis_name)}
+    new_stats = {"backbone": b_vars["batch_stats"], "head": h_vars.get("batch_stats", {})}
+    aux = {"features": jax.lax.stop_gradient(h[:b]).astype(jnp.float32), "embeddings": z1}
+    return value, (new_stats, metrics, aux)
 
 
 def update_extras(params, extras, aux, step, config):
-  """Returns extras unchanged: SimCLR keeps no state outside the optimizer."""
-  del params, aux, step, config
-  return extras
+    """Returns extras unchanged: SimCLR keeps no state outside the optimizer."""
+    del params, aux, step, config
+    return extras
 
 
 def encode(params, batch_stats, images, config):
-  """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
-  backbone, _ = networks(config)
-  return backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                        images.astype(_dtype(config)), train=False).astype(jnp.float32)
+    """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
+    backbone, _ = networks(config)
+    return backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
+                          images.astype(_dtype(config)), train=False).astype(jnp.float32)
