@@ -67,17 +67,55 @@ def make_schedule(optim_cfg, batch_size: int, steps_per_epoch: int, num_epochs: 
         end_value=end_factor * peak)
 
 
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def group_labels(params: Any, fixed_lr_prefixes=(), split_norm=False) -> Any:
+    """Returns a pytree of group names like `params`: 'fixed', 'norm' or 'default'.
+
+    'fixed': parameters whose '/'-joined path starts with one of `fixed_lr_prefixes` (SimSiam's predictor);
+    'norm': biases and BatchNorm parameters when `split_norm` (Barlow Twins' separate bias learning rate).
+    """
+    decays = decay_mask(params)
+
+    def label(path, _, decay):
+        if any(_path_str(path).startswith(prefix) for prefix in fixed_lr_prefixes):
+            return "fixed"
+        return "norm" if split_norm and not decay else "default"
+
+    return jax.tree_util.tree_map_with_path(label, params, decays)
+
+
 def make_optimizer(optim_cfg, batch_size: int, steps_per_epoch: int,
                    num_epochs: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns (optax optimizer, lr schedule) for optim_cfg.name in 'lars' | 'sgd' | 'adamw' | 'lamb'.
 
     `optim_cfg.exclude_bias_and_norm` (default True) exempts biases and BatchNorm from weight decay
     (and from LARS's trust ratio); set it False for torch recipes that decay every parameter.
+    Optional parameter groups: `fixed_lr_prefixes` (paths such as 'model/predictor' that keep the peak
+    learning rate throughout, as SimSiam's predictor) and `bias_lr_factor` (the learning rate of biases and
+    BatchNorm parameters relative to the weights', as Barlow Twins' 0.0048 / 0.2).
     """
     name = optim_cfg["name"]
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.")
     schedule = make_schedule(optim_cfg, batch_size, steps_per_epoch, num_epochs)
+    fixed = tuple(optim_cfg.get("fixed_lr_prefixes", ()) or ())
+    bias_factor = float(optim_cfg.get("bias_lr_factor", 1.0))
+    if not fixed and bias_factor == 1.0:
+        return _base_optimizer(optim_cfg, schedule), schedule
+    peak = scaled_learning_rate(optim_cfg["lr"], batch_size, optim_cfg.get("lr_scaling", "linear"))
+    transforms = {"default": _base_optimizer(optim_cfg, schedule),
+                  "fixed": _base_optimizer(optim_cfg, optax.constant_schedule(peak)),
+                  "norm": _base_optimizer(optim_cfg, lambda step: bias_factor * schedule(step))}
+    labels = lambda params: group_labels(params, fixed, split_norm=bias_factor != 1.0)  # noqa: E731
+    return optax.multi_transform(transforms, labels), schedule
+
+
+def _base_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
+    """Returns the optimizer named by optim_cfg.name driven by `schedule`."""
+    name = optim_cfg["name"]
     wd = optim_cfg.get("weight_decay", 0.0)
     mask = decay_mask if optim_cfg.get("exclude_bias_and_norm", True) else _all_true
     momentum = optim_cfg.get("momentum", 0.9)
@@ -96,4 +134,4 @@ def make_optimizer(optim_cfg, batch_size: int, steps_per_epoch: int,
         tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd, mask=mask)
     else:
         tx = optax.lamb(schedule, b1=b1, b2=b2, weight_decay=wd, mask=mask)
-    return tx, schedule
+    return tx

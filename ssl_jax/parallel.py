@@ -101,3 +101,12 @@ def example_keys(rng, local_batch, axis_name):
     """Returns [local_batch, 2] per-example keys: fold_in(rng, global index), independent of device count."""
     idx = global_example_index(local_batch, axis_name)
     return jax.vmap(jax.random.fold_in, (None, 0))(rng, idx)
+
+
+def all_gather_invariant(x, axis_name):
+    """Returns x concatenated over devices, typed as identical on every device (for replicated state).
+
+    Use it for values that become part of the replicated state (a MoCo/SwAV queue): a plain all_gather
+    result is typed per-device and cannot leave shard_map with out_specs=P(). Not for gradients.
+    """
+    return x if axis_name is None else lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")

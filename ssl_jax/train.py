@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ssl_jax import checkpoint, config as config_lib, losses, metrics as metrics_lib, optim, parallel
+from ssl_jax import checkpoint, config as config_lib, losses, metrics as metrics_lib, monitors, optim, parallel
 from ssl_jax import data as data_lib
 from ssl_jax.data import pipeline
 from ssl_jax.models import LinearClassifier
@@ -82,6 +82,7 @@ def build(config, train_source=None, devices=None):
     init_jit = jax.jit(init_fn, out_shardings=parallel.replicated(mesh))
 
     def step(state, dataset, batch):
+        progress = {"step": state["step"], "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
         rng = jax.random.fold_in(state["rng"], state["step"])
         aug_rng, loss_rng = jax.random.split(rng)
         images = dataset[batch["index"]] if config.data.resident else batch["image"]
@@ -91,7 +92,7 @@ def build(config, train_source=None, devices=None):
 
         def loss_fn(params):
             value, (stats, m, aux) = method.loss(params["model"], state["batch_stats"], state["extras"], views,
-                                                 loss_rng, config=config, axis_name=AXIS)
+                                                 loss_rng, progress, config=config, axis_name=AXIS)
             # Online linear probe on stop-gradient features: representation quality, live.
             logits = probe.apply({"params": params["probe"]}, jax.lax.stop_gradient(aux["features"]))
             probe_loss = losses.softmax_cross_entropy(logits, labels, AXIS)
@@ -106,11 +107,12 @@ def build(config, train_source=None, devices=None):
             stats = jax.tree.map(lambda x: parallel.pmean(x, AXIS), stats)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        extras = method.update_extras(params["model"], state["extras"], aux, state["step"], config)
+        extras = method.update_extras(params["model"], state["extras"], aux, progress, config)
         new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats, "opt_state": opt_state,
                      "extras": extras, "rng": state["rng"]}
         out = {"loss": value, "probe_loss": probe_loss, "probe_top1": probe_acc, "lr": schedule(state["step"]),
-               "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params["model"]), **m}
+               "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params["model"]),
+               **monitors.collapse_metrics(jax.lax.stop_gradient(aux["embeddings"]), AXIS), **m}
         return new_state, out
 
     step_fn = parallel.shard_step(step, mesh, n_replicated=2, n_sharded=1, donate=(0,))
@@ -201,6 +203,10 @@ def train(config, workdir, *, progress=True, evaluate_fn=None):
             record["epoch"] = done / spe
             writer.write(done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            if record.get("collapsed"):
+                bar.write(f"warning: representation collapse at step {done} (embedding_std_ratio="
+                          f"{record['embedding_std_ratio']:.3g}, effective_rank={record['effective_rank']:.3g})",
+                          file=sys.stderr)
 
     try:
         for step in range(start, setup.total_steps):

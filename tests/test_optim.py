@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from ssl_jax.models import LinearClassifier, MLPHead, get_backbone
-from ssl_jax.optim import decay_mask, make_optimizer, make_schedule, scaled_learning_rate
+from ssl_jax.optim import decay_mask, group_labels, make_optimizer, make_schedule, scaled_learning_rate
 
 KEY = jax.random.key(0, impl="rbg")
 
@@ -264,3 +264,23 @@ def test_schedule_without_warmup_and_fractional_warmup():
     assert float(schedule(1)) == pytest.approx(0.1) and float(schedule(2)) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="Warmup"):
         make_schedule(cfg(lr=0.2, warmup_epochs=3), 256, 4, 3)
+
+
+def test_parameter_groups_fixed_lr_and_bias_lr_factor():
+    params = {"model": {"backbone": {"conv": {"kernel": jnp.ones((2, 2))}, "bn": {"scale": jnp.ones(2)}},
+                        "predictor": {"dense0": {"kernel": jnp.ones((2, 2))}}}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    cfg = ml_collections.ConfigDict(dict(name="sgd", lr=1.0, lr_scaling="none", weight_decay=0.0, momentum=0.0,
+                          warmup_epochs=0, fixed_lr_prefixes=("model/predictor",), bias_lr_factor=0.5))
+    tx, schedule = make_optimizer(cfg, batch_size=256, steps_per_epoch=10, num_epochs=1)
+    state = tx.init(params)
+    for step in range(6):
+        updates, state = tx.update(grads, state, params)
+    lr = float(schedule(5))
+    assert 0.0 < lr < 1.0  # the cosine has decayed by step 5
+    np.testing.assert_allclose(updates["model"]["backbone"]["conv"]["kernel"], -lr, rtol=1e-6)
+    np.testing.assert_allclose(updates["model"]["backbone"]["bn"]["scale"], -0.5 * lr, rtol=1e-6)
+    np.testing.assert_allclose(updates["model"]["predictor"]["dense0"]["kernel"], -1.0, rtol=1e-6)  # fixed
+    labels = group_labels(params, ("model/predictor",), split_norm=True)
+    assert labels["model"]["backbone"]["bn"]["scale"] == "norm" and labels["model"]["predictor"]["dense0"][
+        "kernel"] == "fixed"

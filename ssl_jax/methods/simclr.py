@@ -3,9 +3,12 @@
 The method contract (shared by every file in methods/; the trainer never branches on a method's name):
   init(rng, config, sample_images) -> (params, batch_stats, extras)
   views(keys_Bx2, images_uint8, config) -> tuple of view batches
-  loss(params, batch_stats, extras, views, rng, *, config, axis_name) -> (loss, (batch_stats, metrics, aux))
-      aux["features"] holds backbone features of the first view for the trainer's online probe.
-  update_extras(params, extras, aux, step, config) -> extras
+  loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name)
+      -> (loss, (batch_stats, metrics, aux)); the loss is already the mean over devices.
+      aux["features"]: backbone features of the first view (the trainer's online probe reads them);
+      aux["embeddings"]: the embeddings the loss compares (the trainer's collapse monitor reads them).
+      progress: {"step": int32 scalar, "steps_per_epoch": int, "total_steps": int}.
+  update_extras(params, extras, aux, progress, config) -> extras
   encode(params, batch_stats, images, config) -> features_BxD (backbone representation, eval mode)
 """
 import jax
@@ -56,9 +59,9 @@ def views(keys_Bx2, images, config):
     return augment.view_batch(keys_1, images, spec), augment.view_batch(keys_2, images, spec)
 
 
-def loss(params, batch_stats, extras, views, rng, *, config, axis_name):
+def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
     """Returns NT-Xent of the two views' projections, the new BatchNorm statistics, metrics and aux."""
-    del extras, rng
+    del extras, rng, progress
     backbone, head = networks(config, axis_name)
     view_1, view_2 = views
     b = view_1.shape[0]
@@ -76,9 +79,9 @@ def loss(params, batch_stats, extras, views, rng, *, config, axis_name):
     return value, (new_stats, metrics, aux)
 
 
-def update_extras(params, extras, aux, step, config):
+def update_extras(params, extras, aux, progress, config):
     """Returns extras unchanged: SimCLR keeps no state outside the optimizer."""
-    del params, aux, step, config
+    del params, aux, progress, config
     return extras
 
 
