@@ -112,8 +112,17 @@ def build(config, train_source=None, devices=None):
                      "extras": extras, "rng": state["rng"]}
         out = {"loss": value, "probe_loss": probe_loss, "probe_top1": probe_acc, "lr": schedule(state["step"]),
                "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params["model"]),
-               **monitors.collapse_metrics(jax.lax.stop_gradient(aux["embeddings"]), AXIS), **m}
+               **logged_only(state["step"], monitors.collapse_metrics, jax.lax.stop_gradient(aux["embeddings"])),
+               **m}
         return new_state, out
+
+    def logged_only(step, fn, *args):
+        """Returns fn(*args, AXIS) on steps whose metrics are logged and zeros otherwise (saves an eigh)."""
+        done = step + 1
+        logged = jnp.logical_or(done % config.log_every_steps == 0, done == total_steps)
+        shapes = jax.eval_shape(lambda *a: fn(*a, AXIS), *args)
+        zeros = lambda *_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+        return jax.lax.cond(logged, lambda *a: fn(*a, AXIS), zeros, *args)
 
     step_fn = parallel.shard_step(step, mesh, n_replicated=2, n_sharded=1, donate=(0,))
     if config.data.resident:

@@ -51,8 +51,9 @@ def test_smoke_train_writes_finite_metrics_config_and_checkpoint(smoke_run):
     rows = _train_rows(workdir)
     assert rows and rows[-1]["step"] == 16 and rows[-1]["epoch"] == 2.0
     for row in rows:
-        for key in ("loss", "lr", "img_per_s", "grad_norm", "param_norm", "epoch"):
+        for key in ("loss", "lr", "img_per_s", "grad_norm", "param_norm", "epoch", "embedding_std_ratio"):
             assert isinstance(row[key], float) and np.isfinite(row[key]), (key, row)
+        assert row["effective_rank"] > 1.0 and row["collapsed"] == 0.0  # the monitor ran on logged steps
     knn = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "knn_top1" in r]
     assert [r["step"] for r in knn] == [8, 16] and all(0.0 <= r["knn_top1"] <= 1.0 for r in knn)
     config = json.load(open(os.path.join(workdir, "config.json")))
