@@ -60,3 +60,132 @@ def softmax_cross_entropy(logits_BxC, labels_B, axis_name=None):
     logits = logits_BxC.astype(jnp.float32)
     ce_B = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels_B[:, None], axis=-1)[:, 0]
     return parallel.pmean(jnp.mean(ce_B), axis_name)
+
+
+def info_nce(q, k, queue, temperature, axis_name=None):
+    """Returns MoCo's InfoNCE loss: the global mean over queries of the cross-entropy with the positive at 0.
+
+    q_BxD are this device's queries, k_BxD their positive keys, queue_KxD the negatives (shared by all
+    queries). All three are L2-normalised here (idempotent for the already-normalised keys MoCo stores).
+    Logits are `[q.k, q.queue^T] / temperature` (B x (1 + K)), computed in float32; the loss is the
+    cross-entropy of label 0, averaged over the B local queries, then pmean over devices (the global
+    batch mean). No gradient flows into k or queue (stop_gradient here).
+    """
+    q_BxD = l2_normalize(q.astype(jnp.float32))
+    k_BxD = jax.lax.stop_gradient(l2_normalize(k.astype(jnp.float32)))
+    queue_KxD = jax.lax.stop_gradient(l2_normalize(queue.astype(jnp.float32)))
+    pos_Bx1 = jnp.sum(q_BxD * k_BxD, axis=1, keepdims=True)
+    neg_BxK = q_BxD @ queue_KxD.T
+    logits_BxK1 = jnp.concatenate([pos_Bx1, neg_BxK], axis=1) / temperature
+    ce_B = jax.nn.logsumexp(logits_BxK1, axis=1) - logits_BxK1[:, 0]
+    return parallel.pmean(jnp.mean(ce_B), axis_name)
+
+
+def _cosine_to_target(p, z):
+    """Returns cos(p_i, stop_gradient(z_i)) for each row, shape B, in float32."""
+    p_BxD = l2_normalize(p.astype(jnp.float32))
+    z_BxD = jax.lax.stop_gradient(l2_normalize(z.astype(jnp.float32)))
+    return jnp.sum(p_BxD * z_BxD, axis=1)
+
+
+def byol_loss(p, z, axis_name=None):
+    """Returns BYOL's normalised MSE: the global batch mean of `2 - 2 cos(p_i, z_i)` (one direction).
+
+    p_BxD are online predictions, z_BxD target projections; z gets stop_gradient here. Averaged over the B
+    local rows, then pmean over devices. Not symmetrised: the method adds the loss of the swapped views.
+    """
+    return parallel.pmean(jnp.mean(2.0 - 2.0 * _cosine_to_target(p, z)), axis_name)
+
+
+def negative_cosine(p, z, axis_name=None):
+    """Returns SimSiam's loss: minus the global batch mean of cos(p_i, stop_gradient(z_i)) (one direction).
+
+    Averaged over the B local rows, then pmean over devices. Not symmetrised (and not halved): the method
+    combines both directions, e.g. 0.5 * (D(p1, z2) + D(p2, z1)) as in the paper.
+    """
+    return parallel.pmean(-jnp.mean(_cosine_to_target(p, z)), axis_name)
+
+
+def sinkhorn(scores, epsilon, iterations, axis_name=None):
+    """Returns SwAV's codes B x P (rows sum to 1) from this device's scores_BxP: Sinkhorn-Knopp over all replicas.
+
+    The official `distributed_sinkhorn`: Q = exp(scores / epsilon)^T (P x B_global, held as local columns)
+    is divided by its total sum, then `iterations` times each prototype row is scaled to sum to 1/P (sums
+    over all replicas) and each sample column to 1/B_global (local); finally Q * B_global, transposed.
+    Before exp, each prototype's maximum score over the global batch is subtracted: that scales a row of Q
+    by a constant, which the first row normalisation removes exactly, so the result is unchanged and exp
+    cannot overflow (hence iterations >= 1). Float32; no gradient (stop_gradient on the scores).
+    """
+    if iterations < 1:
+        raise ValueError(f"sinkhorn needs iterations >= 1, got {iterations}")
+    s_BxP = jax.lax.stop_gradient(scores.astype(jnp.float32)) / epsilon
+    max_P = jnp.max(s_BxP, axis=0)
+    if axis_name is not None:
+        max_P = jax.lax.pmax(max_P, axis_name)
+    q_PxB = jnp.exp(s_BxP - max_P).T
+    n_protos = q_PxB.shape[0]
+    global_b = q_PxB.shape[1] * parallel.axis_size(axis_name)
+    q_PxB = q_PxB / parallel.psum(jnp.sum(q_PxB), axis_name)
+
+    def one_iteration(_, q_PxB):
+        q_PxB = q_PxB / parallel.psum(jnp.sum(q_PxB, axis=1, keepdims=True), axis_name) / n_protos
+        return q_PxB / jnp.sum(q_PxB, axis=0, keepdims=True) / global_b
+
+    q_PxB = jax.lax.fori_loop(0, iterations, one_iteration, q_PxB)
+    return (q_PxB * global_b).T
+
+
+def swav_loss(scores_per_crop, assignments, temperature, axis_name=None):
+    """Returns SwAV's swapped-prediction loss, a scalar: global mean over samples, crops and assignments.
+
+    scores_per_crop: sequence of V arrays B x P (prototype scores of each crop, local rows); assignments:
+    sequence of codes B x P for crops 0..len(assignments)-1 (usually the two large crops), e.g. from
+    `sinkhorn`; they get stop_gradient here. For code i and every crop v != i the term is the
+    cross-entropy -sum_p q_i[b, p] log softmax(scores_v[b] / temperature)_p, averaged over the B local
+    samples; the terms are averaged over the V - 1 crops of each code and then over the codes (the
+    official `subloss / (sum(nmb_crops) - 1)` and `loss / len(crops_for_assign)`); pmean over devices.
+    """
+    n_crops = len(scores_per_crop)
+    log_probs = [jax.nn.log_softmax(s.astype(jnp.float32) / temperature, axis=1) for s in scores_per_crop]
+    total = 0.0
+    for i, codes_BxP in enumerate(assignments):
+        codes_BxP = jax.lax.stop_gradient(codes_BxP.astype(jnp.float32))
+        subloss = 0.0
+        for v in range(n_crops):
+            if v != i:
+                subloss += -jnp.mean(jnp.sum(codes_BxP * log_probs[v], axis=1))
+        total += subloss / (n_crops - 1)
+    return parallel.pmean(total / len(assignments), axis_name)
+
+
+def _standardize(z_BxD, axis_name, eps=1e-5):
+    """Returns z standardised per dimension over the global batch (biased variance, eps inside the sqrt)."""
+    global_b = z_BxD.shape[0] * parallel.axis_size(axis_name)
+    mean_D = parallel.psum(jnp.sum(z_BxD, axis=0), axis_name) / global_b
+    centred_BxD = z_BxD - mean_D
+    var_D = parallel.psum(jnp.sum(jnp.square(centred_BxD), axis=0), axis_name) / global_b
+    return centred_BxD * jax.lax.rsqrt(var_D + eps)
+
+
+def barlow_twins(z1, z2, lambd, axis_name=None):
+    """Returns Barlow Twins' loss: sum_i (1 - c_ii)^2 + lambd * sum_{i != j} c_ij^2 over the D x D matrix c.
+
+    z1_BxD, z2_BxD are this device's embeddings of the two views. Each dimension is standardised over the
+    global batch as BatchNorm without affine does (mean and biased variance summed over all replicas,
+    eps = 1e-5 inside the square root); c = z1n^T z2n / B_global, the psum of each device's share.
+    Float32. Nothing is averaged over the batch beyond what c is: the loss is a sum over the D x D entries.
+    With `axis_name` the value is the same on every device (invariant), so a further pmean changes nothing.
+    """
+    z1n_BxD = _standardize(z1.astype(jnp.float32), axis_name)
+    z2n_BxD = _standardize(z2.astype(jnp.float32), axis_name)
+    global_b = z1n_BxD.shape[0] * parallel.axis_size(axis_name)
+    # c is a psum, hence identical (invariant) on every device, and so is the loss computed from it. Under
+    # vma-typed shard_map the transpose of psum hands each device the loss's cotangent once (no sum), so
+    # the gradient w.r.t. replicated params is exact with no further pmean (tests/test_losses.py checks
+    # 8 devices against 1).
+    c_DxD = parallel.psum(z1n_BxD.T @ z2n_BxD, axis_name) / global_b
+    diag_D = jnp.diagonal(c_DxD)
+    on_diag = jnp.sum(jnp.square(1.0 - diag_D))
+    # Masking (not total minus diagonal) keeps the small off-diagonal sum exact next to a diagonal near D.
+    off_diag = jnp.sum(jnp.square(jnp.where(jnp.eye(c_DxD.shape[0], dtype=bool), 0.0, c_DxD)))
+    return on_diag + lambd * off_diag
