@@ -107,6 +107,8 @@ def build(config, train_source=None, devices=None):
             stats = jax.tree.map(lambda x: parallel.pmean(x, AXIS), stats)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        if hasattr(method, "project_params"):  # optional: constrain weights after the update (SwAV's prototypes)
+            params = {**params, "model": method.project_params(params["model"], progress, config)}
         extras = method.update_extras(params["model"], state["extras"], aux, progress, config)
         new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats, "opt_state": opt_state,
                      "extras": extras, "rng": state["rng"]}
