@@ -1,0 +1,52 @@
+"""MoCo v1 (He et al., 2020). Presets: `cifar10`, `imagenet`, `smoke`.
+
+Run (CIFAR-10 from the ImageFolder archive; drop `data.path` to get CIFAR-10 from tensorflow-datasets):
+
+  ssl-jax train --config configs/moco_v1.py:cifar10 --workdir runs/moco_v1 \
+      --config.data.path=../shared/data/cifar10-jpeg.tar.gz
+
+Results:
+  cifar10 (ResNet-18, batch 512, 200 epochs): not yet measured on a GPU (see BENCHMARKS.md).
+  smoke: seconds on a CPU.
+
+Recipe notes. imagenet is facebookresearch/moco's main_moco.py: ResNet-50, batch 256, SGD lr 0.03 (momentum
+0.9, weight decay 1e-4 on every parameter, as torch's SGD), 200 epochs, a 128-d linear head, K = 65,536,
+m = 0.999, temperature 0.07, asymmetric loss, shuffled BatchNorm over 8 groups (8 GPUs) and per-device
+BatchNorm for the query encoder (DDP without SyncBN). Two deliberate differences: the schedule is cosine
+(the paper drops the lr 10x at epochs 120 and 160; optim has no step schedule yet), and the v1
+augmentation is approximated by what ViewSpec expresses: jitter 0.4/0.4/0.4 applied always but hue 0.1
+instead of 0.4, grayscale after the jitter instead of before (crop scale 0.2-1, flip, no blur as in v1).
+cifar10 is MoCo's official CIFAR-10 demo (colab-notebook branch of facebookresearch/moco, kNN 85.3 at 200
+epochs there): ResNet-18 CIFAR stem, linear 128-d head, K = 4,096, m = 0.99, temperature 0.1, symmetric
+loss, BatchNorm split in 8 shuffled groups, SGD lr 0.06 at batch 512 with weight decay 5e-4, cosine, no
+warm-up, SimCLR-style colour jitter 0.4/0.4/0.4/0.1 (p = 0.8), grayscale 0.2, no blur.
+"""
+import ml_collections
+
+from ssl_jax import presets
+
+
+def get_config(arg="cifar10"):
+    """Returns the preset named `arg`: cifar10, imagenet or smoke."""
+    c = presets.apply(presets.base("moco"), arg)
+    # num_layers=1: one linear layer; hidden_dim only matters if num_layers is raised (then it is v2's head).
+    c.head = ml_collections.ConfigDict(dict(
+        num_layers=1, hidden_dim=512, out_dim=128, use_bn=False, last_bn=False))
+    c.loss = ml_collections.ConfigDict(dict(temperature=0.1))
+    c.moco = ml_collections.ConfigDict(dict(
+        queue_size=4096, momentum=0.99, symmetric=True, shuffle_bn=True, shuffle_groups=8))
+    c.optim.update(dict(lr=0.03, warmup_epochs=0, exclude_bias_and_norm=False))
+    if arg == "imagenet":
+        c.num_epochs, c.batch_size = 200, 256
+        c.model.sync_bn = False
+        c.augment.update(dict(min_scale=0.2, jitter_strength=0.5, jitter_p=1.0, blur_p=0.0))
+        c.head.hidden_dim = 2048
+        c.loss.temperature = 0.07
+        c.moco.update(dict(queue_size=65536, momentum=0.999, symmetric=False))
+        c.optim.weight_decay = 1e-4
+    elif arg == "smoke":
+        c.head.update(dict(hidden_dim=32, out_dim=16))
+        # 3 batches: the pointer wraps, and it is not 0 at the end of the 2-epoch run (resume must restore it).
+        c.moco.update(dict(queue_size=192, symmetric=False, shuffle_groups=4))
+        c.optim.lr = 0.1
+    return c
