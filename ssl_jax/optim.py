@@ -48,6 +48,9 @@ def scaled_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float
 def make_schedule(optim_cfg, batch_size: int, steps_per_epoch: int, num_epochs: float) -> optax.Schedule:
     """Returns step -> lr: linear warmup from 0 for `warmup_epochs`, then cosine decay to `end_lr_factor`*peak.
 
+    With `step_milestones` (epochs), the decay after the warm-up is stepwise instead: the lr is multiplied
+    by `step_factor` (default 0.1) at each milestone.
+
     The schedule reaches its end value at step `steps_per_epoch * num_epochs`, the count after the
     last update (the last update itself uses the value one step before), as in SimCLR.
     """
@@ -59,6 +62,15 @@ def make_schedule(optim_cfg, batch_size: int, steps_per_epoch: int, num_epochs: 
         raise ValueError(f"The schedule needs at least one step, got {steps_per_epoch} steps x {num_epochs}.")
     if warmup_steps >= total_steps:
         raise ValueError(f"Warmup ({warmup_steps} steps) must be shorter than training ({total_steps}).")
+    milestones = tuple(optim_cfg.get("step_milestones", ()) or ())
+    if milestones:  # step decay (MoCo v1, the ResNet recipes): lr x step_factor at each milestone epoch
+        factor = optim_cfg.get("step_factor", 0.1)
+        decay = optax.piecewise_constant_schedule(
+            peak, {int(round(e * steps_per_epoch)): factor for e in milestones})
+        if warmup_steps == 0:
+            return decay
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup_steps), lambda s: decay(s + warmup_steps)], [warmup_steps])
     if warmup_steps == 0:
         return optax.cosine_decay_schedule(peak, decay_steps=total_steps, alpha=end_factor)
     # decay_steps is the total length, warmup included.

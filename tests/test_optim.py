@@ -284,3 +284,15 @@ def test_parameter_groups_fixed_lr_and_bias_lr_factor():
     labels = group_labels(params, ("model/predictor",), split_norm=True)
     assert labels["model"]["backbone"]["bn"]["scale"] == "norm" and labels["model"]["predictor"]["dense0"][
         "kernel"] == "fixed"
+
+
+def test_step_schedule_with_and_without_warmup():
+    cfg = ml_collections.ConfigDict(dict(name="sgd", lr=0.03, lr_scaling="none", warmup_epochs=0,
+                                         step_milestones=(120, 160), step_factor=0.1))
+    schedule = make_schedule(cfg, batch_size=256, steps_per_epoch=10, num_epochs=200)
+    np.testing.assert_allclose([schedule(0), schedule(1199), schedule(1200), schedule(1600), schedule(1999)],
+                               [0.03, 0.03, 0.003, 0.0003, 0.0003], rtol=1e-5)
+    cfg.warmup_epochs = 5
+    schedule = make_schedule(cfg, batch_size=256, steps_per_epoch=10, num_epochs=200)
+    np.testing.assert_allclose([schedule(0), schedule(25), schedule(50), schedule(1199), schedule(1200)],
+                               [0.0, 0.015, 0.03, 0.03, 0.003], rtol=1e-5)
