@@ -10,6 +10,12 @@ The method contract (shared by every file in methods/; the trainer never branche
       progress: {"step": int32 scalar, "steps_per_epoch": int, "total_steps": int}.
   update_extras(params, extras, aux, progress, config) -> extras
   encode(params, batch_stats, images, config) -> features_BxD (backbone representation, eval mode)
+
+SimCLR v2 (Chen et al., 2020b) is this file with configs/simclr_v2.py: a deeper head (3 layers, every hidden
+layer as wide as the backbone output: head.hidden_dim = 0, BatchNorm on every layer including the output:
+head.last_bn), bigger ResNets, and fine-tuning from the head's first hidden layer (head.finetune_layer = 1,
+the official code's ft_proj_selector; see finetune_features). Not implemented: selective kernels and the
+MoCo-style memory buffer (the paper credits the buffer with about 1%).
 """
 import jax
 import jax.numpy as jnp
@@ -28,7 +34,7 @@ def networks(config, axis_name=None):
         config.model.name, width_multiplier=config.model.width_multiplier,
         cifar_stem=config.model.cifar_stem, dtype=_dtype(config), bn_axis_name=bn_axis)
     head = models.MLPHead(
-        hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
+        hidden_dims=(head_hidden_dim(config),) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
         use_bn=config.head.use_bn, last_bn=config.head.last_bn, dtype=_dtype(config), bn_axis_name=bn_axis)
     return backbone, head
 
@@ -39,8 +45,14 @@ def feature_dim(config):
                                cifar_stem=config.model.cifar_stem)[1]
 
 
+def head_hidden_dim(config):
+    """Returns the head's hidden width: head.hidden_dim, or the backbone's feature width when it is 0 (v2)."""
+    return config.head.hidden_dim or feature_dim(config)
+
+
 def init(rng, config, sample_images):
     """Returns (params, batch_stats, extras) for a backbone and projection head; SimCLR has no extras."""
+    finetune_layer(config)  # a bad layer is an error at the start of training, not at fine-tuning
     backbone, head = networks(config)
     k_backbone, k_head = jax.random.split(rng)
     x = jnp.zeros((2, config.augment.crop_size, config.augment.crop_size, sample_images.shape[-1]), jnp.float32)
@@ -90,3 +102,28 @@ def encode(params, batch_stats, images, config):
     backbone, _ = networks(config)
     return backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
                           images.astype(_dtype(config)), train=False).astype(jnp.float32)
+
+
+def finetune_layer(config):
+    """Returns head.finetune_layer (0 when the config has none), checked against the head's hidden layers."""
+    layer = config.head.get("finetune_layer", 0)
+    if not 0 <= layer <= config.head.num_layers - 1:
+        raise ValueError(f"head.finetune_layer={layer}: choose 0 (backbone) or a hidden layer of the head, "
+                         f"1..{config.head.num_layers - 1}")
+    return layer
+
+
+def finetune_features(params, batch_stats, images, config):
+    """Returns the float32 features_BxD fine-tuning starts from, BatchNorm in inference mode.
+
+    head.finetune_layer = 0 (the default): the backbone features, as `encode`. k >= 1: the k-th hidden
+    activation of the head (Dense -> BN -> ReLU), as SimCLR v2's ft_proj_selector = k.
+    """
+    layer = finetune_layer(config)
+    features = encode(params, batch_stats, images, config)
+    if layer == 0:
+        return features
+    _, head = networks(config)
+    _, hidden = head.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
+                           features, train=False, return_hidden=True)
+    return hidden[layer - 1]

@@ -1,0 +1,111 @@
+"""Barlow Twins (Zbontar et al., 2021): the cross-correlation of two views' embeddings driven to the identity.
+
+Follows the final official main.py (facebookresearch/barlowtwins); the method contract is the one in simclr.py.
+- Projector: (Dense -> BN -> ReLU) x (num_layers - 1), then Dense; 8192-8192-8192 for ImageNet. The official
+  last Linear has no bias and ours has one (models.MLPHead); it is cancelled exactly by the standardisation
+  in the loss, so its gradient is zero and it stays at its initial zeros.
+- Each view goes through the network on its own, as the official forward does: BatchNorm normalises each
+  view with that view's (global-batch) statistics, and the running statistics are updated twice per step,
+  view 1 then view 2, as two torch forward passes do. (SimCLR instead concatenates both views.)
+- Loss: losses.barlow_twins, whose standardisation and cross-correlation are sums over every replica
+  (the official affine-free SyncBatchNorm and all_reduce of c). No loss scale: the final main.py dropped
+  `--scale-loss 0.024` and folded it into the bias/BN learning rate, 0.0048 = 0.2 x 0.024. That is our
+  `optim.bias_lr_factor`. The weights' LARS step is normalised by the trust ratio, so the scale only moves
+  weight decay relative to the gradient there (the final main.py keeps the same weight decay without it).
+- Views: asymmetric, BYOL's recipe as the official Transform: blur with p = 1.0 / 0.1 and solarisation with
+  p = 0.0 / 0.2 for view 1 / view 2. config.augment describes view 1; config.barlow_twins.view2_blur_p and
+  view2_solarize_p are where view 2 differs (the convention of methods/byol.py).
+- No target network, no extras.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import augment, losses, models
+
+
+def _dtype(config):
+    return jnp.dtype(config.model.dtype)
+
+
+def networks(config, axis_name=None):
+    """Returns (backbone, projector) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn."""
+    bn_axis = axis_name if config.model.sync_bn else None
+    backbone, _ = models.get_backbone(
+        config.model.name, width_multiplier=config.model.width_multiplier,
+        cifar_stem=config.model.cifar_stem, dtype=_dtype(config), bn_axis_name=bn_axis)
+    projector = models.MLPHead(
+        hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
+        use_bn=True, last_bn=False, dtype=_dtype(config), bn_axis_name=bn_axis)
+    return backbone, projector
+
+
+def feature_dim(config):
+    """Returns the backbone's representation size."""
+    return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
+                               cifar_stem=config.model.cifar_stem)[1]
+
+
+def init(rng, config, sample_images):
+    """Returns (params, batch_stats, extras) for a backbone and projector; Barlow Twins has no extras."""
+    backbone, projector = networks(config)
+    k_backbone, k_head = jax.random.split(rng)
+    x = jnp.zeros((2, config.augment.crop_size, config.augment.crop_size, sample_images.shape[-1]), jnp.float32)
+    b_vars = backbone.init(k_backbone, x, train=False)
+    h_vars = projector.init(k_head, jnp.zeros((2, feature_dim(config)), jnp.float32), train=False)
+    params = {"backbone": b_vars["params"], "head": h_vars["params"]}
+    batch_stats = {"backbone": b_vars.get("batch_stats", {}), "head": h_vars.get("batch_stats", {})}
+    return params, batch_stats, {}
+
+
+def view_specs(config):
+    """Returns (spec_1, spec_2): config.augment, and the same with barlow_twins.view2_blur_p / view2_solarize_p."""
+    spec_1 = augment.spec_from_config(config.augment)
+    spec_2 = dataclasses.replace(spec_1, blur_p=config.barlow_twins.view2_blur_p,
+                                 solarize_p=config.barlow_twins.view2_solarize_p)
+    return spec_1, spec_2
+
+
+def views(keys_Bx2, images, config):
+    """Returns the two asymmetric views of the uint8 batch (view_specs), each from its own per-example keys."""
+    spec_1, spec_2 = view_specs(config)
+    keys_1 = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, 1)
+    keys_2 = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, 2)
+    return augment.view_batch(keys_1, images, spec_1), augment.view_batch(keys_2, images, spec_2)
+
+
+def _forward(backbone, projector, params, batch_stats, x):
+    """Returns (features_BxF, embeddings_BxD, new batch_stats) of one view in training mode."""
+    h, b_vars = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
+                               x, train=True, mutable=["batch_stats"])
+    z, h_vars = projector.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
+                                h, train=True, mutable=["batch_stats"])
+    return h, z, {"backbone": b_vars["batch_stats"], "head": h_vars.get("batch_stats", {})}
+
+
+def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
+    """Returns the Barlow Twins loss of the two views' embeddings, new BatchNorm statistics, metrics and aux."""
+    del extras, rng, progress
+    backbone, projector = networks(config, axis_name)
+    view_1, view_2 = views
+    # Two passes; the second starts from the statistics the first updated (torch's two forward calls).
+    h1, z1, stats = _forward(backbone, projector, params, batch_stats, view_1.astype(_dtype(config)))
+    _, z2, stats = _forward(backbone, projector, params, stats, view_2.astype(_dtype(config)))
+    # c is summed over all replicas inside, so the value is the same on every device: the global loss.
+    value = losses.barlow_twins(z1, z2, config.loss.lambd, axis_name=axis_name)
+    aux = {"features": jax.lax.stop_gradient(h1).astype(jnp.float32), "embeddings": z1}
+    return value, (stats, {}, aux)
+
+
+def update_extras(params, extras, aux, progress, config):
+    """Returns extras unchanged: Barlow Twins keeps no state outside the optimizer."""
+    del params, aux, progress, config
+    return extras
+
+
+def encode(params, batch_stats, images, config):
+    """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
+    backbone, _ = networks(config)
+    return backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
+                          images.astype(_dtype(config)), train=False).astype(jnp.float32)
