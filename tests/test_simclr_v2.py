@@ -31,7 +31,7 @@ def test_head_is_three_layers_as_wide_as_the_backbone_with_bn_on_every_layer():
     assert _shapes(params["head"]) == {
         "dense0": {"kernel": (4096, 4096)}, "bn0": {"scale": (4096,), "bias": (4096,)},
         "dense1": {"kernel": (4096, 4096)}, "bn1": {"scale": (4096,), "bias": (4096,)},
-        "dense2": {"kernel": (4096, 128)}}  # no Dense biases: BN follows every Dense; output BN affine-free
+        "dense2": {"kernel": (4096, 128)}, "bn2": {"scale": (128,)}}  # output BN: scale, no bias (SimCLR v2 TF)
     assert _shapes(stats["head"]) == {"bn0": {"mean": (4096,), "var": (4096,)},
                                       "bn1": {"mean": (4096,), "var": (4096,)},
                                       "bn2": {"mean": (128,), "var": (128,)}}

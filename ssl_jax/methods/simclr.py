@@ -35,7 +35,8 @@ def networks(config, axis_name=None):
         cifar_stem=config.model.cifar_stem, dtype=_dtype(config), bn_axis_name=bn_axis)
     head = models.MLPHead(
         hidden_dims=(head_hidden_dim(config),) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
-        use_bn=config.head.use_bn, last_bn=config.head.last_bn, dtype=_dtype(config), bn_axis_name=bn_axis)
+        use_bn=config.head.use_bn, last_bn=config.head.last_bn,
+        last_bn_scale=config.head.get("last_bn_scale", False), dtype=_dtype(config), bn_axis_name=bn_axis)
     return backbone, head
 
 

@@ -12,8 +12,10 @@ class MLPHead(nn.Module):
       hidden_dims: widths of the hidden layers; () gives a single linear layer.
       out_dim: output width.
       use_bn: BatchNorm after each hidden Dense. The Dense then has no bias, which BN would cancel.
-      last_bn: BatchNorm without scale or bias on the output (the output Dense then has no bias), as
-        BYOL / SimSiam / MoCo v3 do. SimCLR v2's TF head keeps a learnable scale there; we do not.
+      last_bn: BatchNorm without bias on the output (the output Dense then has no bias), as
+        BYOL / SimSiam / MoCo v3 / SimCLR v2 do.
+      last_bn_scale: give that output BatchNorm a learnable scale (SimCLR v2's TF head: center=False,
+        scale=True); without it the output BN has neither scale nor bias (SimSiam).
       dtype: compute dtype; parameters and BN statistics stay float32, outputs are float32.
       bn_axis_name: mesh axis over which BN averages batch statistics (None: local batch).
     """
@@ -21,15 +23,16 @@ class MLPHead(nn.Module):
     out_dim: int
     use_bn: bool = True
     last_bn: bool = False
+    last_bn_scale: bool = False
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
 
-    def _bn(self, train: bool, name: str, affine: bool = True) -> nn.BatchNorm:
+    def _bn(self, train: bool, name: str, scale: bool = True, bias: bool = True) -> nn.BatchNorm:
         return nn.BatchNorm(
             use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-            use_scale=affine, use_bias=affine, dtype=self.dtype, param_dtype=jnp.float32,
+            use_scale=scale, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32,
             axis_name=self.bn_axis_name, name=name)
 
     @nn.compact
@@ -51,7 +54,7 @@ class MLPHead(nn.Module):
         x = nn.Dense(self.out_dim, use_bias=not self.last_bn, dtype=self.dtype, param_dtype=jnp.float32,
                      name=f"dense{n}")(x)
         if self.last_bn:
-            x = self._bn(train, f"bn{n}", affine=False)(x)
+            x = self._bn(train, f"bn{n}", scale=self.last_bn_scale, bias=False)(x)
         out_BxO = x.astype(jnp.float32)
         return (out_BxO, hidden) if return_hidden else out_BxO
 

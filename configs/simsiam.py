@@ -1,0 +1,42 @@
+"""SimSiam (Chen & He, 2021). Presets: `cifar10`, `imagenet`, `smoke`.
+
+Run (CIFAR-10 from the ImageFolder archive; drop `data.path` to get CIFAR-10 from tensorflow-datasets):
+
+  ssl-jax train --config configs/simsiam.py:cifar10 --workdir runs/simsiam \
+      --config.data.path=../shared/data/cifar10-jpeg.tar.gz
+
+Results: not yet measured on a GPU.
+
+Recipe notes. imagenet is the official recipe (facebookresearch/simsiam main_simsiam.py, README): ResNet-50,
+batch 512, 100 epochs, SGD momentum 0.9 with lr 0.05 x batch/256, cosine decay, no warm-up, weight decay 1e-4
+on every parameter (torch SGD), the predictor at the fixed peak lr (--fix-pred-lr), 3-layer 2048-d projector,
+predictor 2048 -> 512 -> 2048, crops of scale 0.2-1, colour jitter (0.4, 0.4, 0.4, 0.1) p 0.8 (strength 0.5
+here), grayscale 0.2, blur p 0.5. cifar10 follows the paper's CIFAR setting and lightly's cifar10 benchmark
+(ResNet-18, batch 512, 200 epochs): 2-layer projector 512 -> 2048 -> 2048, predictor 2048 -> 512 -> 2048, SGD
+momentum 0.9 with lr 0.03 x batch/256 (0.06 at batch 512, lightly's value), weight decay 5e-4 on every
+parameter, cosine decay without warm-up, the predictor at the fixed lr, SimCLR's CIFAR augmentation without
+blur (jitter strength 0.5, crops of scale 0.08-1).
+"""
+import ml_collections
+
+from ssl_jax import presets
+
+
+def get_config(arg="cifar10"):
+    """Returns the preset named `arg`: cifar10, imagenet or smoke."""
+    c = presets.apply(presets.base("simsiam"), arg)
+    c.projector = ml_collections.ConfigDict(dict(num_layers=2, hidden_dim=2048, out_dim=2048))
+    c.predictor = ml_collections.ConfigDict(dict(hidden_dim=512))
+    # The trainer's params tree is {"model": <method params>, "probe": ...}: this names the predictor.
+    c.optim.update(dict(name="sgd", lr=0.03, lr_scaling="linear", weight_decay=5e-4, momentum=0.9,
+                        warmup_epochs=0, exclude_bias_and_norm=False, fixed_lr_prefixes=("model/predictor",)))
+    if arg == "imagenet":
+        c.num_epochs, c.batch_size = 100, 512
+        c.projector.num_layers = 3
+        c.augment.update(dict(min_scale=0.2, jitter_strength=0.5, blur_p=0.5))
+        c.optim.update(dict(lr=0.05, weight_decay=1e-4))
+    elif arg == "smoke":
+        c.projector.update(dict(hidden_dim=32, out_dim=32))
+        c.predictor.hidden_dim = 8
+        c.optim.lr = 0.1
+    return c

@@ -1,0 +1,145 @@
+"""BYOL (Grill et al., 2020): an online network predicts a slowly moving target network's projection.
+
+Online: backbone -> projector -> predictor (trained). Target: backbone -> projector, an exponential moving
+average of the online weights kept in `extras["target"]`, never differentiated. The loss is
+byol_loss(p1, z2') + byol_loss(p2, z1'): each view's online prediction regresses the target projection of
+the other view. Views are asymmetric: `config.augment` describes view 1, `config.byol.view2_blur_p` and
+`config.byol.view2_solarize_p` are where view 2 differs (ImageNet: blur 1.0 / 0.1, solarize 0 / 0.2).
+
+Decisions checked against the official JAX code (deepmind-research/byol, byol_experiment.py):
+  - Each view goes through the networks separately, so BatchNorm normalises each view with its own batch
+    statistics, as `apply_once_fn` does per view there.
+  - The target runs in training mode: its BatchNorm normalises with the current batch's statistics, and
+    its running averages (`batch_stats["target"]`) are updated by its own forward passes, not averaged from
+    the online ones (the official `target_state` is the state returned by the target's forward). Only the
+    parameters are EMA'd. The running averages are never used in training; they are kept so a target
+    network could be evaluated.
+  - tau(k) = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 with K the total number of steps (schedules.py);
+    the update after step k uses tau(k).
+  - The target starts as a copy of the online network, as in the PyTorch ports (lightly, solo-learn). The
+    official code initialises it from a different seed and notes no significant difference.
+  - The EMA uses the online parameters after this step's update, as the official `_update_fn` does.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ssl_jax import augment, losses, models
+
+ONLINE_PARTS = ("backbone", "projector", "predictor")
+TARGET_PARTS = ("backbone", "projector")
+
+
+def _dtype(config):
+    return jnp.dtype(config.model.dtype)
+
+
+def networks(config, axis_name=None):
+    """Returns the flax modules {'backbone', 'projector', 'predictor'}; BN synchronized over `axis_name`."""
+    bn_axis = axis_name if config.model.sync_bn else None
+    dtype = _dtype(config)
+    backbone, _ = models.get_backbone(
+        config.model.name, width_multiplier=config.model.width_multiplier,
+        cifar_stem=config.model.cifar_stem, dtype=dtype, bn_axis_name=bn_axis)
+    # Both MLPs are Linear -> BN -> ReLU -> Linear, as networks.MLP of the official code.
+    projector = models.MLPHead(hidden_dims=(config.projector.hidden_dim,), out_dim=config.projector.out_dim,
+                               use_bn=True, dtype=dtype, bn_axis_name=bn_axis)
+    predictor = models.MLPHead(hidden_dims=(config.predictor.hidden_dim,), out_dim=config.projector.out_dim,
+                               use_bn=True, dtype=dtype, bn_axis_name=bn_axis)
+    return {"backbone": backbone, "projector": projector, "predictor": predictor}
+
+
+def feature_dim(config):
+    """Returns the backbone's representation size."""
+    return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
+                               cifar_stem=config.model.cifar_stem)[1]
+
+
+def init(rng, config, sample_images):
+    """Returns (params, batch_stats, extras): online networks, BN statistics of both, target = online copy."""
+    nets = networks(config)
+    k_backbone, k_projector, k_predictor = jax.random.split(rng, 3)
+    size = config.augment.crop_size
+    b_vars = nets["backbone"].init(k_backbone, jnp.zeros((2, size, size, sample_images.shape[-1])), train=False)
+    p_vars = nets["projector"].init(k_projector, jnp.zeros((2, feature_dim(config))), train=False)
+    q_vars = nets["predictor"].init(k_predictor, jnp.zeros((2, config.projector.out_dim)), train=False)
+    all_vars = {"backbone": b_vars, "projector": p_vars, "predictor": q_vars}
+    params = {name: v["params"] for name, v in all_vars.items()}
+    stats = {name: v.get("batch_stats", {}) for name, v in all_vars.items()}
+    # The trainer jits init, so the copies below get buffers of their own (donation needs that).
+    stats["target"] = {name: stats[name] for name in TARGET_PARTS}
+    return params, stats, {"target": {name: params[name] for name in TARGET_PARTS}}
+
+
+def target_tau(step, total_steps, tau_base):
+    """Returns the EMA decay tau(step) = 1 - (1 - tau_base) (cos(pi step / total_steps) + 1) / 2, float32."""
+    k = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps)
+    return 1.0 - (1.0 - tau_base) * (jnp.cos(jnp.pi * k / total_steps) + 1.0) / 2.0
+
+
+def views(keys_Bx2, images, config):
+    """Returns (view_1, view_2): config.augment for view 1; view 2 with byol.view2_blur_p / view2_solarize_p."""
+    spec_1 = augment.spec_from_config(config.augment)
+    spec_2 = dataclasses.replace(spec_1, blur_p=config.byol.view2_blur_p,
+                                 solarize_p=config.byol.view2_solarize_p)
+    keys_1 = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, 1)
+    keys_2 = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, 2)
+    return augment.view_batch(keys_1, images, spec_1), augment.view_batch(keys_2, images, spec_2)
+
+
+def forward(params, batch_stats, x, *, config, parts=ONLINE_PARTS, axis_name=None):
+    """Returns ({part: output} for `parts` in order, new BN statistics); every BN uses batch statistics.
+
+    ONLINE_PARTS gives {'backbone': h_BxF, 'projector': z_BxD, 'predictor': p_BxD}; TARGET_PARTS stops at the
+    projection. `params` and `batch_stats` hold (at least) the parts named.
+    """
+    nets = networks(config, axis_name)
+    outputs, new_stats = {}, {}
+    x = x.astype(_dtype(config))
+    for name in parts:
+        x, mutated = nets[name].apply({"params": params[name], "batch_stats": batch_stats[name]}, x, train=True,
+                                      mutable=["batch_stats"])
+        outputs[name], new_stats[name] = x, mutated.get("batch_stats", {})
+    return outputs, new_stats
+
+
+def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
+    """Returns the symmetrised BYOL loss (global batch mean), new BN statistics, metrics and aux."""
+    del rng
+    view_1, view_2 = views
+    online = functools.partial(forward, config=config, parts=ONLINE_PARTS, axis_name=axis_name)
+    target = functools.partial(forward, config=config, parts=TARGET_PARTS, axis_name=axis_name)
+    online_1, online_stats = online(params, batch_stats, view_1)
+    online_2, online_stats = online(params, online_stats, view_2)
+    # The loss is differentiated w.r.t. params only; the stop_gradient states that no gradient reaches the
+    # target (and makes it so even for a caller that differentiates w.r.t. extras).
+    target_params = jax.lax.stop_gradient(extras["target"])
+    target_1, target_stats = target(target_params, batch_stats["target"], view_1)
+    target_2, target_stats = target(target_params, target_stats, view_2)
+    z1_target = jax.lax.stop_gradient(target_1["projector"])
+    z2_target = jax.lax.stop_gradient(target_2["projector"])
+    value = (losses.byol_loss(online_1["predictor"], z2_target, axis_name)
+             + losses.byol_loss(online_2["predictor"], z1_target, axis_name))
+    metrics = {"tau": target_tau(progress["step"], progress["total_steps"], config.byol.tau_base)}
+    new_stats = {**online_stats, "target": target_stats}
+    aux = {"features": jax.lax.stop_gradient(online_1["backbone"]).astype(jnp.float32),
+           "embeddings": online_1["projector"]}
+    return value, (new_stats, metrics, aux)
+
+
+def update_extras(params, extras, aux, progress, config):
+    """Returns extras with target <- tau * target + (1 - tau) * online (backbone and projector)."""
+    del aux
+    tau = target_tau(progress["step"], progress["total_steps"], config.byol.tau_base)
+    online = {name: params[name] for name in TARGET_PARTS}
+    return {"target": optax.incremental_update(online, extras["target"], step_size=1.0 - tau)}
+
+
+def encode(params, batch_stats, images, config):
+    """Returns float32 online backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
+    backbone = networks(config)["backbone"]
+    return backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
+                          images.astype(_dtype(config)), train=False).astype(jnp.float32)

@@ -1,0 +1,176 @@
+"""BYOL: 8 devices equal 1 device (loss, updates, EMA target, BN statistics), no gradient into the target,
+the loss pairs each prediction with the other view's target projection, the EMA and tau schedule, a CLI smoke run."""
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssl_jax import config as config_lib, data, metrics, parallel, train
+from ssl_jax.methods import byol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "byol.py")
+
+
+def _source(n=64, size=16, classes=4, seed=0):
+    rs = np.random.RandomState(seed)
+    images = rs.randint(0, 256, size=(n, size, size, 3)).astype(np.uint8)
+    labels = (np.arange(n) % classes).astype(np.int32)
+    return data.Source(images=images, labels=labels, class_names=list("abcd"), name="test")
+
+
+def _config(*overrides):
+    # tau_base 0.5: the target moves visibly in two steps, so comparing it across device counts means something.
+    return config_lib.load_config(f"{CONFIG}:smoke", ["batch_size=16", "optim.lr=0.5", "byol.tau_base=0.5",
+                                                      *overrides])
+
+
+def _run(setup, state, source, steps=2):
+    history = []
+    for step in range(steps):
+        idx = np.arange(step * 16, (step + 1) * 16, dtype=np.int32)
+        batch = parallel.put_batch({"index": idx, "label": source.labels[idx]}, setup.mesh)
+        state, m = setup.step_fn(state, setup.dataset, batch)
+        history.append(jax.device_get(m))
+    return jax.device_get(state), history
+
+
+def _assert_trees_close(a, b, **tol):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+def _rbg_initial_state(setup):
+    """Returns a host copy of the initial state, initialised with rbg keys and given a threefry step key.
+
+    Initialisation is not under test here (test_train_step compares it across device counts), and the
+    threefry init takes several times longer to compile; both device counts start from this one state.
+    """
+    impl = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        state = jax.device_get(train.initial_state(setup))
+    finally:
+        jax.config.update("jax_default_prng_impl", impl)
+    state["rng"] = np.asarray(jax.random.PRNGKey(1))
+    return state
+
+
+def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument
+    # Colour jitter off: its per-example, device-count-independent draws are test_augment's to check, and it
+    # costs seconds of compile here; crop, flip, grayscale and solarize still use the per-example keys.
+    source, config = _source(), _config("augment.jitter_p=0.0")
+    setup1 = train.build(config, source, devices=jax.devices()[:1])
+    setup8 = train.build(config, source, devices=jax.devices())
+    before = _rbg_initial_state(setup1)
+    after1, hist1 = _run(setup1, parallel.put_replicated(before, setup1.mesh), source)
+    after8, hist8 = _run(setup8, parallel.put_replicated(before, setup8.mesh), source)
+    for m1, m8 in zip(hist1, hist8):
+        for key in ("loss", "grad_norm", "param_norm", "probe_loss", "tau"):
+            np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
+    assert hist1[1]["tau"] > hist1[0]["tau"] == np.float32(0.5)
+    # Equal parameter updates after two SGD steps mean equal gradients.
+    delta1 = jax.tree.map(np.subtract, after1["params"], before["params"])
+    delta8 = jax.tree.map(np.subtract, after8["params"], before["params"])
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(delta1)) > 1e-4
+    _assert_trees_close(delta8, delta1, rtol=1e-4, atol=1e-6)
+    # The EMA target moved, and identically; so did both networks' BatchNorm statistics.
+    target_delta1 = jax.tree.map(np.subtract, after1["extras"], before["extras"])
+    target_delta8 = jax.tree.map(np.subtract, after8["extras"], before["extras"])
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(target_delta1)) > 1e-3
+    _assert_trees_close(target_delta8, target_delta1, rtol=1e-4, atol=1e-6)
+    assert set(after1["batch_stats"]) == {"backbone", "projector", "predictor", "target"}
+    _assert_trees_close(after8["batch_stats"], after1["batch_stats"], rtol=1e-4, atol=1e-6)
+
+
+def _cos_np(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_loss_pairs_views_and_the_target_gets_no_gradient():
+    config = _config("augment.jitter_p=0.0")  # views are not under test here; jitter is slow to compile
+    images = _source(n=8).images
+    params, stats, extras = jax.jit(lambda k: byol.init(k, config, images))(jax.random.PRNGKey(0))
+    # The target starts as a copy of the online backbone and projector...
+    jax.tree.map(np.testing.assert_array_equal, extras["target"], {k: params[k] for k in byol.TARGET_PARTS})
+    # ...and is made different from it here, as it is after the first step.
+    extras = jax.tree.map(lambda x: x * 0.9 + 0.01, extras)
+    keys = jax.random.split(jax.random.PRNGKey(1), 8)
+    views = jax.jit(lambda k, im: byol.views(k, im, config))(keys, images)
+    progress = {"step": jnp.int32(0), "steps_per_epoch": 8, "total_steps": 16}
+
+    def loss_fn(p, e):
+        return byol.loss(p, stats, e, views, None, progress, config=config, axis_name=None)
+
+    @jax.jit
+    def run(p, e):
+        (value, (new_stats, _, aux)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(p, e)
+        outs = []
+        for v in views:
+            online, _ = byol.forward(p, stats, v, config=config)
+            target, _ = byol.forward(e["target"], stats["target"], v, config=config, parts=byol.TARGET_PARTS)
+            outs.append((online["predictor"], target["projector"]))
+        return value, new_stats, aux, grads, outs
+
+    value, new_stats, aux, (g_params, g_extras), outs = run(params, extras)
+    (p1, t1), (p2, t2) = outs
+    expected = np.mean(2 - 2 * _cos_np(p1, t2)) + np.mean(2 - 2 * _cos_np(p2, t1))
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_extras))
+    for part in byol.ONLINE_PARTS:
+        assert max(float(np.abs(g).max()) for g in jax.tree.leaves(g_params[part])) > 0, part
+    assert aux["features"].shape == (8, byol.feature_dim(config)) and aux["embeddings"].shape == (8, 16)
+    # The target's BatchNorm statistics come from its own forward pass in training mode.
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         new_stats["target"], stats["target"])
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_tau_schedule_and_ema_update_match_numpy():
+    total, base = 1000, 0.996
+    for step, expected in ((0, base), (total // 2, 1 - (1 - base) / 2), (total, 1.0), (2 * total, 1.0)):
+        np.testing.assert_allclose(float(byol.target_tau(step, total, base)), expected, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(float(byol.target_tau(137, total, base)),
+                               1 - (1 - base) * (math.cos(math.pi * 137 / total) + 1) / 2, atol=1e-7)
+
+    rs = np.random.RandomState(0)
+
+    def tree():
+        return {"w": rs.randn(3, 4).astype(np.float32), "b": rs.randn(4).astype(np.float32)}
+
+    params = {"backbone": tree(), "projector": tree(), "predictor": tree()}
+    extras = {"target": {"backbone": tree(), "projector": tree()}}
+    config = _config()
+    progress = {"step": jnp.int32(3), "steps_per_epoch": 4, "total_steps": 8}
+    new = byol.update_extras(params, extras, {}, progress, config)
+    tau = 1 - (1 - 0.5) * (math.cos(math.pi * 3 / 8) + 1) / 2
+    assert set(new["target"]) == {"backbone", "projector"}  # the predictor has no target
+    for part in ("backbone", "projector"):
+        for name in ("w", "b"):
+            expected = tau * extras["target"][part][name] + (1 - tau) * params[part][name]
+            np.testing.assert_allclose(new["target"][part][name], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_smoke_run_through_the_cli(tmp_path):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # as a user runs it: the real device count
+    env["JAX_PLATFORMS"] = "cpu"
+    # rbg keys: threefry's init takes ~10 s more to compile, and test_cli runs the CLI with the default.
+    env["JAX_DEFAULT_PRNG_IMPL"] = "rbg"
+    workdir = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "ssl_jax", "train", "--config", f"{CONFIG}:smoke", "--workdir",
+                           workdir, "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    assert rows and rows[-1]["step"] == 16
+    for row in rows:
+        for key in ("loss", "embedding_std_ratio", "effective_rank", "collapsed", "tau"):
+            assert np.isfinite(row[key]), (key, row)
+        assert 0 <= row["loss"] <= 8  # two terms of 2 - 2 cos, each in [0, 4]
+        assert row["embedding_std_ratio"] > 0 and row["effective_rank"] >= 1
+    taus = [r["tau"] for r in rows]
+    assert taus == sorted(taus) and 0.99 < taus[0] and taus[-1] <= 1.0

@@ -1,0 +1,179 @@
+"""SimSiam: 8 devices equal 1 device, the stop-gradient branch carries no gradient, the loss pairs each
+prediction with the other view's projection, the predictor keeps its fixed learning rate, a CLI smoke run."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssl_jax import config as config_lib, data, metrics, optim, parallel, train
+from ssl_jax.methods import simsiam
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "simsiam.py")
+
+
+def _source(n=64, size=16, classes=4, seed=0):
+    rs = np.random.RandomState(seed)
+    images = rs.randint(0, 256, size=(n, size, size, 3)).astype(np.uint8)
+    labels = (np.arange(n) % classes).astype(np.int32)
+    return data.Source(images=images, labels=labels, class_names=list("abcd"), name="test")
+
+
+def _config(*overrides):
+    return config_lib.load_config(f"{CONFIG}:smoke", ["batch_size=16", "optim.lr=0.5", *overrides])
+
+
+def _rbg_initial_state(setup):
+    """Returns a host copy of the initial state, initialised with rbg keys and given a threefry step key.
+
+    Initialisation is not under test here (test_train_step compares it across device counts), and the
+    threefry init takes several times longer to compile; both device counts start from this one state.
+    """
+    impl = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        state = jax.device_get(train.initial_state(setup))
+    finally:
+        jax.config.update("jax_default_prng_impl", impl)
+    state["rng"] = np.asarray(jax.random.PRNGKey(1))
+    return state
+
+
+def _run(setup, state, source, steps=2):
+    history = []
+    for step in range(steps):
+        idx = np.arange(step * 16, (step + 1) * 16, dtype=np.int32)
+        batch = parallel.put_batch({"index": idx, "label": source.labels[idx]}, setup.mesh)
+        state, m = setup.step_fn(state, setup.dataset, batch)
+        history.append(jax.device_get(m))
+    return jax.device_get(state), history
+
+
+def _assert_trees_close(a, b, **tol):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument
+    # Colour jitter off: its per-example, device-count-independent draws are test_augment's to check, and it
+    # costs seconds of compile here; crop, flip, grayscale and solarize still use the per-example keys.
+    source, config = _source(), _config("augment.jitter_p=0.0")
+    setup1 = train.build(config, source, devices=jax.devices()[:1])
+    setup8 = train.build(config, source, devices=jax.devices())
+    before = _rbg_initial_state(setup1)
+    after1, hist1 = _run(setup1, parallel.put_replicated(before, setup1.mesh), source)
+    after8, hist8 = _run(setup8, parallel.put_replicated(before, setup8.mesh), source)
+    for m1, m8 in zip(hist1, hist8):
+        for key in ("loss", "grad_norm", "param_norm", "probe_loss"):
+            np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
+        assert -1.0 <= m1["loss"] <= 1.0
+    # Equal parameter updates after two SGD steps mean equal gradients (predictor included).
+    delta1 = jax.tree.map(np.subtract, after1["params"], before["params"])
+    delta8 = jax.tree.map(np.subtract, after8["params"], before["params"])
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(delta1["model"]["predictor"])) > 1e-4
+    _assert_trees_close(delta8, delta1, rtol=1e-4, atol=1e-6)
+    _assert_trees_close(after8["batch_stats"], after1["batch_stats"], rtol=1e-4, atol=1e-6)
+    assert after1["extras"] == {} and after8["extras"] == {}
+
+
+def _neg_cos(p, z):
+    """-mean cos(p_i, z_i) with no stop-gradient: the reference decides where gradients flow."""
+    p = p / jnp.linalg.norm(p, axis=1, keepdims=True)
+    z = z / jnp.linalg.norm(z, axis=1, keepdims=True)
+    return -jnp.mean(jnp.sum(p * z, axis=1))
+
+
+def test_stop_gradient_branch_carries_no_gradient():
+    config = _config("augment.jitter_p=0.0")  # views are not under test here; jitter is slow to compile
+    images = _source(n=8).images
+    params, stats, _ = jax.jit(lambda k: simsiam.init(k, config, images))(jax.random.PRNGKey(0))
+    # The projector's output BatchNorm (bn1 of a 2-layer head) has statistics but no affine parameters.
+    assert "bn1" in stats["projector"] and "bn1" not in params["projector"] and "bn0" in params["projector"]
+    keys = jax.random.split(jax.random.PRNGKey(1), 8)
+    view_1, view_2 = jax.jit(lambda k, im: simsiam.views(k, im, config))(keys, images)
+    progress = {"step": jnp.int32(0), "steps_per_epoch": 8, "total_steps": 16}
+
+    def method_loss(p):
+        return simsiam.loss(p, stats, {}, (view_1, view_2), None, progress, config=config, axis_name=None)[0]
+
+    def reference(p_online, p_target):
+        # The target branch (z) from its own copy of the parameters: the gradient w.r.t. p_online alone is
+        # what the stop-gradient must give; the sum of both is the gradient without it.
+        out_1, s = simsiam.forward(p_online, stats, view_1, config=config)
+        out_2, _ = simsiam.forward(p_online, s, view_2, config=config)
+        tgt_1, s = simsiam.forward(p_target, stats, view_1, config=config)
+        tgt_2, _ = simsiam.forward(p_target, s, view_2, config=config)
+        return (0.5 * _neg_cos(out_1["predictor"], tgt_2["projector"])
+                + 0.5 * _neg_cos(out_2["predictor"], tgt_1["projector"]))
+
+    @jax.jit
+    def run(p):
+        value, grads = jax.value_and_grad(method_loss)(p)
+        ref_value, ref_grads = jax.value_and_grad(reference, argnums=(0, 1))(p, p)
+        return value, grads, ref_value, ref_grads
+
+    value, grads, ref_value, (online_grads, target_branch_grads) = run(params)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    _assert_trees_close(grads, online_grads, rtol=1e-4, atol=1e-7)
+    # The test has teeth: without the stop-gradient the projector would also get the target branch's
+    # gradient, and that is far from zero.
+    branch = jax.tree.map(lambda g: float(np.abs(g).max()), target_branch_grads["projector"])
+    assert max(jax.tree.leaves(branch)) > 1e-4
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(target_branch_grads["predictor"]))
+    # And directly: the targets z1, z2 of the symmetric loss get exactly zero gradient, the predictions do not.
+    p1, p2, z1, z2 = np.random.RandomState(0).randn(4, 8, 32).astype(np.float32)
+    g_p1, g_p2, g_z1, g_z2 = jax.grad(simsiam.symmetric_loss, argnums=(0, 1, 2, 3))(p1, p2, z1, z2)
+    assert np.all(np.asarray(g_z1) == 0) and np.all(np.asarray(g_z2) == 0)
+    assert float(np.abs(g_p1).min()) > 0 and float(np.abs(g_p2).min()) > 0
+
+
+def test_predictor_keeps_the_fixed_learning_rate():
+    # No momentum and no weight decay, so that an update is exactly -lr * gradient.
+    config = _config("optim.momentum=0.0", "optim.weight_decay=0.0", "optim.warmup_epochs=1")
+    assert config.optim.fixed_lr_prefixes == ("model/predictor",)
+    images = _source(n=8).images
+    params, _, _ = jax.jit(lambda k: simsiam.init(k, config, images))(jax.random.PRNGKey(0))
+    all_params = {"model": params, "probe": {"fc": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}}}
+    labels = optim.group_labels(all_params, config.optim.fixed_lr_prefixes)
+    for part, tree in labels["model"].items():
+        assert set(jax.tree.leaves(tree)) == {"fixed" if part == "predictor" else "default"}, part
+    steps_per_epoch, epochs = 5, 4
+    tx, schedule = optim.make_optimizer(config.optim, config.batch_size, steps_per_epoch, epochs)
+    peak = 0.5 * config.batch_size / 256
+    grads = jax.tree.map(jnp.ones_like, all_params)
+    opt_state = tx.init(all_params)
+    update = jax.jit(tx.update)
+    for step in range(steps_per_epoch * epochs):
+        updates, opt_state = update(grads, opt_state, all_params)
+        lr_now = float(schedule(step))
+        for part, tree in updates["model"].items():
+            expected = peak if part == "predictor" else lr_now  # warm-up and decay skip the predictor
+            for u in jax.tree.leaves(tree):
+                np.testing.assert_allclose(-np.asarray(u), expected, rtol=1e-5, atol=1e-9, err_msg=part)
+        np.testing.assert_allclose(-np.asarray(updates["probe"]["fc"]["bias"]), lr_now, rtol=1e-5, atol=1e-9)
+    assert float(schedule(0)) == 0.0 and np.isclose(float(schedule(steps_per_epoch)), peak)  # warm-up, then peak
+    assert float(schedule(steps_per_epoch * epochs - 1)) < 0.05 * peak  # ...decayed by the end
+
+
+def test_smoke_run_through_the_cli(tmp_path):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # as a user runs it: the real device count
+    env["JAX_PLATFORMS"] = "cpu"
+    # rbg keys: threefry's init takes ~10 s more to compile, and test_cli runs the CLI with the default.
+    env["JAX_DEFAULT_PRNG_IMPL"] = "rbg"
+    workdir = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "ssl_jax", "train", "--config", f"{CONFIG}:smoke", "--workdir",
+                           workdir, "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    assert rows and rows[-1]["step"] == 16
+    for row in rows:
+        for key in ("loss", "embedding_std_ratio", "effective_rank", "collapsed"):
+            assert np.isfinite(row[key]), (key, row)
+        assert -1.0 <= row["loss"] <= 1.0  # minus a mean cosine
+        assert row["embedding_std_ratio"] > 0 and row["effective_rank"] >= 1
+    # Without warm-up the logged (backbone) learning rate starts at the peak and decays.
+    lrs = [r["lr"] for r in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
