@@ -15,9 +15,8 @@ for biases and BatchNorm parameters (bias_lr_factor = 0.0048 / 0.2 = 0.024), bot
 and from the trust ratio; 10 warm-up epochs, then cosine decay to 1/1000 of the peak. Weight decay 1.5e-6 is
 the paper's (the final main.py defaults to 1e-6). The loss is not scaled: the old `--scale-loss 0.024` is
 folded into the bias learning rate, as the final main.py does. Views are BYOL's asymmetric pair (blur
-p = 1.0 / 0.1, solarize p = 0.0 / 0.2). Colour jitter: the official brightness/contrast/saturation/hue is
-0.4/0.4/0.2/0.1; our strength-s jitter is (0.8s, 0.8s, 0.8s, 0.2s), so s = 0.5 matches all but saturation
-(0.4 instead of 0.2).
+p = 1.0 / 0.1, solarize p = 0.0 / 0.2). Colour jitter: the official brightness/contrast/saturation/hue
+0.4/0.4/0.2/0.1 (`augment.jitter`, in every preset).
 cifar10 follows lightly's CIFAR-10 benchmark, a recipe measured at 200 epochs / batch 512: ResNet-18 (CIFAR
 stem), lightly's BarlowTwinsProjectionHead(512, 2048, 2048), i.e. the official projector at 2048-2048-2048
 (its "2-layer" comment there is stale), the same asymmetric views without blur
@@ -39,7 +38,7 @@ def get_config(arg="cifar10"):
     c.loss = ml_collections.ConfigDict(dict(lambd=0.0051))
     # config.augment is view 1; view 2 differs in blur and solarisation (the same convention as configs/byol.py).
     c.barlow_twins = ml_collections.ConfigDict(dict(view2_blur_p=0.0, view2_solarize_p=0.2))
-    c.augment.update(dict(jitter_strength=0.5, blur_p=0.0, solarize_p=0.0))
+    c.augment.update(dict(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.0, solarize_p=0.0))
     if arg == "imagenet":
         c.num_epochs, c.batch_size = 1000, 2048
         c.head.update(dict(hidden_dim=8192, out_dim=8192))

@@ -44,7 +44,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.875  # ImageNet convention: resize to 256, center crop 224
 
-_TUPLE_FIELDS = ("crop_scale", "crop_ratio", "blur_sigma", "mean", "std")
+_TUPLE_FIELDS = ("crop_scale", "crop_ratio", "blur_sigma", "mean", "std", "jitter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,7 @@ class ViewSpec:
     crop_ratio: tuple = (3 / 4, 4 / 3)
     flip_p: float = 0.5
     jitter_strength: float = 1.0
+    jitter: tuple = ()  # explicit (brightness, contrast, saturation, hue) ranges; overrides jitter_strength
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.0
@@ -95,8 +96,9 @@ def view(key, image, spec):
     # Ops with probability 0 are skipped at trace time (the spec is static), not computed and discarded.
     if spec.flip_p > 0:
         x = flip_left_right(k_flip, x, spec.flip_p)
-    if spec.jitter_p > 0 and spec.jitter_strength > 0:
-        x = color_jitter(k_jitter, x, spec.jitter_strength, spec.jitter_p)
+    strength = spec.jitter or spec.jitter_strength
+    if spec.jitter_p > 0 and (spec.jitter or spec.jitter_strength > 0):
+        x = color_jitter(k_jitter, x, strength, spec.jitter_p)
     if spec.grayscale_p > 0:
         x = random_grayscale(k_gray, x, spec.grayscale_p)
     if spec.blur_p > 0:
@@ -118,6 +120,7 @@ def spec_from_config(aug_cfg):
         crop_scale=(aug_cfg.min_scale, aug_cfg.max_scale),
         flip_p=aug_cfg.flip_p,
         jitter_strength=aug_cfg.jitter_strength,
+        jitter=tuple(aug_cfg.get("jitter", ()) or ()),
         jitter_p=aug_cfg.jitter_p,
         grayscale_p=aug_cfg.grayscale_p,
         blur_p=aug_cfg.blur_p,

@@ -157,18 +157,29 @@ def adjust_hue(image, delta):
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
+def jitter_ranges(strength):
+    """Returns (brightness, contrast, saturation, hue) ranges: SimCLR's (0.8s, 0.8s, 0.8s, 0.2s) for a scalar
+    strength s, or the 4-tuple itself (e.g. BYOL's 0.4, 0.4, 0.2, 0.1)."""
+    if isinstance(strength, (tuple, list)):
+        if len(strength) != 4:
+            raise ValueError(f"colour jitter needs (brightness, contrast, saturation, hue), got {strength!r}")
+        return tuple(float(v) for v in strength)
+    return (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+
+
 def _jitter_from_uniform(u_8, strength):
-    """Maps 8 uniforms to SimCLR's jitter factors (brightness, contrast, saturation, hue) and order."""
-    x = 0.8 * strength
-    lo = jnp.maximum(0.0, 1.0 - x)
-    bcs_3 = lo + (1.0 + x - lo) * u_8[:3]
-    hue = 0.2 * strength * (2.0 * u_8[3] - 1.0)
+    """Maps 8 uniforms to jitter factors (brightness, contrast, saturation, hue) and a random op order."""
+    ranges = jitter_ranges(strength)
+    x_3 = jnp.asarray(ranges[:3], jnp.float32)
+    lo_3 = jnp.maximum(0.0, 1.0 - x_3)
+    bcs_3 = lo_3 + (1.0 + x_3 - lo_3) * u_8[:3]
+    hue = ranges[3] * (2.0 * u_8[3] - 1.0)
     # argsort of i.i.d. uniforms is a uniformly random permutation
     return jnp.concatenate([bcs_3, hue[None]]), jnp.argsort(u_8[4:]).astype(jnp.int32)
 
 
 def sample_jitter(key, strength):
-    """Returns (factors_4, order_4): SimCLR's brightness/contrast/saturation/hue draws and op order."""
+    """Returns (factors_4, order_4): brightness/contrast/saturation/hue draws and op order (see jitter_ranges)."""
     return _jitter_from_uniform(jax.random.uniform(key, (8,)), strength)
 
 
@@ -182,7 +193,7 @@ def apply_jitter(image, factors_4, order_4):
 
 
 def color_jitter(key, image, strength, p=0.8):
-    """Returns image (HxWx3) colour-jittered as SimCLR (random order) with probability p."""
+    """Returns image (HxWx3) colour-jittered in random order with probability p; strength as jitter_ranges."""
     u = jax.random.uniform(key, (9,))
     jittered = apply_jitter(image, *_jitter_from_uniform(u[:8], strength))
     return jnp.where(u[8] < p, jittered, image)

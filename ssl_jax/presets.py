@@ -24,7 +24,7 @@ def base(method):
     c.model = ml_collections.ConfigDict(dict(
         name="resnet18", width_multiplier=1, cifar_stem=True, dtype="bfloat16", sync_bn=True))
     c.augment = ml_collections.ConfigDict(dict(
-        crop_size=32, min_scale=0.08, max_scale=1.0, flip_p=0.5, jitter_strength=0.5, jitter_p=0.8,
+        crop_size=32, min_scale=0.08, max_scale=1.0, flip_p=0.5, jitter_strength=0.5, jitter=(), jitter_p=0.8,
         grayscale_p=0.2, blur_p=0.0, solarize_p=0.0, mean=CIFAR_MEAN, std=CIFAR_STD))
     c.optim = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.12, lr_scaling="linear", weight_decay=5e-4, momentum=0.9, nesterov=False,

@@ -383,3 +383,25 @@ def test_center_view_resize_and_crop_matches_pil(h, w):
         expect = np.asarray(pil, np.float64)[top:top + 32, left:left + 32] / 255
         # PIL rounds to uint8 after each pass, hence a couple of 1/255 steps of slack.
         np.testing.assert_allclose(out[i], expect, atol=2.5 / 255)
+
+
+def test_explicit_jitter_ranges_override_the_strength():
+    assert ops.jitter_ranges(0.5) == pytest.approx((0.4, 0.4, 0.4, 0.1))
+    assert ops.jitter_ranges((0.4, 0.4, 0.2, 0.1)) == (0.4, 0.4, 0.2, 0.1)
+    with pytest.raises(ValueError, match="brightness, contrast, saturation, hue"):
+        ops.jitter_ranges((0.4, 0.4))
+    factors = jax.vmap(lambda k: ops.sample_jitter(k, (0.4, 0.4, 0.2, 0.1))[0])(
+        jax.random.split(jax.random.PRNGKey(0), 2000))
+    factors = np.asarray(factors)
+    for i, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+        assert lo <= factors[:, i].min() and factors[:, i].max() <= hi
+        assert factors[:, i].min() < lo + 0.02 and factors[:, i].max() > hi - 0.02  # the whole range is used
+    spec = augment.spec_from_config(ml_collections.ConfigDict(dict(
+        crop_size=8, min_scale=0.5, max_scale=1.0, flip_p=0.5, jitter_strength=0.0, jitter=(0.4, 0.4, 0.2, 0.1),
+        jitter_p=1.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, mean=(0.5,) * 3, std=(0.25,) * 3)))
+    assert spec.jitter == (0.4, 0.4, 0.2, 0.1)
+    images = np.random.RandomState(0).randint(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    plain = augment.view_batch(keys, images, dataclasses.replace(spec, jitter=(), jitter_strength=0.0))
+    jittered = augment.view_batch(keys, images, spec)
+    assert not np.allclose(plain, jittered)  # strength 0 alone would skip the jitter; the ranges apply it
