@@ -132,7 +132,7 @@ def test_presets_follow_the_official_recipe():
     assert (imagenet.loss.lambd, imagenet.batch_size, imagenet.num_epochs) == (0.0051, 2048, 1000)
     spec_1, spec_2 = barlow_twins.view_specs(imagenet)
     assert (spec_1.blur_p, spec_1.solarize_p, spec_2.blur_p, spec_2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
-    assert spec_1.size == 224 and spec_2.jitter_strength == 0.5
+    assert spec_1.size == 224 and spec_1.jitter == spec_2.jitter == (0.4, 0.4, 0.2, 0.1)
     cifar = _config("cifar10")
     spec_1, spec_2 = barlow_twins.view_specs(cifar)
     assert (spec_1.blur_p, spec_2.blur_p, spec_1.solarize_p, spec_2.solarize_p) == (0.0, 0.0, 0.0, 0.2)
