@@ -1,4 +1,4 @@
-"""`ssl-jax train|eval|bench`: the only place that reads command-line flags."""
+"""`ssl-jax train|eval|bench|report|export`: the only place that reads command-line flags."""
 import argparse
 import json
 import sys
@@ -15,6 +15,12 @@ def _parser():
         sp.add_argument("--cpu-devices", type=int, default=0,
                         help="fake this many CPU devices (for trying the sharded path without accelerators)")
         sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        sp.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (several processes: TPU VM slices, SLURM, "
+                             "multi-node GPU); with no coordinator flags JAX detects the cluster itself")
+        sp.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
+        sp.add_argument("--num-processes", type=int, default=None)
+        sp.add_argument("--process-id", type=int, default=None)
 
     t = sub.add_parser("train", help="pretrain (resumes from DIR's newest checkpoint)", epilog=USAGE_OVERRIDES)
     t.add_argument("--config", required=True, help="configs/<method>.py:<preset>")
@@ -22,8 +28,17 @@ def _parser():
     common(t)
     e = sub.add_parser("eval", help="evaluate a run's newest checkpoint", epilog=USAGE_OVERRIDES)
     e.add_argument("--workdir", required=True)
-    e.add_argument("--protocol", required=True, choices=("knn", "linear"))
+    e.add_argument("--protocol", required=True, help="knn | linear | linear_full | fewshot | semi1 | semi10")
     common(e)
+    r = sub.add_parser("report", help="Markdown table and PNG plots comparing runs")
+    r.add_argument("--workdir", required=True, nargs="+", help="one or more run directories")
+    r.add_argument("--out", default="", help="output directory (default: the first workdir's report/)")
+    common(r)
+    x = sub.add_parser("export", help="write the backbone weights for use elsewhere")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--format", required=True, choices=("npz", "safetensors", "torch"))
+    x.add_argument("--out", default="", help="output file (default: DIR/export/backbone.<ext>)")
+    common(x)
     b = sub.add_parser("bench", help="time the full training step (input and augmentation included)",
                        epilog=USAGE_OVERRIDES)
     b.add_argument("--config", required=True)
@@ -58,6 +73,9 @@ def main(argv=None):
     import jax  # pylint: disable=import-outside-toplevel  (after parsing: --help stays fast)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.distributed:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     from ssl_jax import config as config_lib, data, train  # pylint: disable=import-outside-toplevel
     expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, FileNotFoundError, ValueError)
     try:
@@ -68,6 +86,12 @@ def main(argv=None):
             from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
             result = protocols.evaluate_workdir(args.workdir, args.protocol, overrides, progress=not args.no_progress)
             print(json.dumps(result))
+        elif args.command == "report":
+            from ssl_jax import report  # pylint: disable=import-outside-toplevel
+            print(json.dumps(report.write_report(args.workdir, args.out or None)))
+        elif args.command == "export":
+            from ssl_jax import export  # pylint: disable=import-outside-toplevel
+            print(json.dumps({"path": export.export_workdir(args.workdir, args.format, args.out or None)}))
         elif args.command == "bench":
             from ssl_jax import bench  # pylint: disable=import-outside-toplevel
             config = config_lib.load_config(args.config, overrides)

@@ -55,6 +55,23 @@ class MetricWriter:
             self._tb = None
 
 
+def last_value(path, key, default=0.0):
+    """Returns the last value of `key` in a metrics.jsonl file (default if absent or no file)."""
+    if not os.path.exists(path):
+        return default
+    values = [r[key] for r in read_jsonl(path) if isinstance(r.get(key), (int, float))]
+    return float(values[-1]) if values else default
+
+
+def append_run_info(workdir, **info):
+    """Appends one JSON line describing this (re)start of a run to DIR/runs.jsonl: devices, versions, time."""
+    import datetime  # pylint: disable=import-outside-toplevel
+    row = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **info}
+    with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
 def read_jsonl(path):
     """Returns the list of records in a metrics.jsonl file."""
     with open(path) as f:

@@ -187,6 +187,12 @@ def train(config, workdir, *, progress=True, evaluate_fn=None):
         manager.close()
         return state
 
+    elapsed_before = metrics_lib.last_value(os.path.join(workdir, "metrics.jsonl"), "elapsed_s") if start else 0.0
+    run_start = time.perf_counter()
+    if is_main:
+        metrics_lib.append_run_info(workdir, start_step=start, devices=setup.mesh.devices.size,
+                                    device_kind=jax.devices()[0].device_kind, processes=jax.process_count(),
+                                    jax_version=jax.__version__)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     guard = checkpoint.PreemptionGuard(manager)
     batches = loader(setup, start)
@@ -212,6 +218,7 @@ def train(config, workdir, *, progress=True, evaluate_fn=None):
             record["img_per_s"] = (done - timer[1]) * config.batch_size / max(now - timer[0], 1e-9)
             timer = (now, done)
             record["epoch"] = done / spe
+            record["elapsed_s"] = elapsed_before + now - run_start  # wall time of training, over all resumes
             writer.write(done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             if record.get("collapsed"):
