@@ -23,28 +23,19 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import augment, losses, models
+from ssl_jax.methods import common
 
-
-def _dtype(config):
-    return jnp.dtype(config.model.dtype)
 
 
 def networks(config, axis_name=None):
     """Returns (backbone, projector) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn."""
-    bn_axis = axis_name if config.model.sync_bn else None
-    backbone, _ = models.get_backbone(
-        config.model.name, width_multiplier=config.model.width_multiplier,
-        cifar_stem=config.model.cifar_stem, dtype=_dtype(config), bn_axis_name=bn_axis)
+    bn_axis = common.bn_axis(config, axis_name)
+    backbone = common.backbone(config, axis_name)
     projector = models.MLPHead(
         hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
-        use_bn=True, last_bn=False, dtype=_dtype(config), bn_axis_name=bn_axis)
+        use_bn=True, last_bn=False, dtype=common.compute_dtype(config), bn_axis_name=bn_axis)
     return backbone, projector
 
-
-def feature_dim(config):
-    """Returns the backbone's representation size."""
-    return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
-                               cifar_stem=config.model.cifar_stem)[1]
 
 
 def init(rng, config, sample_images):
@@ -90,8 +81,8 @@ def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name
     backbone, projector = networks(config, axis_name)
     view_1, view_2 = views
     # Two passes; the second starts from the statistics the first updated (torch's two forward calls).
-    h1, z1, stats = _forward(backbone, projector, params, batch_stats, view_1.astype(_dtype(config)))
-    _, z2, stats = _forward(backbone, projector, params, stats, view_2.astype(_dtype(config)))
+    h1, z1, stats = _forward(backbone, projector, params, batch_stats, view_1.astype(common.compute_dtype(config)))
+    _, z2, stats = _forward(backbone, projector, params, stats, view_2.astype(common.compute_dtype(config)))
     # c is summed over all replicas inside, so the value is the same on every device: the global loss.
     value = losses.barlow_twins(z1, z2, config.loss.lambd, axis_name=axis_name)
     aux = {"features": jax.lax.stop_gradient(h1).astype(jnp.float32), "embeddings": z1}
@@ -104,8 +95,5 @@ def update_extras(params, extras, aux, progress, config):
     return extras
 
 
-def encode(params, batch_stats, images, config):
-    """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
-    backbone, _ = networks(config)
-    return backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                          images.astype(_dtype(config)), train=False).astype(jnp.float32)
+feature_dim = common.feature_dim
+encode = common.encode

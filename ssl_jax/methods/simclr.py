@@ -21,29 +21,21 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import augment, losses, models
+from ssl_jax.methods import common
 
-
-def _dtype(config):
-    return jnp.dtype(config.model.dtype)
 
 
 def networks(config, axis_name=None):
     """Returns (backbone, head) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn."""
-    bn_axis = axis_name if config.model.sync_bn else None
-    backbone, _ = models.get_backbone(
-        config.model.name, width_multiplier=config.model.width_multiplier,
-        cifar_stem=config.model.cifar_stem, dtype=_dtype(config), bn_axis_name=bn_axis)
+    bn_axis = common.bn_axis(config, axis_name)
+    backbone = common.backbone(config, axis_name)
     head = models.MLPHead(
         hidden_dims=(head_hidden_dim(config),) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
         use_bn=config.head.use_bn, last_bn=config.head.last_bn,
-        last_bn_scale=config.head.get("last_bn_scale", False), dtype=_dtype(config), bn_axis_name=bn_axis)
+        last_bn_scale=config.head.get("last_bn_scale", False), dtype=common.compute_dtype(config),
+        bn_axis_name=bn_axis)
     return backbone, head
 
-
-def feature_dim(config):
-    """Returns the backbone's representation size."""
-    return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
-                               cifar_stem=config.model.cifar_stem)[1]
 
 
 def head_hidden_dim(config):
@@ -79,7 +71,7 @@ def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name
     view_1, view_2 = views
     b = view_1.shape[0]
     # Both views in one pass, as SimCLR does: BatchNorm statistics are taken over all 2B images.
-    x = jnp.concatenate([view_1, view_2], axis=0).astype(_dtype(config))
+    x = jnp.concatenate([view_1, view_2], axis=0).astype(common.compute_dtype(config))
     h, b_vars = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
                                x, train=True, mutable=["batch_stats"])
     z, h_vars = head.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
@@ -97,12 +89,6 @@ def update_extras(params, extras, aux, progress, config):
     del params, aux, progress, config
     return extras
 
-
-def encode(params, batch_stats, images, config):
-    """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
-    backbone, _ = networks(config)
-    return backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                          images.astype(_dtype(config)), train=False).astype(jnp.float32)
 
 
 def finetune_layer(config):
@@ -128,3 +114,7 @@ def finetune_features(params, batch_stats, images, config):
     _, hidden = head.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
                            features, train=False, return_hidden=True)
     return hidden[layer - 1]
+
+
+feature_dim = common.feature_dim
+encode = common.encode

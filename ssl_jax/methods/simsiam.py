@@ -16,21 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import augment, losses, models
+from ssl_jax.methods import common
 
 PARTS = ("backbone", "projector", "predictor")
 
 
-def _dtype(config):
-    return jnp.dtype(config.model.dtype)
-
 
 def networks(config, axis_name=None):
     """Returns the flax modules {'backbone', 'projector', 'predictor'}; BN synchronized over `axis_name`."""
-    bn_axis = axis_name if config.model.sync_bn else None
-    dtype = _dtype(config)
-    backbone, _ = models.get_backbone(
-        config.model.name, width_multiplier=config.model.width_multiplier,
-        cifar_stem=config.model.cifar_stem, dtype=dtype, bn_axis_name=bn_axis)
+    bn_axis = common.bn_axis(config, axis_name)
+    dtype = common.compute_dtype(config)
+    backbone = common.backbone(config, axis_name)
     proj = config.projector
     projector = models.MLPHead(hidden_dims=(proj.hidden_dim,) * (proj.num_layers - 1), out_dim=proj.out_dim,
                                use_bn=True, last_bn=True, dtype=dtype, bn_axis_name=bn_axis)
@@ -38,11 +34,6 @@ def networks(config, axis_name=None):
                                last_bn=False, dtype=dtype, bn_axis_name=bn_axis)
     return {"backbone": backbone, "projector": projector, "predictor": predictor}
 
-
-def feature_dim(config):
-    """Returns the backbone's representation size."""
-    return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
-                               cifar_stem=config.model.cifar_stem)[1]
 
 
 def init(rng, config, sample_images):
@@ -73,7 +64,7 @@ def forward(params, batch_stats, x, *, config, axis_name=None):
     """Returns ({'backbone': h_BxF, 'projector': z_BxD, 'predictor': p_BxD}, new BN statistics), train mode."""
     nets = networks(config, axis_name)
     outputs, new_stats = {}, {}
-    x = x.astype(_dtype(config))
+    x = x.astype(common.compute_dtype(config))
     for name in PARTS:
         x, mutated = nets[name].apply({"params": params[name], "batch_stats": batch_stats[name]}, x, train=True,
                                       mutable=["batch_stats"])
@@ -108,8 +99,5 @@ def update_extras(params, extras, aux, progress, config):
     return extras
 
 
-def encode(params, batch_stats, images, config):
-    """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
-    backbone = networks(config)["backbone"]
-    return backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                          images.astype(_dtype(config)), train=False).astype(jnp.float32)
+feature_dim = common.feature_dim
+encode = common.encode

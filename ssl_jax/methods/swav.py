@@ -36,31 +36,23 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import augment, losses, models, parallel
+from ssl_jax.methods import common
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # scores are divided by epsilon = 0.05 before exp: no TF32 here
 
 
-def _dtype(config):
-    return jnp.dtype(config.model.dtype)
-
 
 def networks(config, axis_name=None):
     """Returns (backbone, projection head) flax modules; BatchNorm synchronized over `axis_name` when sync_bn."""
-    bn_axis = axis_name if config.model.sync_bn else None
-    backbone, _ = models.get_backbone(
-        config.model.name, width_multiplier=config.model.width_multiplier,
-        cifar_stem=config.model.cifar_stem, dtype=_dtype(config), bn_axis_name=bn_axis)
+    bn_axis = common.bn_axis(config, axis_name)
+    backbone = common.backbone(config, axis_name)
     # Official head: Linear -> BN -> ReLU -> Linear (src/resnet50.py, hidden_mlp=2048, output_dim=128).
     head = models.MLPHead(
         hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
-        use_bn=config.head.use_bn, last_bn=config.head.last_bn, dtype=_dtype(config), bn_axis_name=bn_axis)
+        use_bn=config.head.use_bn, last_bn=config.head.last_bn, dtype=common.compute_dtype(config),
+        bn_axis_name=bn_axis)
     return backbone, head
 
-
-def feature_dim(config):
-    """Returns the backbone's representation size."""
-    return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
-                               cifar_stem=config.model.cifar_stem)[1]
 
 
 def _check(config):
@@ -141,7 +133,7 @@ def _embed(params, batch_stats, views, config, axis_name):
         end = start
         while end < len(views) and views[end].shape[1:] == views[start].shape[1:]:
             end += 1
-        x = jnp.concatenate(views[start:end], axis=0).astype(_dtype(config))
+        x = jnp.concatenate(views[start:end], axis=0).astype(common.compute_dtype(config))
         h, mutated = backbone.apply({"params": params["backbone"], "batch_stats": stats}, x, train=True,
                                     mutable=["batch_stats"])
         stats = mutated["batch_stats"]
@@ -225,8 +217,5 @@ def project_params(params, progress, config):
     return {**params, "prototypes": {"kernel": losses.l2_normalize(kernel, axis=0)}}
 
 
-def encode(params, batch_stats, images, config):
-    """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
-    backbone, _ = networks(config)
-    return backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                          images.astype(_dtype(config)), train=False).astype(jnp.float32)
+feature_dim = common.feature_dim
+encode = common.encode

@@ -1,0 +1,38 @@
+"""What every method file shares: the backbone built from config.model, its size, and `encode`.
+
+Each method keeps its backbone under params["backbone"] / batch_stats["backbone"], so the evaluators'
+`encode` is the same function for all of them.
+"""
+import jax.numpy as jnp
+
+from ssl_jax import models
+
+
+def compute_dtype(config):
+    """Returns the compute dtype named by config.model.dtype (parameters stay float32)."""
+    return jnp.dtype(config.model.dtype)
+
+
+def bn_axis(config, axis_name):
+    """Returns the axis BatchNorm averages its statistics over: `axis_name` when config.model.sync_bn."""
+    return axis_name if config.model.sync_bn else None
+
+
+def backbone(config, axis_name=None):
+    """Returns the flax backbone of config.model, BatchNorm synchronized over `axis_name` when sync_bn."""
+    module, _ = models.get_backbone(
+        config.model.name, width_multiplier=config.model.width_multiplier, cifar_stem=config.model.cifar_stem,
+        dtype=compute_dtype(config), bn_axis_name=bn_axis(config, axis_name))
+    return module
+
+
+def feature_dim(config):
+    """Returns the backbone's representation size."""
+    return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
+                               cifar_stem=config.model.cifar_stem)[1]
+
+
+def encode(params, batch_stats, images, config):
+    """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
+    return backbone(config).apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
+                                  images.astype(compute_dtype(config)), train=False).astype(jnp.float32)
