@@ -21,10 +21,13 @@ setup(
         "importlib_resources",  # tfds 4.9.10 packaging bug: needed to prepare datasets
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        "matplotlib>=3.8",   # ssl-jax report: PNG plots
+        "safetensors>=0.4",  # ssl-jax export --format safetensors
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
         "tf": ["tensorflow>=2.16"],
+        "torch": ["torch", "torchvision"],  # ssl-jax export --format torch, and its parity tests
     },
     entry_points={"console_scripts": ["ssl-jax=ssl_jax.cli:run"]},
     classifiers=["Programming Language :: Python :: 3.11", "Programming Language :: Python :: 3.12"],

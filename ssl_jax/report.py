@@ -1,0 +1,196 @@
+"""`ssl-jax report`: one Markdown table and PNG curves (loss, learning rate, kNN) comparing training runs."""
+import datetime
+import json
+import math
+import os
+
+from ssl_jax import metrics as metrics_lib
+
+MISSING = "–"
+# (column header, metrics.jsonl key) of the evaluation results the summary table shows, newest value of each.
+EVAL_COLUMNS = (("kNN top-1", "knn_top1"), ("linear top-1", "linear_top1"),
+                ("linear full top-1", "linear_full_top1"), ("semi 1% top-1", "semi1_top1"),
+                ("semi 10% top-1", "semi10_top1"))
+HEADER = ("run", "method", "backbone", "epochs", "batch", *(h for h, _ in EVAL_COLUMNS), "wall time", "device",
+          "started (UTC)")
+# (file stem, metrics.jsonl key, y label, whether the key comes from evaluation records).
+PLOTS = (("loss", "loss", "training loss", False), ("lr", "lr", "learning rate", False),
+         ("knn_top1", "knn_top1", "kNN top-1 (%)", True))
+
+
+def _number(value):
+    """Returns `value` if it is a finite int/float (not a bool), else None: non-finite values are logged as text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def load_run(workdir, name=None):
+    """Returns {'name', 'workdir', 'config', 'train', 'evals', 'starts'} read from a run directory."""
+    paths = {f: os.path.join(workdir, f) for f in ("config.json", "metrics.jsonl", "runs.jsonl")}
+    for f in ("config.json", "metrics.jsonl"):
+        if not os.path.isfile(paths[f]):
+            raise FileNotFoundError(f"{workdir} is not a training run: {paths[f]} does not exist")
+    with open(paths["config.json"]) as f:
+        config = json.load(f)
+    records = metrics_lib.read_jsonl(paths["metrics.jsonl"])
+    starts = metrics_lib.read_jsonl(paths["runs.jsonl"]) if os.path.isfile(paths["runs.jsonl"]) else []
+    return {"name": name or os.path.basename(os.path.normpath(workdir)), "workdir": workdir, "config": config,
+            "train": [r for r in records if "loss" in r], "evals": [r for r in records if "loss" not in r],
+            "starts": starts}
+
+
+def newest_evals(run):
+    """Returns {metric: (value, epoch)}: the last value written of each evaluation metric (a re-run eval wins)."""
+    out = {}
+    for record in run["evals"]:  # file order is write order
+        for key, value in record.items():
+            if key not in ("step", "epoch") and _number(value) is not None:
+                out[key] = (value, record.get("epoch"))
+    return out
+
+
+def curve(records, key):
+    """Returns (epochs, values) of `key`, one point per step (the last written, after a resume), sorted by step."""
+    by_step = {}
+    for record in records:
+        value, epoch = _number(record.get(key)), _number(record.get("epoch"))
+        if value is not None and epoch is not None:
+            by_step[record["step"]] = (epoch, value)
+    points = [by_step[s] for s in sorted(by_step)]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def format_duration(seconds):
+    """Returns `seconds` as h:mm:ss (hours not wrapped at 24)."""
+    total = int(round(seconds))
+    return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
+
+
+def _percent(value):
+    return MISSING if value is None else f"{100.0 * value:.1f}"
+
+
+def _epochs(run):
+    """Returns 'trained/configured' epochs; trained is the newest step over the steps per epoch."""
+    last = max((r for r in run["train"] + run["evals"] if _number(r.get("epoch")) is not None),
+               key=lambda r: r["step"], default=None)
+    trained = MISSING if last is None else f"{round(last['epoch'], 2):g}"
+    configured = run["config"].get("num_epochs")
+    return f"{trained}/{MISSING if configured is None else configured}"
+
+
+def _backbone(config):
+    model = config.get("model", {})
+    name, width = model.get("name", MISSING), model.get("width_multiplier", 1)
+    return name if width == 1 else f"{name} ({width:g}x)"
+
+
+def _device(starts):
+    """Returns e.g. 'NVIDIA H100 x8' (several distinct ones joined when a run resumed on other hardware)."""
+    kinds = []
+    for start in starts:
+        kind = f"{start.get('device_kind', '?')} x{start.get('devices', '?')}"
+        if start.get("processes", 1) > 1:
+            kind += f" ({start['processes']} processes)"
+        if kind not in kinds:
+            kinds.append(kind)
+    return ", ".join(kinds) or MISSING
+
+
+def _started(starts):
+    if not starts or "started" not in starts[0]:
+        return MISSING
+    when = datetime.datetime.fromisoformat(starts[0]["started"])
+    if when.tzinfo is not None:
+        when = when.astimezone(datetime.timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M")
+
+
+def table_row(run):
+    """Returns the summary table's cells (strings, in HEADER order) for one run."""
+    evals = newest_evals(run)
+    elapsed = [v for v in (_number(r.get("elapsed_s")) for r in run["train"]) if v is not None]
+    return (run["name"], run["config"].get("method", MISSING), _backbone(run["config"]), _epochs(run),
+            str(run["config"].get("batch_size", MISSING)),
+            *(_percent(evals.get(key, (None,))[0]) for _, key in EVAL_COLUMNS),
+            format_duration(elapsed[-1]) if elapsed else MISSING, _device(run["starts"]), _started(run["starts"]))
+
+
+def _markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(runs, out_dir):
+    """Writes one PNG per entry of PLOTS that has data (all runs on one figure); returns their paths."""
+    # The object-oriented API with the Agg canvas: no pyplot, no global backend switch in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+    paths = []
+    for stem, key, ylabel, from_evals in PLOTS:
+        fig = Figure(figsize=(8, 5), dpi=120, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        drawn = []
+        for i, run in enumerate(runs):  # a run keeps its colour across the figures
+            epochs, values = curve(run["evals"] if from_evals else run["train"], key)
+            if not values:
+                continue
+            if from_evals:
+                values = [100.0 * v for v in values]
+            ax.plot(epochs, values, color=f"C{i % 10}", label=run["name"], linewidth=1.6,
+                    marker="o" if len(values) <= 30 else None, markersize=4)
+            drawn += values
+        if not drawn:
+            continue
+        if key == "loss" and min(drawn) > 0 and max(drawn) / min(drawn) > 100:
+            ax.set_yscale("log")  # losses of different methods differ by orders of magnitude
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} vs epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="run", fontsize="small")
+        paths.append(os.path.join(out_dir, f"{stem}.png"))
+        fig.savefig(paths[-1])
+    return paths
+
+
+def _names(workdirs):
+    """Returns one name per run: the directory name, or its last two path parts where names would collide."""
+    base = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    return [b if base.count(b) == 1 else os.path.join(*os.path.normpath(w).split(os.sep)[-2:])
+            for b, w in zip(base, workdirs)]
+
+
+def write_report(workdirs, out_dir=None):
+    """Writes report.md and PNG plots for the runs; returns {'report': path, 'plots': [paths], 'runs': n}."""
+    workdirs = list(workdirs)
+    if not workdirs:
+        raise ValueError("report needs at least one run directory")
+    runs = [load_run(w, n) for w, n in zip(workdirs, _names(workdirs))]
+    command = "ssl-jax report --workdir " + " ".join(workdirs) + (f" --out {out_dir}" if out_dir else "")
+    out_dir = out_dir or os.path.join(workdirs[0], "report")
+    os.makedirs(out_dir, exist_ok=True)
+    plots = plot_curves(runs, out_dir)
+
+    detail = [(run["name"], key, _percent(value) if "top" in key else f"{value:.4g}",
+               MISSING if epoch is None else f"{round(epoch, 2):g}")
+              for run in runs for key, (value, epoch) in sorted(newest_evals(run).items())]
+    lines = ["# Run report", "", f"Written by `{command}` on "
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
+             "Accuracies are top-1 in %, the newest evaluation of each run; epochs are trained/configured; "
+             f"wall time is training time over all restarts; {MISSING} means not measured.", "",
+             _markdown_table(HEADER, [table_row(r) for r in runs]), "", "## Curves", ""]
+    titles = {f"{stem}.png": f"{label} vs epoch" for stem, _, label, _ in PLOTS}
+    for p in plots:  # a blank line between images: one figure per row when rendered
+        lines += [f"![{titles[os.path.basename(p)]}]({os.path.basename(p)})", ""]
+    if not any(p.endswith("knn_top1.png") for p in plots):
+        lines.append("No kNN evaluations logged yet.")
+    lines += ["", "## All evaluation results (newest of each)", ""]
+    lines.append(_markdown_table(("run", "metric", "value", "epoch"), detail) if detail else "None logged yet.")
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"report": path, "plots": plots, "runs": len(runs)}

@@ -1,0 +1,203 @@
+"""Backbone export: npz/safetensors round-trip exactly, torchvision names and shapes, and torch feature parity."""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssl_jax import checkpoint, cli, config as config_lib, data, export, models, train
+
+STEP = 7
+
+
+def _assert_trees_equal(actual, expected):
+    """Same nesting, keys, dtypes and values, bit for bit."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert np.asarray(a).dtype == np.asarray(e).dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A smoke SimCLR run directory with one checkpoint (step 7) whose BatchNorm statistics are not the init."""
+    config = config_lib.load_config("configs/simclr.py:smoke", ["batch_size=16"])
+    rs = np.random.RandomState(0)
+    source = data.Source(rs.randint(0, 256, (32, 16, 16, 3)).astype(np.uint8),
+                         (np.arange(32) % 4).astype(np.int32), list("abcd"), "t")
+    setup = train.build(config, source)
+    state = train.initial_state(setup)
+    stats = jax.tree.map(lambda x: jnp.asarray(rs.uniform(0.5, 2.0, x.shape), x.dtype), state["batch_stats"])
+    state = {**state, "batch_stats": stats}
+    workdir = str(tmp_path_factory.mktemp("run"))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config))
+    manager = checkpoint.make_manager(workdir, async_save=False)
+    checkpoint.save(manager, STEP, state, force=True)
+    manager.close()
+    backbone = jax.device_get((state["params"]["model"]["backbone"], state["batch_stats"]["backbone"]))
+    return workdir, config, backbone
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_flat_formats_round_trip_exactly_with_a_sidecar(run, fmt):
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors")
+    workdir, config, (params, batch_stats) = run
+    path = export.export_workdir(workdir, fmt)
+    assert path == os.path.join(workdir, "export", f"backbone.{fmt}") and os.path.isfile(path)
+    loaded_params, loaded_stats = export.load_backbone(path)
+    _assert_trees_equal(loaded_params, params)
+    _assert_trees_equal(loaded_stats, batch_stats)
+    assert float(np.max(loaded_stats["bn1"]["var"])) > 1.0  # the checkpoint's statistics, not the init's ones
+    # The loaded trees drop into a fresh state for fine-tuning: same structure as the method's own init.
+    fresh_params, fresh_stats, _ = jax.eval_shape(lambda: train.get_method(config).init(
+        jax.random.PRNGKey(1), config, np.zeros((1, 16, 16, 3), np.uint8)))
+    assert jax.tree.structure(loaded_params) == jax.tree.structure(fresh_params["backbone"])
+    assert jax.tree.structure(loaded_stats) == jax.tree.structure(fresh_stats["backbone"])
+    # Flat '/'-joined keys, flax layouts (HWIO kernels).
+    if fmt == "npz":
+        with np.load(path) as f:
+            keys = set(f.files)
+            assert f["params/layer2_0/downsample_conv/kernel"].shape == (1, 1, 8, 16)
+    else:
+        from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+        keys = set(load_file(path))
+    assert "batch_stats/layer1_0/bn2/var" in keys and "params/bn1/scale" in keys
+    assert len(keys) == len(jax.tree.leaves(params)) + len(jax.tree.leaves(batch_stats))
+    info = json.load(open(path + ".json"))
+    assert info["format"] == fmt and info["method"] == "simclr" and info["step"] == STEP
+    assert info["model"] == {"name": "tiny", "width_multiplier": 1, "cifar_stem": True, "feature_dim": 16,
+                             "torchvision_arch": None}
+    assert info["input"]["size"] == 16 and info["input"]["channels"] == 3 and info["input"]["layout"] == "NHWC"
+    np.testing.assert_allclose(info["input"]["mean"], config.augment.mean)
+    np.testing.assert_allclose(info["input"]["std"], config.augment.std)
+
+
+def test_cli_export_writes_to_out_and_prints_the_path(run, tmp_path, capsys):
+    workdir, _, (params, _) = run
+    out = str(tmp_path / "weights" / "mine.npz")
+    assert cli.main(["export", "--workdir", workdir, "--format", "npz", "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"path": out}
+    _assert_trees_equal(export.load_backbone(out)[0], params)
+    assert json.load(open(out + ".json"))["step"] == STEP
+
+
+def test_clear_errors(run, tmp_path, monkeypatch):
+    workdir, _, _ = run
+    with pytest.raises(ValueError, match="unknown export format"):
+        export.export_workdir(workdir, "onnx")
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        export.export_workdir(str(tmp_path), "npz")
+    (tmp_path / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export.export_workdir(str(tmp_path), "npz")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        export.load_backbone(str(tmp_path / "w.h5"))
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(export.MissingDependencyError, match="pip install torch") as e:
+        export.export_workdir(workdir, "torch", str(tmp_path / "w.pt"))
+    assert isinstance(e.value, ValueError)  # the CLI reports ValueErrors as one line, no traceback
+
+
+def _random_backbone(name, cifar_stem, rs):
+    """Returns (module, params, batch_stats) shaped like `name`, every leaf random (numpy, no compute)."""
+    model, _ = models.get_backbone(name, cifar_stem=cifar_stem)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    leaf = lambda s: rs.standard_normal(s.shape).astype(s.dtype)  # noqa: E731
+    return model, jax.tree.map(leaf, shapes["params"]), jax.tree.map(leaf, shapes["batch_stats"])
+
+
+def test_torch_names_and_shapes_follow_torchvision_resnet50_and_invert_exactly():
+    """Runs without torch: the state_dict is built in NumPy."""
+    _, params, stats = _random_backbone("resnet50", False, np.random.RandomState(0))
+    state_dict = export.torch_state_dict(params, stats, num_batches_tracked=5)
+    # torchvision resnet50's state_dict has 320 entries; fc.weight and fc.bias are not exported.
+    assert len(state_dict) == 318 and not any(k.startswith("fc.") for k in state_dict)
+    expected_shapes = {"conv1.weight": (64, 3, 7, 7), "bn1.running_var": (64,),
+                       "layer1.0.conv1.weight": (64, 64, 1, 1), "layer1.0.downsample.0.weight": (256, 64, 1, 1),
+                       "layer3.0.conv2.weight": (256, 256, 3, 3), "layer3.0.downsample.1.bias": (1024,),
+                       "layer4.2.conv3.weight": (2048, 512, 1, 1), "layer4.2.bn3.running_mean": (2048,),
+                       "layer4.2.bn3.num_batches_tracked": ()}
+    for key, shape in expected_shapes.items():
+        assert state_dict[key].shape == shape, key
+    assert state_dict["layer4.2.bn3.num_batches_tracked"] == 5
+    assert state_dict["layer4.2.bn3.num_batches_tracked"].dtype == np.int64
+    # HWIO -> OIHW, checked on one element: torch weight[o, i, h, w] is flax kernel[h, w, i, o].
+    assert state_dict["layer3.0.conv2.weight"][5, 7, 2, 1] == params["layer3_0"]["conv2"]["kernel"][2, 1, 7, 5]
+    np.testing.assert_array_equal(state_dict["layer2.0.downsample.1.running_var"],
+                                  stats["layer2_0"]["downsample_bn"]["var"])
+    back_params, back_stats = export.from_torch_state_dict(state_dict)
+    _assert_trees_equal(back_params, params)
+    _assert_trees_equal(back_stats, stats)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet34"])
+def test_torch_names_shapes_and_dtypes_equal_torchvision(name):
+    torchvision = pytest.importorskip("torchvision")
+    _, params, stats = _random_backbone(name, False, np.random.RandomState(0))
+    exported = export.torch_state_dict(params, stats)
+    reference = getattr(torchvision.models, name)().state_dict()
+    assert {k: (tuple(v.shape), str(v.dtype)) for k, v in reference.items() if not k.startswith("fc.")} == {
+        k: (v.shape, f"torch.{v.dtype}") for k, v in exported.items()}
+
+
+def _trained_resnet18(cifar_stem, images_BxHxWx3):
+    """Returns (module, params, batch_stats): random BN affine, running statistics from a few train passes."""
+    rs = np.random.RandomState(1)
+    model, params, _ = _random_backbone("resnet18", cifar_stem, rs)
+    variables = model.init(jax.random.PRNGKey(0), images_BxHxWx3[:1], train=False)
+    # Random BN scale/bias (zero-init residual scales would hide the residual branches), He-init convs.
+    params = jax.tree.map_with_path(
+        lambda path, init, rand: init if path[-1].key == "kernel" else
+        (rand * 0.2 + (1.0 if path[-1].key == "scale" else 0.0)).astype(np.float32),
+        variables["params"], params)
+
+    @jax.jit
+    def update(batch_stats, x):
+        _, new = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+        return new["batch_stats"]
+
+    stats = variables["batch_stats"]
+    for i in range(4):
+        stats = update(stats, images_BxHxWx3 * (1.0 + 0.2 * i))
+    # ...then moved off the batch statistics, so eval mode differs from a train-mode forward.
+    stats = jax.tree.map_with_path(
+        lambda path, x: (x + 0.1 * rs.standard_normal(x.shape) if path[-1].key == "mean"
+                         else x * np.exp(0.3 * rs.standard_normal(x.shape))).astype(np.float32),
+        jax.device_get(stats))
+    return model, jax.device_get(params), stats
+
+
+@pytest.mark.parametrize("cifar_stem", [False, True], ids=["imagenet_stem", "cifar_stem"])
+def test_torchvision_resnet18_reproduces_the_jax_features(tmp_path, cifar_stem):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    size = 32 if cifar_stem else 64
+    images = np.random.RandomState(2).standard_normal((4, size, size, 3)).astype(np.float32)
+    model, params, stats = _trained_resnet18(cifar_stem, images)
+    assert np.abs(stats["bn1"]["mean"]).max() > 0.01 and np.abs(stats["bn1"]["var"] - 1).max() > 0.01
+    features_jax = np.asarray(model.apply({"params": params, "batch_stats": stats}, images, train=False))
+
+    path = str(tmp_path / "backbone.pt")
+    export.write_backbone(params, stats, "torch", path, {"step": 4})
+    net = torchvision.models.resnet18()
+    net.fc = torch.nn.Identity()
+    if cifar_stem:
+        net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = torch.nn.Identity()
+    net.load_state_dict(torch.load(path), strict=True)
+    net.eval()
+    with torch.no_grad():
+        features_torch = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    assert features_torch.shape == features_jax.shape == (4, 512)
+    max_abs = float(np.max(np.abs(features_torch - features_jax)))
+    print(f"resnet18 {'cifar' if cifar_stem else 'imagenet'} stem: max |torch - jax| = {max_abs:.3g} "
+          f"(features up to {np.abs(features_jax).max():.3g})")
+    assert max_abs < 1e-3 and np.abs(features_jax).max() > 0.1
+    back_params, back_stats = export.load_backbone(path)  # .pt back into flax trees, exactly
+    _assert_trees_equal(back_params, params)
+    _assert_trees_equal(back_stats, stats)

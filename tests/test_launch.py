@@ -1,0 +1,197 @@
+"""launch/: every script parses (`bash -n`), prints its usage, and in DRY_RUN=1 mode prints the exact
+`ssl-jax train` command with the config and overrides passed through (and `--distributed` where there are
+several processes). The GPU restart loop is run for real against a fake `ssl-jax`."""
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+SCRIPTS = ["tpu_vm.sh", "gpu_single_node.sh", "slurm_multinode.sbatch", "container.sh"]
+CONFIG = "configs/simclr.py:imagenet"
+OVERRIDES = ["--config.optim.lr=0.5", "--config.data.path=/data/my images.tar"]  # a space must survive
+
+
+def _run(script, *args, env=None, check=True):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for key in ("WORKDIR", "TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "SYNC_TO", "NFS_SHARE", "SHARED_WORKDIR"):
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=30)
+    if check and proc.returncode:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _commands(stdout):
+    """Returns the argv of every `+ ...` line a DRY_RUN printed."""
+    return [shlex.split(line[2:]) for line in stdout.splitlines()
+            if line.startswith("+ ") and not line.startswith("+ export ")]
+
+
+def _train_argv(argv):
+    """Returns the `ssl-jax train ...` part of a command line (from the executable on)."""
+    i = next(i for i, a in enumerate(argv) if a.endswith("ssl-jax") and argv[i + 1] == "train")
+    return argv[i:]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", os.path.join(LAUNCH, script)], check=True, timeout=10)
+    with open(os.path.join(LAUNCH, script)) as f:
+        text = f.read()
+    assert "set -euo pipefail" in text and "DRY_RUN" in text
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_usage_and_exits_0(script):
+    proc = _run(script, "-h")
+    assert "usage:" in proc.stdout and "DRY_RUN" in proc.stdout
+    assert "set -euo" not in proc.stdout and "#SBATCH" not in proc.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_config_is_an_error(script):
+    args = {"tpu_vm.sh": ["train"], "container.sh": ["train"]}.get(script, [])
+    proc = _run(script, *args, env={"DRY_RUN": "1"}, check=False)
+    assert proc.returncode == 2 and "error" in proc.stderr
+    proc = _run(script, *args, CONFIG, "--bogus", env={"DRY_RUN": "1"}, check=False)
+    assert proc.returncode == 2 and "--bogus" in proc.stderr
+
+
+def test_gpu_single_node_dry_run():
+    proc = _run("gpu_single_node.sh", "--gpus", "0,1", CONFIG, *OVERRIDES, "--config.num_epochs", "3",
+                env={"DRY_RUN": "1"})
+    assert "+ export CUDA_VISIBLE_DEVICES=0,1" in proc.stdout
+    (argv,) = _commands(proc.stdout)
+    assert argv == ["ssl-jax", "train", "--config", CONFIG, "--workdir", "runs/simclr_imagenet", *OVERRIDES,
+                    "--config.num_epochs=3"]
+    proc = _run("gpu_single_node.sh", "--preemptible", "--workdir", "w", CONFIG, env={"DRY_RUN": "1"})
+    assert "restart loop" in proc.stdout
+    assert _commands(proc.stdout) == [["ssl-jax", "train", "--config", CONFIG, "--workdir", "w"]]
+
+
+def test_slurm_dry_run_one_task_per_gpu_and_requeue():
+    proc = _run("slurm_multinode.sbatch", CONFIG, *OVERRIDES, env={"DRY_RUN": "1"})
+    (argv,) = _commands(proc.stdout)
+    assert argv[:2] == ["srun", "--kill-on-bad-exit=1"]
+    assert _train_argv(argv) == ["ssl-jax", "train", "--config", CONFIG, "--workdir", "runs/simclr_imagenet",
+                                 "--distributed", "--no-progress", *OVERRIDES]
+    with open(os.path.join(LAUNCH, "slurm_multinode.sbatch")) as f:
+        header = [line.split()[1] for line in f if line.startswith("#SBATCH")]
+    assert "--requeue" in header and "--signal=B:USR1@120" in header
+    per_node = {h.split("=")[0]: h.split("=")[1] for h in header if "per-node" in h}
+    assert per_node["--ntasks-per-node"] == per_node["--gpus-per-node"]  # JAX: one process per GPU
+
+
+def test_tpu_vm_dry_run_up():
+    env = {"DRY_RUN": "1", "TPU_NAME": "t1", "ZONE": "europe-west4-a", "ACCELERATOR_TYPE": "v5litepod-8"}
+    proc = _run("tpu_vm.sh", "up", CONFIG, *OVERRIDES, env=env)
+    cmds = _commands(proc.stdout)
+    gcloud = [c for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]]
+    verbs = [c[4] for c in gcloud]
+    assert verbs == ["create", "scp", "ssh", "ssh", "ssh"]  # create, copy, install, train, logs
+    create = gcloud[0]
+    assert "t1" in create and "--zone=europe-west4-a" in create and "--accelerator-type=v5litepod-8" in create
+    assert "--version=v2-alpha-tpuv5-lite" in create
+    install, train, logs = gcloud[2], gcloud[3], gcloud[4]
+    assert "--worker=all" in install and "--worker=all" in train and "--worker=0" in logs
+    remote_install = next(a for a in install if a.startswith("--command="))
+    assert "jax[tpu]" in remote_install.replace("\\", "") and "-e ~/ssl_jax" in remote_install
+    remote = shlex.split(next(a for a in train if a.startswith("--command="))[len("--command="):])
+    train_argv = _train_argv(remote)
+    assert train_argv[:len(OVERRIDES) + 7] == ["~/ssl_jax_venv/bin/ssl-jax", "train", "--config", CONFIG, "--workdir",
+                                               "runs/simclr_imagenet", "--distributed", *OVERRIDES]
+    assert train_argv[len(OVERRIDES) + 7] == ">"  # the rest redirects the log and records the pid
+
+
+def test_tpu_vm_workdir_rules():
+    env = {"DRY_RUN": "1", "NO_FOLLOW": "1"}
+    proc = _run("tpu_vm.sh", "train", CONFIG, "--workdir", "gs://b/run", env=env, check=False)
+    assert proc.returncode == 2 and "gs://" in proc.stderr
+    proc = _run("tpu_vm.sh", "train", CONFIG, "--accelerator-type", "v4-32", env=env, check=False)
+    assert proc.returncode == 2 and "shared" in proc.stderr  # multi-host needs a shared workdir
+    proc = _run("tpu_vm.sh", "train", CONFIG, "--accelerator-type", "v4-32",
+                env={**env, "NFS_SHARE": "10.0.0.2:/vol1", "SYNC_TO": "gs://b/run"})
+    ssh = [c for c in _commands(proc.stdout) if c[4] == "ssh"]
+    assert [next(a for a in c if a.startswith("--worker=")) for c in ssh] == ["--worker=0", "--worker=all",
+                                                                              "--worker=0"]
+    assert "gcloud storage rsync -r gs://b/run /mnt/ssl_jax/runs/simclr_imagenet" in ssh[0][-1]
+    assert "--workdir /mnt/ssl_jax/runs/simclr_imagenet --distributed" in ssh[1][-1]
+    for verb in ("logs", "stop", "delete"):
+        assert _commands(_run("tpu_vm.sh", verb, env=env).stdout)
+
+
+def test_container_dry_run_and_dockerfile_entrypoint():
+    proc = _run("container.sh", "train", "--gpus", "0,1", CONFIG, *OVERRIDES, env={"DRY_RUN": "1"})
+    (argv,) = _commands(proc.stdout)
+    assert argv[:2] == ["docker", "run"] and argv[argv.index("--gpus") + 1] == '"device=0,1"'
+    i = argv.index("ssl-jax:latest")
+    assert argv[i + 1:] == ["train", "--config", CONFIG, "--workdir", "runs/simclr_imagenet", *OVERRIDES]
+    (build,) = _commands(_run("container.sh", "build", env={"DRY_RUN": "1"}).stdout)
+    assert build[:4] == ["docker", "build", "-f", os.path.join(LAUNCH, "Dockerfile")]
+    with open(os.path.join(LAUNCH, "Dockerfile")) as f:
+        dockerfile = f.read()
+    assert 'ENTRYPOINT ["ssl-jax"]' in dockerfile and "jax[cuda12]" in dockerfile
+    for copied in ("setup.py", "ssl_jax", "configs"):
+        assert f"COPY {copied}" in dockerfile
+
+
+def _fake_ssl_jax(tmp_path, script):
+    path = tmp_path / "ssl-jax"
+    path.write_text("#!/usr/bin/env bash\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_preemptible_loop_restarts_after_sigterm_stop_and_crash(tmp_path):
+    count = tmp_path / "count"
+    fake = _fake_ssl_jax(tmp_path, f"""
+n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}
+echo "$@" >> {tmp_path}/argv
+case $n in
+  1) echo "stop requested (SIGTERM): saved step 5, exiting" >&2; exit 0 ;;
+  2) exit 137 ;;
+  *) echo "done" >&2; exit 0 ;;
+esac
+""")
+    proc = _run("gpu_single_node.sh", "--preemptible", "--workdir", str(tmp_path / "w"), CONFIG, *OVERRIDES,
+                env={"SSL_JAX": fake, "RESTART_DELAY": "0"})
+    assert count.read_text().strip() == "3" and "restart 2/20" in proc.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert len(set(argv)) == 1 and argv[0].startswith(f"train --config {CONFIG} --workdir")
+
+
+def test_preemptible_loop_does_not_retry_exit_2(tmp_path):
+    fake = _fake_ssl_jax(tmp_path, f"echo x >> {tmp_path}/calls; exit 2\n")
+    proc = _run("gpu_single_node.sh", "--preemptible", "--workdir", str(tmp_path / "w"), CONFIG,
+                env={"SSL_JAX": fake, "RESTART_DELAY": "0"}, check=False)
+    assert proc.returncode == 2 and (tmp_path / "calls").read_text() == "x\n"
+
+
+def test_sigterm_to_the_loop_reaches_the_trainer_and_ends_the_loop(tmp_path):
+    fake = _fake_ssl_jax(tmp_path, f"""
+echo x >> {tmp_path}/calls
+trap 'echo "stop requested (SIGTERM): saved" >&2; exit 0' TERM
+touch {tmp_path}/started
+for i in $(seq 100); do sleep 0.1; done
+exit 1
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SSL_JAX=fake, RESTART_DELAY="0")
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "gpu_single_node.sh"), "--preemptible", "--workdir",
+                             str(tmp_path / "w"), CONFIG], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 10
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "not restarting" in err
+    assert (tmp_path / "calls").read_text() == "x\n"

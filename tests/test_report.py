@@ -1,0 +1,155 @@
+"""`ssl-jax report`: the table's cells from known fake runs, newest evaluation wins, plots are real PNGs."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssl_jax import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DASH = "–"
+
+
+def _write_run(workdir, config, records, starts):
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f)
+    for name, rows in (("metrics.jsonl", records), ("runs.jsonl", starts)):
+        with open(os.path.join(workdir, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _train(step, spe, loss, lr, elapsed):
+    return {"step": step, "epoch": step / spe, "loss": loss, "lr": lr, "img_per_s": 1000.0, "grad_norm": 1.0,
+            "param_norm": 10.0, "elapsed_s": elapsed, "probe_top1": 0.3}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Two runs with known numbers: A trained 4/4 epochs (10 steps each) on a GPU, B 1.5/100 on a TPU pod."""
+    a, b = str(tmp_path / "simclr_r18"), str(tmp_path / "byol_r50x2")
+    records_a = [_train(s, 10, 6.0 - 0.1 * s, 0.5 * s / 40, 90.0 * s) for s in (5, 10, 15, 20, 25, 30, 35, 40)]
+    records_a.insert(2, {"step": 10, "epoch": 1.0, "knn_top1": 0.25, "knn_top5": 0.6})
+    records_a += [{"step": 40, "epoch": 4.0, "knn_top1": 0.5, "knn_top5": 0.9},
+                  {"step": 40, "epoch": 4.0, "linear_top1": 0.7123, "linear_top5": 0.95},
+                  {"step": 40, "epoch": 4.0, "knn_top1": 0.6249}]  # re-run kNN at the same step: the newest wins
+    _write_run(a, {"method": "simclr", "num_epochs": 4, "batch_size": 256,
+                   "model": {"name": "resnet18", "width_multiplier": 1}, "data": {"name": "cifar10"}},
+               records_a, [{"started": "2025-03-01T10:00:00+00:00", "start_step": 0, "devices": 1,
+                            "device_kind": "NVIDIA H100", "processes": 1, "jax_version": "0.10.2"},
+                           {"started": "2025-03-02T08:30:00+00:00", "start_step": 20, "devices": 1,
+                            "device_kind": "NVIDIA H100", "processes": 1, "jax_version": "0.10.2"}])
+    records_b = [_train(5, 10, 2.0, 0.1, 1800.0), _train(10, 10, "nan", 0.2, 3600.0),  # non-finite: logged as text
+                 _train(15, 10, 1.5, 0.3, 3725.4), {"step": 15, "epoch": 1.5, "semi10_top1": 0.40}]
+    _write_run(b, {"method": "byol", "num_epochs": 100, "batch_size": 4096,
+                   "model": {"name": "resnet50", "width_multiplier": 2}, "data": {"name": "imagenet"}},
+               records_b, [{"started": "2025-04-05T23:59:59+02:00", "start_step": 0, "devices": 32,
+                            "device_kind": "TPU v4", "processes": 4, "jax_version": "0.10.2"}])
+    return a, b
+
+
+def _tables(markdown):
+    """Returns the Markdown tables of a document, each a list of rows of stripped cells (header first)."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            tables, current = tables + [current], []
+    return tables
+
+
+def test_table_rows_are_exact_and_newest_evaluation_wins(runs, tmp_path):
+    a, b = runs
+    out = report.write_report([a, b], str(tmp_path / "out"))
+    assert out["runs"] == 2 and out["report"] == str(tmp_path / "out" / "report.md")
+    summary, detail = _tables(open(out["report"]).read())
+    header, *rows = summary
+    assert header == ["run", "method", "backbone", "epochs", "batch", "kNN top-1", "linear top-1",
+                      "linear full top-1", "semi 1% top-1", "semi 10% top-1", "wall time", "device",
+                      "started (UTC)"]
+    assert [dict(zip(header, r)) for r in rows] == [
+        {"run": "simclr_r18", "method": "simclr", "backbone": "resnet18", "epochs": "4/4", "batch": "256",
+         "kNN top-1": "62.5", "linear top-1": "71.2", "linear full top-1": DASH, "semi 1% top-1": DASH,
+         "semi 10% top-1": DASH, "wall time": "1:00:00", "device": "NVIDIA H100 x1",
+         "started (UTC)": "2025-03-01 10:00"},
+        {"run": "byol_r50x2", "method": "byol", "backbone": "resnet50 (2x)", "epochs": "1.5/100",
+         "batch": "4096", "kNN top-1": DASH, "linear top-1": DASH, "linear full top-1": DASH,
+         "semi 1% top-1": DASH, "semi 10% top-1": "40.0", "wall time": "1:02:05",
+         "device": "TPU v4 x32 (4 processes)", "started (UTC)": "2025-04-05 21:59"}]
+    assert detail[0] == ["run", "metric", "value", "epoch"]
+    assert ["simclr_r18", "knn_top1", "62.5", "4"] in detail and ["simclr_r18", "knn_top5", "90.0", "4"] in detail
+    assert ["byol_r50x2", "semi10_top1", "40.0", "1.5"] in detail and len(detail) == 1 + 4 + 1
+
+
+def test_plots_are_embedded_png_files(runs, tmp_path):
+    a, b = runs
+    out = report.write_report([a, b], str(tmp_path / "out"))
+    assert [os.path.basename(p) for p in out["plots"]] == ["loss.png", "lr.png", "knn_top1.png"]
+    text = open(out["report"]).read()
+    assert f"ssl-jax report --workdir {a} {b} --out {tmp_path / 'out'}" in text
+    pixels = []
+    for path in out["plots"]:
+        assert f"]({os.path.basename(path)})" in text  # relative link, next to report.md
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (960, 600)
+            pixels.append(np.asarray(image.convert("RGB")))
+        assert len(np.unique(pixels[-1].reshape(-1, 3), axis=0)) > 50  # lines, text and legend, not a blank
+    assert not np.array_equal(pixels[0], pixels[1])
+
+
+def test_curves_keep_the_last_record_per_step_and_skip_non_finite(runs):
+    _, b = runs
+    run = report.load_run(b)
+    assert report.curve(run["train"], "loss") == ([0.5, 1.5], [2.0, 1.5])
+    assert report.curve(run["train"], "lr") == ([0.5, 1.0, 1.5], [0.1, 0.2, 0.3])
+    rewound = [{"step": 2, "epoch": 1.0, "loss": 3.0}, {"step": 4, "epoch": 2.0, "loss": 2.0},
+               {"step": 2, "epoch": 1.0, "loss": 2.5}]  # resumed from step 2's checkpoint
+    assert report.curve(rewound, "loss") == ([1.0, 2.0], [2.5, 2.0])
+    assert report.format_duration(0.4) == "0:00:00" and report.format_duration(90061) == "25:01:01"
+
+
+def test_default_out_dir_and_run_without_evaluations_or_runs_jsonl(tmp_path):
+    workdir = str(tmp_path / "fresh")
+    _write_run(workdir, {"method": "moco", "num_epochs": 2, "batch_size": 8, "model": {"name": "tiny"}},
+               [_train(4, 4, 5.0, 0.1, 2.0), _train(8, 4, 4.0, 0.2, 4.0)], [])
+    os.remove(os.path.join(workdir, "runs.jsonl"))
+    out = report.write_report([workdir])
+    assert out["report"] == os.path.join(workdir, "report", "report.md")
+    assert [os.path.basename(p) for p in out["plots"]] == ["loss.png", "lr.png"]  # no kNN data: no empty plot
+    text = open(out["report"]).read()
+    assert _tables(text)[0][1] == ["fresh", "moco", "tiny", "2/2", "8", DASH, DASH, DASH, DASH, DASH, "0:00:04",
+                                   DASH, DASH]
+    assert "No kNN evaluations logged yet." in text
+
+
+def test_missing_files_name_the_directory(runs, tmp_path):
+    a, _ = runs
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{empty} is not a training run: {empty}/config.json")):
+        report.write_report([a, str(empty)])
+    os.remove(os.path.join(a, "metrics.jsonl"))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{a} is not a training run: {a}/metrics.jsonl")):
+        report.write_report([a])
+
+
+def test_cli_report(runs, tmp_path):
+    a, b = runs
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out_dir = str(tmp_path / "cli_out")
+    proc = subprocess.run([sys.executable, "-m", "ssl_jax", "report", "--workdir", a, b, "--out", out_dir],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"report": os.path.join(out_dir, "report.md"), "runs": 2,
+                   "plots": [os.path.join(out_dir, f) for f in ("loss.png", "lr.png", "knn_top1.png")]}
+    assert all(os.path.getsize(p) > 10_000 for p in out["plots"])
+    assert "| simclr_r18 | simclr | resnet18 | 4/4 |" in open(out["report"]).read()
