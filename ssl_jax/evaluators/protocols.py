@@ -1,4 +1,21 @@
-"""Evaluation protocols over a train state: the kNN monitor during training and `ssl-jax eval` afterwards."""
+"""Evaluation protocols over a train state: the kNN monitor during training and `ssl-jax eval` afterwards.
+
+Protocols (`ssl-jax eval --protocol P`): knn, linear (fast path: features once), linear_full (features
+recomputed from augmented images every step), fewshot (ridge probes), semi1 / semi10 (fine-tuning on 1% /
+10% of the labels). Eval keys read by the newer protocols and their defaults (EVAL_DEFAULTS; a run's config
+may lack them, `with_eval_defaults` adds them, `--config.eval.KEY=VALUE` overrides them):
+  fewshot_shots=(1, 5, 10, 25)   examples per class of each ridge probe
+  fewshot_l2=1024.0              ridge penalty on standardised features (big_vision's fixed 2^10)
+  fewshot_seed=0                 draws the few-shot subsets (nested over shots)
+  semi_seed=0                    draws the semi-supervised subset, written to DIR/subsets/semi{1,10}_seed{S}.txt
+  semi_subset_file=""            a subset list to use instead (indices, or file names as SimCLR's ImageNet lists)
+  semi1_epochs=60, semi10_epochs=30   SimCLR's fine-tuning lengths for 1% and 10% of the labels
+  semi_batch_size=256            clamped to the subset size
+  semi_lr=0.05                   per 256 images (SimCLR: 0.05 x B / 256, no warm-up, cosine decay)
+  semi_backbone_lr_factor=1.0    the backbone's lr relative to the head's
+  semi_weight_decay=0.0          SimCLR fine-tunes without regularisation
+linear_full reads the same linear_epochs / linear_lr / linear_batch_size / linear_weight_decay as linear.
+"""
 import functools
 import os
 import sys
@@ -9,9 +26,24 @@ import numpy as np
 from ssl_jax import augment, checkpoint, config as config_lib, metrics as metrics_lib
 from ssl_jax import data as data_lib
 from ssl_jax.data import pipeline
-from ssl_jax.evaluators import features as features_lib, knn, linear
+from ssl_jax.evaluators import features as features_lib, fewshot, finetune, knn, linear, subsets
 
-PROTOCOLS = ("knn", "linear")
+PROTOCOLS = ("knn", "linear", "linear_full", "fewshot", "semi1", "semi10")
+SEMI_PERCENTS = {"semi1": 1, "semi10": 10}
+EVAL_DEFAULTS = dict(
+    fewshot_shots=(1, 5, 10, 25), fewshot_l2=2.0 ** 10, fewshot_seed=0,
+    semi_seed=0, semi_subset_file="", semi1_epochs=60, semi10_epochs=30, semi_batch_size=256, semi_lr=0.05,
+    semi_backbone_lr_factor=1.0, semi_weight_decay=0.0)
+
+
+def with_eval_defaults(config):
+    """Returns `config` with the EVAL_DEFAULTS keys its eval section lacks added (values it has are kept)."""
+    missing = {k: v for k, v in EVAL_DEFAULTS.items() if k not in config.eval}
+    if missing:
+        with config.eval.unlocked():
+            for key, value in missing.items():
+                config.eval[key] = value
+    return config
 
 
 @functools.lru_cache(maxsize=4)
@@ -69,6 +101,79 @@ def linear_eval(setup, state, progress=False):
                                weight_decay=config.eval.linear_weight_decay, seed=config.seed)
 
 
+def fewshot_eval(setup, state, progress=False):
+    """Returns {'fewshot_{k}shot_top1'}: ridge probes on k seeded training examples per class."""
+    config = with_eval_defaults(setup.config)
+    source = setup.train_source
+    shots = tuple(int(k) for k in config.eval.fewshot_shots)
+    by_shots = fewshot.fewshot_indices(source.labels, shots, config.eval.fewshot_seed)
+    union = np.unique(np.concatenate(list(by_shots.values())))  # nested subsets: the largest one, encoded once
+    train_x, train_y = features(setup, state, subsets.lazy_subset(source, union), 0, progress)
+    test_x, test_y = features(setup, state, eval_source(config, "test"), 0, progress)
+    rows = {k: np.searchsorted(union, idx) for k, idx in by_shots.items()}
+    return fewshot.fewshot_accuracy(train_x, train_y, test_x, test_y, source.num_classes, shots=shots,
+                                    l2=config.eval.fewshot_l2, indices=rows)
+
+
+def semi_subset(config, workdir, source, percent):
+    """Returns (sorted train indices, path): the eval.semi_subset_file list, else DIR/subsets/ (drawn if new)."""
+    config = with_eval_defaults(config)
+    if config.eval.semi_subset_file:
+        path = config.eval.semi_subset_file
+        return subsets.read_subset(path, source), path
+    path = os.path.join(workdir, "subsets", f"semi{percent}_seed{config.eval.semi_seed}.txt")
+    if os.path.isfile(path):
+        return subsets.read_subset(path, source), path
+    indices = subsets.balanced_subset(source.labels, percent / 100.0, config.eval.semi_seed)
+    if jax.process_index() == 0:
+        subsets.write_subset(path, indices)
+    return indices, path
+
+
+def semi_eval(setup, state, protocol, workdir, progress=False):
+    """Returns {'semiP_top1', 'semiP_top5', ...}: the whole network fine-tuned on P% of the labels."""
+    config = with_eval_defaults(setup.config)
+    percent = SEMI_PERCENTS[protocol]
+    indices, path = semi_subset(config, workdir, setup.train_source, percent)
+    print(f"{protocol}: fine-tuning on {len(indices)} labelled examples listed in {path}", file=sys.stderr)
+    source = subsets.lazy_subset(setup.train_source, indices)
+    batch = min(config.eval.semi_batch_size, len(source))
+    recipe = finetune.Recipe(
+        epochs=config.eval[f"{protocol}_epochs"], batch_size=batch, lr=config.eval.semi_lr * batch / 256,
+        weight_decay=config.eval.semi_weight_decay, backbone_lr_factor=config.eval.semi_backbone_lr_factor,
+        seed=config.seed)
+    model = finetune.Model(config, state["params"]["model"], state["batch_stats"],
+                           setup.train_source.num_classes, train_backbone=True)
+    history = finetune.fit(model, config, source, setup.mesh, recipe, progress)
+    result = finetune.evaluate(model, config, eval_source(config, "test"), setup.mesh, config.eval.batch_size,
+                               progress)
+    return {**{f"{protocol}_{k}": v for k, v in result.items()},
+            f"{protocol}_train_top1": history[-1] if history else 0.0, f"{protocol}_labelled": float(len(indices))}
+
+
+def linear_full_eval(setup, state, progress=False):
+    """Returns {'linear_full_top1', 'linear_full_top5', ...}: a linear classifier on a frozen backbone, augmented."""
+    config = setup.config
+    recipe = finetune.Recipe(epochs=config.eval.linear_epochs, batch_size=config.eval.linear_batch_size,
+                             lr=config.eval.linear_lr, weight_decay=config.eval.linear_weight_decay,
+                             train_backbone=False, seed=config.seed)
+    model = finetune.Model(config, state["params"]["model"], state["batch_stats"],
+                           setup.train_source.num_classes, train_backbone=False)
+    history = finetune.fit(model, config, setup.train_source, setup.mesh, recipe, progress)
+    result = finetune.evaluate(model, config, eval_source(config, "test"), setup.mesh, config.eval.batch_size,
+                               progress)
+    return {**{f"linear_full_{k}": v for k, v in result.items()},
+            "linear_full_train_top1": history[-1] if history else 0.0}
+
+
+def run_protocol(setup, state, protocol, workdir, progress=False):
+    """Returns the metrics of `protocol` (one of PROTOCOLS) for `state`."""
+    if protocol in SEMI_PERCENTS:
+        return semi_eval(setup, state, protocol, workdir, progress)
+    fn = {"knn": knn_eval, "linear": linear_eval, "linear_full": linear_full_eval, "fewshot": fewshot_eval}
+    return fn[protocol](setup, state, progress=progress)
+
+
 def monitor(setup, state):
     """Returns the metrics evaluated during training (the kNN monitor)."""
     return knn_eval(setup, state)
@@ -82,7 +187,7 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True):
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{workdir} is not a training run: {config_path} does not exist")
-    config = config_lib.from_json_file(config_path)
+    config = with_eval_defaults(config_lib.from_json_file(config_path))
     for override in overrides:
         key, _, value = override.partition("=")
         config_lib.apply_override(config, key, value)
@@ -96,7 +201,7 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True):
     finally:
         manager.close()
     print(f"evaluating step {step} of {workdir} with the {protocol} protocol", file=sys.stderr)
-    result = (knn_eval if protocol == "knn" else linear_eval)(setup, state, progress=progress)
+    result = run_protocol(setup, state, protocol, workdir, progress=progress)
     writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False)
     writer.write(step, {"epoch": step / setup.steps_per_epoch, **result})
     writer.close()
