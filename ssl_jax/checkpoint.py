@@ -7,6 +7,7 @@ parameter norm were checked finite, so a failing run never replaces the last goo
 import os
 import signal
 import threading
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,11 +36,26 @@ def save(manager, step, state, *, force=False):
 
 
 def restore(manager, abstract_state, step=None):
-    """Returns the state restored from `step` (default: newest) with the shardings of `abstract_state`."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    """Returns the state restored from `step` (default: the newest one that reads back) with the shardings
+    of `abstract_state`.
+
+    Without `step`, a checkpoint that fails to read (truncated or corrupt files) is skipped with a warning
+    and the next older one is tried, so one damaged save does not lose the run.
+    """
+    if step is not None:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    errors = []
+    for candidate in steps:
+        try:
+            return manager.restore(candidate, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+            errors.append(f"step {candidate}: {type(e).__name__}: {str(e)[:200]}")
+            warnings.warn(f"checkpoint at step {candidate} in {manager.directory} could not be read "
+                          f"({type(e).__name__}); trying the previous one", RuntimeWarning, stacklevel=2)
+    raise RuntimeError(f"no checkpoint in {manager.directory} could be read:\n" + "\n".join(errors))
 
 
 def abstract_like(state):

@@ -4,6 +4,7 @@ import signal
 
 import jax
 import numpy as np
+import pytest
 
 from ssl_jax import checkpoint, config as config_lib, data, parallel, train
 
@@ -55,3 +56,27 @@ def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
     assert guard.requested(1) and guard.signal_name == "SIGTERM"
     guard.restore_handlers()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=3, async_save=False)
+    for step in (1, 2):
+        checkpoint.save(manager, step, {"x": np.full((64,), step, np.float32)}, force=True)
+    manager.close()
+    # Damage every data file of step 2 (a truncated write, a bad disk sector).
+    damaged = 0
+    for root, _, files in os.walk(os.path.join(checkpoint.checkpoint_dir(str(tmp_path)), "2")):
+        for name in files:
+            if os.path.basename(root) == "d" or name.endswith("manifest.ocdbt"):
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"\0garbage")
+                damaged += 1
+    assert damaged
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=3, async_save=False)
+    target = {"x": jax.ShapeDtypeStruct((64,), np.float32)}
+    with pytest.warns(RuntimeWarning, match="step 2 .* could not be read"):
+        restored = checkpoint.restore(manager, target)
+    np.testing.assert_array_equal(restored["x"], np.full((64,), 1, np.float32))
+    with pytest.raises(Exception):
+        checkpoint.restore(manager, target, step=2)  # asking for the damaged step itself is still an error
+    manager.close()
