@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import optax
 
-from ssl_jax import config as config_lib, data, metrics, optim, parallel, train
+from ssl_jax import config as config_lib, metrics, optim
 from ssl_jax.methods import barlow_twins
+from harness import random_source as _source, run_steps as _run_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "barlow_twins.py")
@@ -64,25 +65,6 @@ def test_views_apply_each_views_own_probabilities():
     view_1, view_2 = jax.jit(lambda k, x: barlow_twins.views(k, x, config))(keys, images)
     np.testing.assert_allclose(view_1, images / 255.0, atol=1e-6)
     np.testing.assert_allclose(view_2, np.where(view_1 >= 0.5, 1.0 - view_1, view_1), atol=1e-6)
-
-
-def _source(n=64, size=16):
-    rs = np.random.RandomState(0)
-    return data.Source(images=rs.randint(0, 256, size=(n, size, size, 3)).astype(np.uint8),
-                       labels=(np.arange(n) % 4).astype(np.int32), class_names=list("abcd"), name="test")
-
-
-def _run_steps(config, source, devices, initial=None, steps=2, batch=16):
-    """Returns (initial state, final state, metrics per step) on host; `initial` skips a second init compile."""
-    setup = train.build(config, source, devices=devices)
-    state = train.initial_state(setup) if initial is None else parallel.put_replicated(initial, setup.mesh)
-    before, history = jax.device_get(state), []
-    for step in range(steps):
-        idx = np.arange(step * batch, (step + 1) * batch, dtype=np.int32)
-        state, m = setup.step_fn(state, setup.dataset, parallel.put_batch(
-            {"index": idx, "label": source.labels[idx]}, setup.mesh))
-        history.append(jax.device_get(m))
-    return before, jax.device_get(state), history
 
 
 def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument

@@ -7,13 +7,18 @@ import jax
 import numpy as np
 import pytest
 
-from ssl_jax import config as config_lib, data, metrics, parallel, train
+from ssl_jax import config as config_lib, metrics
 from ssl_jax.methods import simclr
+from harness import random_source, run_steps as _run_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V2 = os.path.join(ROOT, "configs", "simclr_v2.py")
 V1 = os.path.join(ROOT, "configs", "simclr.py")
 SAMPLE = np.zeros((1, 16, 16, 3), np.uint8)
+
+
+def _source():
+    return random_source(n=32)
 
 
 def _config(spec, *overrides):
@@ -101,25 +106,6 @@ def test_presets():
     cifar = _config(f"{V2}:cifar10")
     assert cifar.model.name == "resnet18" and cifar.loss.temperature == 0.5 and cifar.augment.blur_p == 0.0
     assert simclr.head_hidden_dim(cifar) == 512
-
-
-def _source(n=32, size=16):
-    rs = np.random.RandomState(0)
-    return data.Source(images=rs.randint(0, 256, size=(n, size, size, 3)).astype(np.uint8),
-                       labels=(np.arange(n) % 4).astype(np.int32), class_names=list("abcd"), name="test")
-
-
-def _run_steps(config, source, devices, initial=None, steps=2, batch=16):
-    """Returns (initial state, final state, metrics per step) on host; `initial` skips a second init compile."""
-    setup = train.build(config, source, devices=devices)
-    state = train.initial_state(setup) if initial is None else parallel.put_replicated(initial, setup.mesh)
-    before, history = jax.device_get(state), []
-    for step in range(steps):
-        idx = np.arange(step * batch, (step + 1) * batch, dtype=np.int32)
-        state, m = setup.step_fn(state, setup.dataset, parallel.put_batch(
-            {"index": idx, "label": source.labels[idx]}, setup.mesh))
-        history.append(jax.device_get(m))
-    return before, jax.device_get(state), history
 
 
 def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument

@@ -8,52 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax import config as config_lib, data, metrics, optim, parallel, train
+from ssl_jax import config as config_lib, metrics, optim, parallel, train
 from ssl_jax.methods import simsiam
+from harness import assert_trees_close as _assert_trees_close, random_source as _source
+from harness import rbg_initial_state as _rbg_initial_state, steps as _run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "simsiam.py")
 
 
-def _source(n=64, size=16, classes=4, seed=0):
-    rs = np.random.RandomState(seed)
-    images = rs.randint(0, 256, size=(n, size, size, 3)).astype(np.uint8)
-    labels = (np.arange(n) % classes).astype(np.int32)
-    return data.Source(images=images, labels=labels, class_names=list("abcd"), name="test")
-
-
 def _config(*overrides):
     return config_lib.load_config(f"{CONFIG}:smoke", ["batch_size=16", "optim.lr=0.5", *overrides])
-
-
-def _rbg_initial_state(setup):
-    """Returns a host copy of the initial state, initialised with rbg keys and given a threefry step key.
-
-    Initialisation is not under test here (test_train_step compares it across device counts), and the
-    threefry init takes several times longer to compile; both device counts start from this one state.
-    """
-    impl = jax.config.jax_default_prng_impl
-    jax.config.update("jax_default_prng_impl", "rbg")
-    try:
-        state = jax.device_get(train.initial_state(setup))
-    finally:
-        jax.config.update("jax_default_prng_impl", impl)
-    state["rng"] = np.asarray(jax.random.PRNGKey(1))
-    return state
-
-
-def _run(setup, state, source, steps=2):
-    history = []
-    for step in range(steps):
-        idx = np.arange(step * 16, (step + 1) * 16, dtype=np.int32)
-        batch = parallel.put_batch({"index": idx, "label": source.labels[idx]}, setup.mesh)
-        state, m = setup.step_fn(state, setup.dataset, batch)
-        history.append(jax.device_get(m))
-    return jax.device_get(state), history
-
-
-def _assert_trees_close(a, b, **tol):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
 
 
 def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument

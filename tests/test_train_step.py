@@ -3,14 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from ssl_jax import config as config_lib, data, parallel, train
-
-
-def _source(n=64, size=16, classes=4, seed=0):
-    rs = np.random.RandomState(seed)
-    images = rs.randint(0, 256, size=(n, size, size, 3)).astype(np.uint8)
-    labels = (np.arange(n) % classes).astype(np.int32)
-    return data.Source(images=images, labels=labels, class_names=list("abcd"), name="test")
+from ssl_jax import config as config_lib, parallel, train
+from harness import random_source as _source
 
 
 def _config(*overrides):

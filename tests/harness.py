@@ -1,0 +1,54 @@
+"""Helpers the method tests share: a random labelled source, and running the real sharded step N times."""
+import jax
+import numpy as np
+
+from ssl_jax import data, parallel, train
+
+
+def random_source(n=64, size=16, classes=4, seed=0):
+    """Returns a Source of n random uint8 size x size images with labels cycling over `classes`."""
+    rs = np.random.RandomState(seed)
+    images = rs.randint(0, 256, size=(n, size, size, 3)).astype(np.uint8)
+    labels = (np.arange(n) % classes).astype(np.int32)
+    return data.Source(images=images, labels=labels, class_names=list("abcdefghij"[:classes]), name="test")
+
+
+def steps(setup, state, source, steps=2, batch=16):
+    """Returns (host final state, host metrics per step) after `steps` steps on consecutive batches."""
+    history = []
+    for step in range(steps):
+        idx = np.arange(step * batch, (step + 1) * batch, dtype=np.int32)
+        state, m = setup.step_fn(state, setup.dataset, parallel.put_batch(
+            {"index": idx, "label": source.labels[idx]}, setup.mesh))
+        history.append(jax.device_get(m))
+    return jax.device_get(state), history
+
+
+def run_steps(config, source, devices, initial=None, steps=2, batch=16):
+    """Returns (initial state, final state, metrics per step) on host; `initial` skips a second init compile."""
+    setup = train.build(config, source, devices=devices)
+    state = train.initial_state(setup) if initial is None else parallel.put_replicated(initial, setup.mesh)
+    before = jax.device_get(state)
+    after, history = globals()["steps"](setup, state, source, steps, batch)
+    return before, after, history
+
+
+def assert_trees_close(a, b, **tol):
+    """Asserts every leaf of a and b is allclose with `tol`."""
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+def rbg_initial_state(setup):
+    """Returns a host copy of the initial state, initialised with rbg keys and given a threefry step key.
+
+    Initialisation is not under test there (test_train_step compares it across device counts), and the
+    threefry init takes several times longer to compile; both device counts start from this one state.
+    """
+    impl = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        state = jax.device_get(train.initial_state(setup))
+    finally:
+        jax.config.update("jax_default_prng_impl", impl)
+    state["rng"] = np.asarray(jax.random.PRNGKey(1))
+    return state
