@@ -1,4 +1,8 @@
 """Helpers the method tests share: a random labelled source, and running the real sharded step N times."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 
@@ -52,3 +56,17 @@ def rbg_initial_state(setup):
         jax.config.update("jax_default_prng_impl", impl)
     state["rng"] = np.asarray(jax.random.PRNGKey(1))
     return state
+
+
+def cli_train(config_spec, workdir, rbg=False):
+    """Runs `python -m ssl_jax train` as a user would (real device count, CPU) and returns the finished process.
+
+    rbg=True uses rbg keys: threefry's init takes ~10 s more to compile, and test_cli covers the default.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    if rbg:
+        env["JAX_DEFAULT_PRNG_IMPL"] = "rbg"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "ssl_jax", "train", "--config", config_spec, "--workdir", workdir,
+                           "--no-progress"], cwd=root, env=env, capture_output=True, text=True, timeout=600)

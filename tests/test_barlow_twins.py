@@ -1,7 +1,5 @@
 """Barlow Twins: the loss path against NumPy, 8 devices equal 1, the bias/BN learning rate, a CLI smoke run."""
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -9,6 +7,7 @@ import optax
 
 from ssl_jax import config as config_lib, metrics, optim
 from ssl_jax.methods import barlow_twins
+from harness import cli_train
 from harness import random_source as _source, run_steps as _run_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,12 +122,8 @@ def test_presets_follow_the_official_recipe():
 
 
 def test_smoke_run_through_the_cli(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
     workdir = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "ssl_jax", "train", "--config", f"{CONFIG}:smoke",
-                           "--workdir", workdir, "--no-progress"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = cli_train(f"{CONFIG}:smoke", workdir)
     assert proc.returncode == 0, proc.stderr
     records = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     rows = [r for r in records if "loss" in r]

@@ -2,8 +2,6 @@
 the loss pairs each prediction with the other view's target projection, the EMA and tau schedule, a CLI smoke run."""
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +9,7 @@ import numpy as np
 
 from ssl_jax import config as config_lib, metrics, parallel, train
 from ssl_jax.methods import byol
+from harness import cli_train
 from harness import assert_trees_close as _assert_trees_close, random_source as _source
 from harness import rbg_initial_state as _rbg_initial_state, steps as _run
 
@@ -121,14 +120,8 @@ def test_tau_schedule_and_ema_update_match_numpy():
 
 
 def test_smoke_run_through_the_cli(tmp_path):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # as a user runs it: the real device count
-    env["JAX_PLATFORMS"] = "cpu"
-    # rbg keys: threefry's init takes ~10 s more to compile, and test_cli runs the CLI with the default.
-    env["JAX_DEFAULT_PRNG_IMPL"] = "rbg"
     workdir = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "ssl_jax", "train", "--config", f"{CONFIG}:smoke", "--workdir",
-                           workdir, "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = cli_train(f"{CONFIG}:smoke", workdir, rbg=True)
     assert proc.returncode == 0, proc.stderr
     rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     assert rows and rows[-1]["step"] == 16

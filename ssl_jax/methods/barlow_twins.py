@@ -26,7 +26,6 @@ from ssl_jax import augment, losses, models
 from ssl_jax.methods import common
 
 
-
 def networks(config, axis_name=None):
     """Returns (backbone, projector) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn."""
     bn_axis = common.bn_axis(config, axis_name)
@@ -35,7 +34,6 @@ def networks(config, axis_name=None):
         hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
         use_bn=True, last_bn=False, dtype=common.compute_dtype(config), bn_axis_name=bn_axis)
     return backbone, projector
-
 
 
 def init(rng, config, sample_images):
@@ -66,34 +64,21 @@ def views(keys_Bx2, images, config):
     return augment.view_batch(keys_1, images, spec_1), augment.view_batch(keys_2, images, spec_2)
 
 
-def _forward(backbone, projector, params, batch_stats, x):
-    """Returns (features_BxF, embeddings_BxD, new batch_stats) of one view in training mode."""
-    h, b_vars = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                               x, train=True, mutable=["batch_stats"])
-    z, h_vars = projector.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
-                                h, train=True, mutable=["batch_stats"])
-    return h, z, {"backbone": b_vars["batch_stats"], "head": h_vars.get("batch_stats", {})}
-
-
 def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
     """Returns the Barlow Twins loss of the two views' embeddings, new BatchNorm statistics, metrics and aux."""
     del extras, rng, progress
     backbone, projector = networks(config, axis_name)
     view_1, view_2 = views
     # Two passes; the second starts from the statistics the first updated (torch's two forward calls).
-    h1, z1, stats = _forward(backbone, projector, params, batch_stats, view_1.astype(common.compute_dtype(config)))
-    _, z2, stats = _forward(backbone, projector, params, stats, view_2.astype(common.compute_dtype(config)))
+    dtype = common.compute_dtype(config)
+    h1, z1, stats = common.train_forward(backbone, projector, params, batch_stats, view_1.astype(dtype))
+    _, z2, stats = common.train_forward(backbone, projector, params, stats, view_2.astype(dtype))
     # c is summed over all replicas inside, so the value is the same on every device: the global loss.
     value = losses.barlow_twins(z1, z2, config.loss.lambd, axis_name=axis_name)
     aux = {"features": jax.lax.stop_gradient(h1).astype(jnp.float32), "embeddings": z1}
     return value, (stats, {}, aux)
 
 
-def update_extras(params, extras, aux, progress, config):
-    """Returns extras unchanged: Barlow Twins keeps no state outside the optimizer."""
-    del params, aux, progress, config
-    return extras
-
-
 feature_dim = common.feature_dim
 encode = common.encode
+update_extras = common.keep_extras

@@ -36,3 +36,21 @@ def encode(params, batch_stats, images, config):
     """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
     return backbone(config).apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
                                   images.astype(compute_dtype(config)), train=False).astype(jnp.float32)
+
+
+def train_forward(backbone, head, params, batch_stats, x):
+    """Returns (backbone features, head outputs, new batch_stats) of one batch in training mode.
+
+    `params` / `batch_stats` hold the "backbone" and "head" subtrees, as in SimCLR, MoCo and Barlow Twins.
+    """
+    h, b_vars = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
+                               x, train=True, mutable=["batch_stats"])
+    z, h_vars = head.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
+                           h, train=True, mutable=["batch_stats"])
+    return h, z, {"backbone": b_vars["batch_stats"], "head": h_vars.get("batch_stats", {})}
+
+
+def keep_extras(params, extras, aux, progress, config):
+    """Returns extras unchanged: the update_extras of methods with no state outside the optimizer."""
+    del params, aux, progress, config
+    return extras

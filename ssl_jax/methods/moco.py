@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from ssl_jax import losses, parallel
-from ssl_jax.methods import simclr
+from ssl_jax.methods import common, simclr
 
 feature_dim = simclr.feature_dim
 encode = simclr.encode  # the query encoder's backbone, as the official linear evaluation uses encoder_q
@@ -63,15 +63,6 @@ def init(rng, config, sample_images):
     return params, batch_stats, extras
 
 
-def _forward(backbone, head, params, batch_stats, x):
-    """Returns (float32 backbone features, head outputs, new batch_stats) in train mode."""
-    h, b_vars = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                               x, train=True, mutable=["batch_stats"])
-    z, h_vars = head.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
-                           h, train=True, mutable=["batch_stats"])
-    return h, z, {"backbone": b_vars["batch_stats"], "head": h_vars.get("batch_stats", {})}
-
-
 def key_embeddings(key_params, key_stats, view, rng, config, axis_name):
     """Returns (keys_NxD of the global batch in batch order, this device's keys_BxD, new key batch_stats).
 
@@ -85,7 +76,7 @@ def key_embeddings(key_params, key_stats, view, rng, config, axis_name):
     b = view.shape[0]
     if not config.moco.shuffle_bn:
         backbone, head = simclr.networks(config, axis_name)
-        _, z_BxD, stats = _forward(backbone, head, key_params, key_stats, view)
+        _, z_BxD, stats = common.train_forward(backbone, head, key_params, key_stats, view)
         k_BxD = losses.l2_normalize(z_BxD.astype(jnp.float32))
         k_NxD = parallel.all_gather_invariant(k_BxD, axis_name)
     else:
@@ -99,7 +90,8 @@ def key_embeddings(key_params, key_stats, view, rng, config, axis_name):
         mine_B = jax.lax.dynamic_slice_in_dim(perm_N, parallel.axis_index(axis_name) * b, b)
         x_Gxb = x_N[mine_B].reshape(groups, b // groups, *view.shape[1:])
         backbone, head = simclr.networks(config, None)  # BatchNorm over each group alone
-        _, z_Gxb, stats_G = jax.vmap(lambda x: _forward(backbone, head, key_params, key_stats, x))(x_Gxb)
+        _, z_Gxb, stats_G = jax.vmap(
+            lambda x: common.train_forward(backbone, head, key_params, key_stats, x))(x_Gxb)
         stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats_G)
         k_shuffled_BxD = losses.l2_normalize(z_Gxb.reshape(b, -1).astype(jnp.float32))
         # Row j of the gathered keys belongs to example perm[j]: the inverse permutation restores batch order.
@@ -131,7 +123,7 @@ def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name
     values, accs, keys, outputs = [], [], [], []
     for v, (qi, ki) in enumerate(_directions(config)):
         x = views[qi].astype(jnp.dtype(config.model.dtype))
-        h, q_BxD, batch_stats = _forward(backbone, head, params, batch_stats, x)
+        h, q_BxD, batch_stats = common.train_forward(backbone, head, params, batch_stats, x)
         k_NxD, k_BxD, key_stats = key_embeddings(extras["key_params"], key_stats, views[ki],
                                                  jax.random.fold_in(rng, v), config, axis_name)
         queue_KxD = extras["queue"][v]

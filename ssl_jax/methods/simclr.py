@@ -24,7 +24,6 @@ from ssl_jax import augment, losses, models
 from ssl_jax.methods import common
 
 
-
 def networks(config, axis_name=None):
     """Returns (backbone, head) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn."""
     bn_axis = common.bn_axis(config, axis_name)
@@ -35,7 +34,6 @@ def networks(config, axis_name=None):
         last_bn_scale=config.head.get("last_bn_scale", False), dtype=common.compute_dtype(config),
         bn_axis_name=bn_axis)
     return backbone, head
-
 
 
 def head_hidden_dim(config):
@@ -72,23 +70,12 @@ def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name
     b = view_1.shape[0]
     # Both views in one pass, as SimCLR does: BatchNorm statistics are taken over all 2B images.
     x = jnp.concatenate([view_1, view_2], axis=0).astype(common.compute_dtype(config))
-    h, b_vars = backbone.apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                               x, train=True, mutable=["batch_stats"])
-    z, h_vars = head.apply({"params": params["head"], "batch_stats": batch_stats["head"]},
-                           h, train=True, mutable=["batch_stats"])
+    h, z, new_stats = common.train_forward(backbone, head, params, batch_stats, x)
     z1, z2 = z[:b], z[b:]
     value = losses.nt_xent(z1, z2, config.loss.temperature, axis_name=axis_name)
     metrics = {"contrastive_acc": losses.contrastive_accuracy(z1, z2, axis_name=axis_name)}
-    new_stats = {"backbone": b_vars["batch_stats"], "head": h_vars.get("batch_stats", {})}
     aux = {"features": jax.lax.stop_gradient(h[:b]).astype(jnp.float32), "embeddings": z1}
     return value, (new_stats, metrics, aux)
-
-
-def update_extras(params, extras, aux, progress, config):
-    """Returns extras unchanged: SimCLR keeps no state outside the optimizer."""
-    del params, aux, progress, config
-    return extras
-
 
 
 def finetune_layer(config):
@@ -118,3 +105,4 @@ def finetune_features(params, batch_stats, images, config):
 
 feature_dim = common.feature_dim
 encode = common.encode
+update_extras = common.keep_extras

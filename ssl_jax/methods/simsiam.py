@@ -21,7 +21,6 @@ from ssl_jax.methods import common
 PARTS = ("backbone", "projector", "predictor")
 
 
-
 def networks(config, axis_name=None):
     """Returns the flax modules {'backbone', 'projector', 'predictor'}; BN synchronized over `axis_name`."""
     bn_axis = common.bn_axis(config, axis_name)
@@ -33,7 +32,6 @@ def networks(config, axis_name=None):
     predictor = models.MLPHead(hidden_dims=(config.predictor.hidden_dim,), out_dim=proj.out_dim, use_bn=True,
                                last_bn=False, dtype=dtype, bn_axis_name=bn_axis)
     return {"backbone": backbone, "projector": projector, "predictor": predictor}
-
 
 
 def init(rng, config, sample_images):
@@ -93,11 +91,6 @@ def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name
     return value, (stats, {}, aux)
 
 
-def update_extras(params, extras, aux, progress, config):
-    """Returns extras unchanged: SimSiam keeps no state outside the optimizer."""
-    del params, aux, progress, config
-    return extras
-
-
 feature_dim = common.feature_dim
 encode = common.encode
+update_extras = common.keep_extras
