@@ -24,7 +24,8 @@ def get_config(arg="cifar10"):
     c = presets.apply(presets.base("simclr"), arg)
     c.head = ml_collections.ConfigDict(dict(
         num_layers=2, hidden_dim=512, out_dim=128, use_bn=True, last_bn=False))
-    c.loss = ml_collections.ConfigDict(dict(temperature=0.5))
+    # chunk_size > 0: NT-Xent in blocks of that many columns, never the whole similarity matrix at once.
+    c.loss = ml_collections.ConfigDict(dict(temperature=0.5, chunk_size=0))
     if arg == "imagenet":
         c.head.update(dict(hidden_dim=2048, out_dim=128))
         c.loss.temperature = 0.1

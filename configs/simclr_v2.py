@@ -42,7 +42,8 @@ def get_config(arg="cifar10"):
     c = presets.apply(presets.base("simclr"), arg)
     c.head = ml_collections.ConfigDict(dict(
         num_layers=3, hidden_dim=0, out_dim=128, use_bn=True, last_bn=True, last_bn_scale=True, finetune_layer=1))
-    c.loss = ml_collections.ConfigDict(dict(temperature=0.5))
+    # chunk_size > 0: NT-Xent in blocks of that many columns, never the whole similarity matrix at once.
+    c.loss = ml_collections.ConfigDict(dict(temperature=0.5, chunk_size=0))
     c.optim.update(dict(name="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-4, warmup_epochs=10))
     if arg == "imagenet":
         c.num_epochs = 800

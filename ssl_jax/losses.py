@@ -13,14 +13,17 @@ def l2_normalize(x, axis=-1, eps=1e-12):
     return x * jax.lax.rsqrt(jnp.maximum(norm_sq, eps * eps))
 
 
-def nt_xent(z1, z2, temperature, axis_name=None):
+def nt_xent(z1, z2, temperature, axis_name=None, chunk_size=0):
     """Returns SimCLR's NT-Xent loss: the mean over all 2B anchors of the global batch (both directions).
 
     z1_BxD, z2_BxD are this device's embeddings of the two views (B local rows); they are L2-normalised here.
     Each anchor z1[i] has one positive, z2[i], and 2(N-1) negatives: every other row of z1 and z2 gathered
     from all devices (N = global batch). Computed in float32. With `axis_name`, the result is the global
     mean (pmean over devices), so its gradient is the exact gradient of the full-batch loss.
+    chunk_size > 0 computes the same value in blocks of that many candidate columns (`nt_xent_chunked`).
     """
+    if chunk_size:
+        return nt_xent_chunked(z1, z2, temperature, chunk_size, axis_name)
     z1 = l2_normalize(z1.astype(jnp.float32))
     z2 = l2_normalize(z2.astype(jnp.float32))
     local_b = z1.shape[0]
@@ -44,6 +47,50 @@ def nt_xent(z1, z2, temperature, axis_name=None):
     loss_b_B = cross_entropy(jnp.concatenate([logits_ba_BxN, logits_bb_BxN], axis=1))
     local_mean = 0.5 * (jnp.mean(loss_a_B) + jnp.mean(loss_b_B))
     return parallel.pmean(local_mean, axis_name)
+
+
+def nt_xent_chunked(z1, z2, temperature, chunk_size, axis_name=None):
+    """Returns `nt_xent` computed over blocks of `chunk_size` candidates: no 2B x 2N matrix is ever held.
+
+    The 2N candidates (z1 then z2 of the global batch) are visited in blocks with a running logsumexp
+    (max and rescaled sum per anchor). The block body is rematerialised (jax.checkpoint), so the backward
+    pass recomputes each 2B x chunk block instead of storing them all: memory is O(B * chunk_size + N * D)
+    per device instead of O(B * N). For global batches whose similarity matrix does not fit on one device;
+    the same value and gradient as the dense loss up to float32 summation order.
+    """
+    z1 = l2_normalize(z1.astype(jnp.float32))
+    z2 = l2_normalize(z2.astype(jnp.float32))
+    local_b, dim = z1.shape
+    anchors_AxD = jnp.concatenate([z1, z2], axis=0) / temperature  # A = 2B anchors: view 1 rows, then view 2
+    cands_MxD = jnp.concatenate([parallel.all_gather(z1, axis_name), parallel.all_gather(z2, axis_name)], axis=0)
+    n = cands_MxD.shape[0] // 2
+    # Each anchor's own column (masked, as in the dense loss); its positive is the other view's same row.
+    own_B = parallel.global_example_index(local_b, axis_name)
+    self_A = jnp.concatenate([own_B, own_B + n])
+    positive_A = jnp.sum(z1 * z2, axis=1) / temperature
+    positive_A = jnp.concatenate([positive_A, positive_A])
+    n_blocks = -(-2 * n // chunk_size)
+    pad = n_blocks * chunk_size - 2 * n
+    cands_KxCxD = jnp.pad(cands_MxD, ((0, pad), (0, 0))).reshape(n_blocks, chunk_size, dim)
+
+    @jax.checkpoint
+    def block(carry, inputs):
+        max_A, sum_A = carry
+        cands_CxD, start = inputs
+        column_C = start + jnp.arange(chunk_size)
+        logits_AxC = anchors_AxD @ cands_CxD.T
+        logits_AxC = logits_AxC + jnp.where(column_C[None, :] == self_A[:, None], _MASK, 0.0)
+        logits_AxC = jnp.where(column_C[None, :] < 2 * n, logits_AxC, -jnp.inf)  # padding columns
+        new_max_A = jnp.maximum(max_A, jnp.max(logits_AxC, axis=1))
+        sum_A = sum_A * jnp.exp(max_A - new_max_A) + jnp.sum(jnp.exp(logits_AxC - new_max_A[:, None]), axis=1)
+        return (new_max_A, sum_A), None
+
+    starts = jnp.arange(n_blocks, dtype=jnp.int32) * chunk_size
+    # Built from positive_A so that, inside shard_map, the carry is typed per-device like the blocks' output.
+    init = (jnp.full_like(positive_A, -jnp.inf), jnp.zeros_like(positive_A))
+    (max_A, sum_A), _ = jax.lax.scan(block, init, (cands_KxCxD, starts))
+    loss_A = max_A + jnp.log(sum_A) - positive_A
+    return parallel.pmean(jnp.mean(loss_A), axis_name)
 
 
 def contrastive_accuracy(z1, z2, axis_name=None):
