@@ -17,12 +17,16 @@ def base(method):
     c.seed = 0
     c.num_epochs = 200
     c.batch_size = 512
+    # Gradient accumulation: each device's batch is processed in this many chunks, exactly for every loss
+    # (ssl_jax/accumulate.py); BatchNorm then normalises each chunk separately.
+    c.grad_accum_steps = 1
     c.log_every_steps = 50
     c.data = ml_collections.ConfigDict(dict(
-        name="cifar10", path="", image_size=0, resident=True, cache_dir="", num_workers=0,
+        name="cifar10", path="", image_size=0, resident=True, cache_dir="", stream=False, num_workers=0,
         num_examples=0, num_classes=10, tfds_data_dir=""))
     c.model = ml_collections.ConfigDict(dict(
-        name="resnet18", width_multiplier=1, cifar_stem=True, dtype="bfloat16", sync_bn=True))
+        name="resnet18", width_multiplier=1, cifar_stem=True, dtype="bfloat16", sync_bn=True,
+        remat=False))
     c.augment = ml_collections.ConfigDict(dict(
         crop_size=32, min_scale=0.08, max_scale=1.0, flip_p=0.5, jitter_strength=0.5, jitter=(), jitter_p=0.8,
         grayscale_p=0.2, blur_p=0.0, solarize_p=0.0, mean=CIFAR_MEAN, std=CIFAR_STD))

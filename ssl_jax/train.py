@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ssl_jax import checkpoint, config as config_lib, losses, metrics as metrics_lib, monitors, optim, parallel
+from ssl_jax import accumulate, checkpoint, config as config_lib, losses, metrics as metrics_lib, monitors, optim, parallel
 from ssl_jax import data as data_lib
 from ssl_jax.data import pipeline
 from ssl_jax.models import LinearClassifier
@@ -37,7 +37,7 @@ def get_method(config):
         raise config_lib.ConfigError(f"unknown method {config.method!r}: no module ssl_jax/methods/{config.method}.py")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashable by identity: evaluators cache their jitted functions per Setup
 class Setup:
     """Everything derived from a config that the loop, the benchmark and the evaluators share."""
     config: object
@@ -51,6 +51,7 @@ class Setup:
     init_fn: object      # rng -> replicated train state
     step_fn: object      # (state, dataset, batch) -> (state, metrics), jitted and sharded
     dataset: object      # resident uint8 images on every device, or a placeholder
+    views_step_fn: object  # (state, views, labels) -> (state, metrics): the step on ready views (benchmarks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,28 +82,39 @@ def build(config, train_source=None, devices=None):
 
     init_jit = jax.jit(init_fn, out_shardings=parallel.replicated(mesh))
 
-    def step(state, dataset, batch):
+    chunks = config.get("grad_accum_steps", 1)
+    accumulate.check_chunks(method, config.batch_size // mesh.devices.size, chunks)
+
+    def model_value_and_grad(state, inputs, keys, make_views, rng, progress):
+        """Returns ((loss, (stats, metrics, aux)), grads) of the method's loss w.r.t. the model params."""
+        if chunks > 1:
+            return accumulate.value_and_grad(method, state["params"]["model"], state["batch_stats"],
+                                             state["extras"], inputs, keys, make_views, rng, progress,
+                                             config=config, axis_name=AXIS, chunks=chunks)
+        views = make_views(keys, inputs)
+        # The loss is already the pmean over devices, so the gradient w.r.t. the replicated params is the
+        # exact global gradient (vma-typed shard_map sums the per-device cotangents); no extra pmean.
+        return jax.value_and_grad(
+            lambda p: method.loss(p, state["batch_stats"], state["extras"], views, rng, progress, config=config,
+                                  axis_name=AXIS), has_aux=True)(state["params"]["model"])
+
+    def probe_loss_fn(probe_params, features, labels):
+        """Online linear probe on stop-gradient features: representation quality, live."""
+        logits = probe.apply({"params": probe_params}, jax.lax.stop_gradient(features))
+        probe_acc = parallel.pmean(jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)), AXIS)
+        return losses.softmax_cross_entropy(logits, labels, AXIS), probe_acc
+
+    def update(state, inputs, labels, make_views):
+        """Returns (new state, metrics) of one optimizer step on this device's inputs (images or views)."""
         progress = {"step": state["step"], "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
         rng = jax.random.fold_in(state["rng"], state["step"])
         aug_rng, loss_rng = jax.random.split(rng)
-        images = dataset[batch["index"]] if config.data.resident else batch["image"]
-        labels = batch["label"]
-        keys = parallel.example_keys(aug_rng, images.shape[0], AXIS)
-        views = method.views(keys, images, config)
-
-        def loss_fn(params):
-            value, (stats, m, aux) = method.loss(params["model"], state["batch_stats"], state["extras"], views,
-                                                 loss_rng, progress, config=config, axis_name=AXIS)
-            # Online linear probe on stop-gradient features: representation quality, live.
-            logits = probe.apply({"params": params["probe"]}, jax.lax.stop_gradient(aux["features"]))
-            probe_loss = losses.softmax_cross_entropy(logits, labels, AXIS)
-            probe_acc = parallel.pmean(jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)), AXIS)
-            return value + probe_loss, (value, probe_loss, probe_acc, stats, m, aux)
-
-        # The loss is already the pmean over devices, so the gradient w.r.t. the replicated params is the
-        # exact global gradient (vma-typed shard_map sums the per-device cotangents); no extra pmean.
-        (_, (value, probe_loss, probe_acc, stats, m, aux)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state["params"])
+        keys = parallel.example_keys(aug_rng, labels.shape[0], AXIS)
+        (value, (stats, m, aux)), model_grads = model_value_and_grad(state, inputs, keys, make_views, loss_rng,
+                                                                     progress)
+        (probe_loss, probe_acc), probe_grads = jax.value_and_grad(probe_loss_fn, has_aux=True)(
+            state["params"]["probe"], aux["features"], labels)
+        grads = {"model": model_grads, "probe": probe_grads}
         if not config.model.sync_bn:  # unsynchronized BatchNorm: average the running statistics once per step
             stats = jax.tree.map(lambda x: parallel.pmean(x, AXIS), stats)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -118,6 +130,13 @@ def build(config, train_source=None, devices=None):
                **m}
         return new_state, out
 
+    def step(state, dataset, batch):
+        images = dataset[batch["index"]] if config.data.resident else batch["image"]
+        return update(state, images, batch["label"], lambda keys, x: method.views(keys, x, config))
+
+    def views_step(state, views, labels):
+        return update(state, views, labels, lambda keys, v: v)
+
     def logged_only(step, fn, *args):
         """Returns fn(*args, AXIS) on steps whose metrics are logged and zeros otherwise (saves an eigh)."""
         done = step + 1
@@ -127,12 +146,13 @@ def build(config, train_source=None, devices=None):
         return jax.lax.cond(logged, lambda *a: fn(*a, AXIS), zeros, *args)
 
     step_fn = parallel.shard_step(step, mesh, n_replicated=2, n_sharded=1, donate=(0,))
+    views_step_fn = parallel.shard_step(views_step, mesh, n_replicated=1, n_sharded=2, donate=(0,))
     if config.data.resident:
         dataset = parallel.put_replicated(np.asarray(source.images), mesh)
     else:
         dataset = parallel.put_replicated(np.zeros((1,), np.uint8), mesh)
     return Setup(config, method, mesh, source, steps_per_epoch, total_steps, tx, schedule, init_jit, step_fn,
-                 dataset)
+                 dataset, views_step_fn)
 
 
 def initial_state(setup):
@@ -243,7 +263,8 @@ def train(config, workdir, *, progress=True, evaluate_fn=None):
                 result = evaluate_fn(setup, state)
                 writer.write(done, {"epoch": done / spe, **result})
                 summary = json.dumps({k: round(v, 4) for k, v in result.items()})
-                bar.write(f"step {done} (epoch {done / spe:g}): {summary}", file=sys.stderr)
+                if is_main:  # tqdm.write prints even where the bar is disabled
+                    bar.write(f"step {done} (epoch {done / spe:g}): {summary}", file=sys.stderr)
             if stop:
                 reason = guard.signal_name or "preemption"
                 bar.write(f"stop requested ({reason}): saved step {done}, exiting", file=sys.stderr)
@@ -252,8 +273,10 @@ def train(config, workdir, *, progress=True, evaluate_fn=None):
     finally:
         bar.close()
         batches.close()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-        guard.restore_handlers()
+        try:
+            checkpoint.wait(manager)  # an asynchronous save that failed raises here
+        finally:
+            manager.close()
+            writer.close()
+            guard.restore_handlers()
     return state

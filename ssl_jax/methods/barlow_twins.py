@@ -64,8 +64,8 @@ def views(keys_Bx2, images, config):
     return augment.view_batch(keys_1, images, spec_1), augment.view_batch(keys_2, images, spec_2)
 
 
-def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
-    """Returns the Barlow Twins loss of the two views' embeddings, new BatchNorm statistics, metrics and aux."""
+def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
+    """Returns ({"z1", "z2": the views' projections, "features"}, (new BatchNorm statistics, {}))."""
     del extras, rng, progress
     backbone, projector = networks(config, axis_name)
     view_1, view_2 = views
@@ -73,10 +73,18 @@ def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name
     dtype = common.compute_dtype(config)
     h1, z1, stats = common.train_forward(backbone, projector, params, batch_stats, view_1.astype(dtype))
     _, z2, stats = common.train_forward(backbone, projector, params, stats, view_2.astype(dtype))
+    return {"z1": z1, "z2": z2, "features": jax.lax.stop_gradient(h1).astype(jnp.float32)}, (stats, {})
+
+
+def embedding_loss(params, emb, side, extras, rng, progress, *, config, axis_name):
+    """Returns the Barlow Twins loss of the two views' embeddings over the global batch, metrics and aux."""
+    del params, side, extras, rng, progress
     # c is summed over all replicas inside, so the value is the same on every device: the global loss.
-    value = losses.barlow_twins(z1, z2, config.loss.lambd, axis_name=axis_name)
-    aux = {"features": jax.lax.stop_gradient(h1).astype(jnp.float32), "embeddings": z1}
-    return value, (stats, {}, aux)
+    value = losses.barlow_twins(emb["z1"], emb["z2"], config.loss.lambd, axis_name=axis_name)
+    return value, ({}, {"features": emb["features"], "embeddings": emb["z1"]})
+
+
+loss = common.composed_loss(embed, embedding_loss)
 
 
 feature_dim = common.feature_dim

@@ -97,28 +97,35 @@ def forward(params, batch_stats, x, *, config, parts=ONLINE_PARTS, axis_name=Non
     return outputs, new_stats
 
 
-def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
-    """Returns the symmetrised BYOL loss (global batch mean), new BN statistics, metrics and aux."""
-    del rng
+def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
+    """Returns ({"p1", "p2": online predictions, "t1", "t2": target projections (no gradient), "z1": the
+    first view's online projection, "features"}, (new BN statistics, {}))."""
+    del rng, progress
     view_1, view_2 = views
     online = functools.partial(forward, config=config, parts=ONLINE_PARTS, axis_name=axis_name)
     target = functools.partial(forward, config=config, parts=TARGET_PARTS, axis_name=axis_name)
     online_1, online_stats = online(params, batch_stats, view_1)
     online_2, online_stats = online(params, online_stats, view_2)
-    # The loss is differentiated w.r.t. params only; the stop_gradient states that no gradient reaches the
-    # target (and makes it so even for a caller that differentiates w.r.t. extras).
+    # Only params are differentiated; the stop_gradient states that no gradient reaches the target (and
+    # makes it so even for a caller that differentiates w.r.t. extras).
     target_params = jax.lax.stop_gradient(extras["target"])
     target_1, target_stats = target(target_params, batch_stats["target"], view_1)
     target_2, target_stats = target(target_params, target_stats, view_2)
-    z1_target = jax.lax.stop_gradient(target_1["projector"])
-    z2_target = jax.lax.stop_gradient(target_2["projector"])
-    value = (losses.byol_loss(online_1["predictor"], z2_target, axis_name)
-             + losses.byol_loss(online_2["predictor"], z1_target, axis_name))
+    emb = {"p1": online_1["predictor"], "p2": online_2["predictor"],
+           "t1": jax.lax.stop_gradient(target_1["projector"]), "t2": jax.lax.stop_gradient(target_2["projector"]),
+           "z1": online_1["projector"], "features": jax.lax.stop_gradient(online_1["backbone"]).astype(jnp.float32)}
+    return emb, ({**online_stats, "target": target_stats}, {})
+
+
+def embedding_loss(params, emb, side, extras, rng, progress, *, config, axis_name):
+    """Returns the symmetrised BYOL loss (global batch mean), metrics and aux."""
+    del params, side, extras, rng
+    value = losses.byol_loss(emb["p1"], emb["t2"], axis_name) + losses.byol_loss(emb["p2"], emb["t1"], axis_name)
     metrics = {"tau": target_tau(progress["step"], progress["total_steps"], config.byol.tau_base)}
-    new_stats = {**online_stats, "target": target_stats}
-    aux = {"features": jax.lax.stop_gradient(online_1["backbone"]).astype(jnp.float32),
-           "embeddings": online_1["projector"]}
-    return value, (new_stats, metrics, aux)
+    return value, (metrics, {"features": emb["features"], "embeddings": emb["z1"]})
+
+
+loss = common.composed_loss(embed, embedding_loss)
 
 
 def update_extras(params, extras, aux, progress, config):

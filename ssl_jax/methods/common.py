@@ -3,6 +3,7 @@
 Each method keeps its backbone under params["backbone"] / batch_stats["backbone"], so the evaluators'
 `encode` is the same function for all of them.
 """
+import jax
 import jax.numpy as jnp
 
 from ssl_jax import models
@@ -22,7 +23,8 @@ def backbone(config, axis_name=None):
     """Returns the flax backbone of config.model, BatchNorm synchronized over `axis_name` when sync_bn."""
     module, _ = models.get_backbone(
         config.model.name, width_multiplier=config.model.width_multiplier, cifar_stem=config.model.cifar_stem,
-        dtype=compute_dtype(config), bn_axis_name=bn_axis(config, axis_name))
+        dtype=compute_dtype(config), bn_axis_name=bn_axis(config, axis_name),
+        remat=config.model.get("remat", False))
     return module
 
 
@@ -54,3 +56,20 @@ def keep_extras(params, extras, aux, progress, config):
     """Returns extras unchanged: the update_extras of methods with no state outside the optimizer."""
     del params, aux, progress, config
     return extras
+
+
+def composed_loss(embed, embedding_loss):
+    """Returns the contract's `loss` of a method given as `embed` (per-example outputs) + `embedding_loss`.
+
+    Splitting a method this way is what makes gradient accumulation exact for losses over the whole batch
+    (ssl_jax/accumulate.py): the trainer can embed a batch chunk by chunk, evaluate `embedding_loss` once on
+    all rows, and backpropagate chunk by chunk. `embedding_loss` reads params only under stop_gradient.
+    """
+    def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
+        emb, (new_stats, side) = embed(params, batch_stats, extras, views, rng, progress, config=config,
+                                       axis_name=axis_name)
+        value, (metrics, aux) = embedding_loss(jax.lax.stop_gradient(params), emb, side, extras, rng, progress,
+                                               config=config, axis_name=axis_name)
+        return value, (new_stats, metrics, aux)
+    loss.__doc__ = f"embed, then embedding_loss: {embed.__module__}.loss"
+    return loss

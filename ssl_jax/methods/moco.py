@@ -110,32 +110,49 @@ def _top1(q_BxD, k_BxD, queue_KxD, axis_name):
     return parallel.pmean(jnp.mean(hits.astype(jnp.float32)), axis_name)
 
 
-def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
-    """Returns InfoNCE of queries against their keys and the queue (mean over directions), stats, metrics, aux.
+def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
+    """Returns ({"q": queries B x V x D, "k": their keys B x V x D (no gradient), "features"}, (stats, side)).
 
-    aux["keys"]: V x N x D keys of the global batch for the queues; aux["key_batch_stats"]: the key
-    encoder's new running statistics. The queue and key encoder are read under stop_gradient.
+    V directions (see _directions); side["key_batch_stats"]: the key encoder's new running statistics.
     """
     del progress
     extras = jax.lax.stop_gradient(extras)
     backbone, head = simclr.networks(config, axis_name)
     key_stats = extras["key_batch_stats"]
-    values, accs, keys, outputs = [], [], [], []
+    queries, keys, features = [], [], None
     for v, (qi, ki) in enumerate(_directions(config)):
         x = views[qi].astype(jnp.dtype(config.model.dtype))
         h, q_BxD, batch_stats = common.train_forward(backbone, head, params, batch_stats, x)
-        k_NxD, k_BxD, key_stats = key_embeddings(extras["key_params"], key_stats, views[ki],
-                                                 jax.random.fold_in(rng, v), config, axis_name)
-        queue_KxD = extras["queue"][v]
-        values.append(losses.info_nce(q_BxD, k_BxD, queue_KxD, config.loss.temperature, axis_name=axis_name))
-        accs.append(_top1(q_BxD, k_BxD, queue_KxD, axis_name))
-        keys.append(k_NxD)
-        outputs.append((h, q_BxD))
-    value = sum(values) / len(values)
-    h, q_BxD = outputs[0]  # the first view's query: the online probe's features, the collapse monitor's input
-    aux = {"features": jax.lax.stop_gradient(h).astype(jnp.float32), "embeddings": q_BxD,
-           "keys": jnp.stack(keys), "key_batch_stats": key_stats}
-    return value, (batch_stats, {"contrastive_acc": sum(accs) / len(accs)}, aux)
+        _, k_BxD, key_stats = key_embeddings(extras["key_params"], key_stats, views[ki],
+                                             jax.random.fold_in(rng, v), config, axis_name)
+        queries.append(q_BxD)
+        keys.append(k_BxD)
+        # The first view's query: the online probe's features, the collapse monitor's input.
+        features = jax.lax.stop_gradient(h).astype(jnp.float32) if features is None else features
+    emb = {"q": jnp.stack(queries, axis=1), "k": jnp.stack(keys, axis=1), "features": features}
+    return emb, (batch_stats, {"key_batch_stats": key_stats})
+
+
+def embedding_loss(params, emb, side, extras, rng, progress, *, config, axis_name):
+    """Returns InfoNCE of queries against their keys and the queue (mean over directions), metrics and aux.
+
+    aux["keys"]: V x N x D keys of the global batch for the queues, gathered in global-batch order;
+    aux["key_batch_stats"]: the key encoder's new running statistics. The queue is read under stop_gradient.
+    """
+    del params, rng, progress
+    queue_VxKxD = jax.lax.stop_gradient(extras["queue"])
+    values, accs, keys = [], [], []
+    for v in range(emb["q"].shape[1]):
+        q_BxD, k_BxD = emb["q"][:, v], emb["k"][:, v]
+        values.append(losses.info_nce(q_BxD, k_BxD, queue_VxKxD[v], config.loss.temperature, axis_name=axis_name))
+        accs.append(_top1(q_BxD, k_BxD, queue_VxKxD[v], axis_name))
+        keys.append(parallel.all_gather_invariant(k_BxD, axis_name))
+    aux = {"features": emb["features"], "embeddings": emb["q"][:, 0], "keys": jnp.stack(keys),
+           "key_batch_stats": side["key_batch_stats"]}
+    return sum(values) / len(values), ({"contrastive_acc": sum(accs) / len(accs)}, aux)
+
+
+loss = common.composed_loss(embed, embedding_loss)
 
 
 def enqueue(queue_VxKxD, ptr, keys_VxNxD):

@@ -10,6 +10,15 @@ The method contract (shared by every file in methods/; the trainer never branche
       progress: {"step": int32 scalar, "steps_per_epoch": int, "total_steps": int}.
   update_extras(params, extras, aux, progress, config) -> extras
   encode(params, batch_stats, images, config) -> features_BxD (backbone representation, eval mode)
+Every method writes `loss` as two parts, `loss = common.composed_loss(embed, embedding_loss)`, so that the
+trainer can accumulate gradients exactly (ssl_jax/accumulate.py, config.grad_accum_steps):
+  embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name) -> (emb, (batch_stats, side))
+      emb: dict of per-example arrays, leading axis = this device's B rows in batch order (the networks'
+      outputs, with gradient where the loss needs it); side: running statistics outside batch_stats
+      (MoCo's key encoder), {} if none. BatchNorm statistics come from the rows embed is given.
+  embedding_loss(params, emb, side, extras, rng, progress, *, config, axis_name) -> (loss, (metrics, aux))
+      the loss of the whole batch from its embeddings (collectives over axis_name); params are only read
+      (they arrive under stop_gradient), all gradient flows through emb.
 
 SimCLR v2 (Chen et al., 2020b) is this file with configs/simclr_v2.py: a deeper head (3 layers, every hidden
 layer as wide as the backbone output: head.hidden_dim = 0, BatchNorm on every layer including the output:
@@ -62,8 +71,8 @@ def views(keys_Bx2, images, config):
     return augment.view_batch(keys_1, images, spec), augment.view_batch(keys_2, images, spec)
 
 
-def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
-    """Returns NT-Xent of the two views' projections, the new BatchNorm statistics, metrics and aux."""
+def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
+    """Returns ({"z1", "z2": projections B x d, "features": first view's backbone features}, (stats, {}))."""
     del extras, rng, progress
     backbone, head = networks(config, axis_name)
     view_1, view_2 = views
@@ -71,11 +80,21 @@ def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name
     # Both views in one pass, as SimCLR does: BatchNorm statistics are taken over all 2B images.
     x = jnp.concatenate([view_1, view_2], axis=0).astype(common.compute_dtype(config))
     h, z, new_stats = common.train_forward(backbone, head, params, batch_stats, x)
-    z1, z2 = z[:b], z[b:]
-    value = losses.nt_xent(z1, z2, config.loss.temperature, axis_name=axis_name)
+    emb = {"z1": z[:b], "z2": z[b:], "features": jax.lax.stop_gradient(h[:b]).astype(jnp.float32)}
+    return emb, (new_stats, {})
+
+
+def embedding_loss(params, emb, side, extras, rng, progress, *, config, axis_name):
+    """Returns NT-Xent of the two views' projections over the global batch, metrics and aux."""
+    del params, side, extras, rng, progress
+    z1, z2 = emb["z1"], emb["z2"]
+    value = losses.nt_xent(z1, z2, config.loss.temperature, axis_name=axis_name,
+                           chunk_size=config.loss.get("chunk_size", 0))
     metrics = {"contrastive_acc": losses.contrastive_accuracy(z1, z2, axis_name=axis_name)}
-    aux = {"features": jax.lax.stop_gradient(h[:b]).astype(jnp.float32), "embeddings": z1}
-    return value, (new_stats, metrics, aux)
+    return value, (metrics, {"features": emb["features"], "embeddings": z1})
+
+
+loss = common.composed_loss(embed, embedding_loss)
 
 
 def finetune_layer(config):

@@ -78,17 +78,25 @@ def symmetric_loss(p1, p2, z1, z2, axis_name=None):
     return 0.5 * losses.negative_cosine(p1, z2, axis_name) + 0.5 * losses.negative_cosine(p2, z1, axis_name)
 
 
-def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
-    """Returns the symmetrised negative-cosine loss (global batch mean), new BN statistics, metrics and aux."""
+def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
+    """Returns ({"p1", "p2": predictions, "z1", "z2": projections, "features"}, (new BN statistics, {}))."""
     del extras, rng, progress
     view_1, view_2 = views
     out_1, stats = forward(params, batch_stats, view_1, config=config, axis_name=axis_name)
     out_2, stats = forward(params, stats, view_2, config=config, axis_name=axis_name)
-    value = symmetric_loss(out_1["predictor"], out_2["predictor"], out_1["projector"], out_2["projector"],
-                           axis_name)
-    aux = {"features": jax.lax.stop_gradient(out_1["backbone"]).astype(jnp.float32),
-           "embeddings": out_1["projector"]}
-    return value, (stats, {}, aux)
+    emb = {"p1": out_1["predictor"], "p2": out_2["predictor"], "z1": out_1["projector"], "z2": out_2["projector"],
+           "features": jax.lax.stop_gradient(out_1["backbone"]).astype(jnp.float32)}
+    return emb, (stats, {})
+
+
+def embedding_loss(params, emb, side, extras, rng, progress, *, config, axis_name):
+    """Returns the symmetrised negative-cosine loss (global batch mean), metrics and aux."""
+    del params, side, extras, rng, progress, config
+    value = symmetric_loss(emb["p1"], emb["p2"], emb["z1"], emb["z2"], axis_name)
+    return value, ({}, {"features": emb["features"], "embeddings": emb["z1"]})
+
+
+loss = common.composed_loss(embed, embedding_loss)
 
 
 feature_dim = common.feature_dim

@@ -161,21 +161,33 @@ def _codes(scores_BxP, crop, protos_dxP, extras, use_queue, config, axis_name):
     return jnp.where(use_queue, with_queue_BxP, codes_BxP)
 
 
-def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
-    """Returns the swapped-prediction loss (global mean), new BatchNorm statistics, metrics and aux.
+def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
+    """Returns ({"z": normalised projections B x crops x d, "scores": prototype scores B x crops x P,
+    "features": the first large crop's backbone features}, (new BatchNorm statistics, {}))."""
+    del extras, rng
+    b, n_crops = views[0].shape[0], len(views)
+    h, z, new_stats = _embed(params, batch_stats, views, config, axis_name)
+    scores = jnp.matmul(z, prototype_matrix(params, progress, config), precision=_HIGHEST)
+    per_example = lambda x: x.reshape(n_crops, b, x.shape[-1]).transpose(1, 0, 2)  # noqa: E731 (crop order -> rows)
+    emb = {"z": per_example(z), "scores": per_example(scores),
+           "features": jax.lax.stop_gradient(h[:b]).astype(jnp.float32)}
+    return emb, (new_stats, {})
+
+
+def embedding_loss(params, emb, side, extras, rng, progress, *, config, axis_name):
+    """Returns the swapped-prediction loss (global mean), metrics and aux.
 
     aux: "features" (backbone features of the first large crop), "embeddings" (its normalised projection),
     "assignments" (num_large x B x P Sinkhorn codes, no gradient), "scores" (crops x B x P, no gradient);
     with a queue also "enqueue" (num_large x global B x d, the large crops' embeddings, global order).
+    params are read for the prototypes that score the queue (no gradient: the official torch.no_grad()).
     """
-    del rng
+    del side, rng
     sw = config.swav
-    b, n_crops = views[0].shape[0], len(views)
-    h, z, new_stats = _embed(params, batch_stats, views, config, axis_name)
+    n_crops = emb["scores"].shape[1]
     protos_dxP = prototype_matrix(params, progress, config)
-    scores = jnp.matmul(z, protos_dxP, precision=_HIGHEST)
-    scores_per_crop = [scores[v * b:(v + 1) * b] for v in range(n_crops)]
-    global_b = b * parallel.axis_size(axis_name)
+    scores_per_crop = [emb["scores"][:, v] for v in range(n_crops)]
+    global_b = emb["scores"].shape[0] * parallel.axis_size(axis_name)
     use_queue = queue_active(config, progress, global_b) if "queue" in extras else False
     codes = [_codes(jax.lax.stop_gradient(scores_per_crop[i]), i, protos_dxP, extras, use_queue, config,
                     axis_name) for i in range(sw.num_large_crops)]
@@ -183,14 +195,16 @@ def loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name
 
     n_frozen = freeze_steps(config, progress["steps_per_epoch"])
     metrics = {"prototypes_frozen": jnp.asarray(progress["step"] < n_frozen, jnp.float32)}
-    aux = {"features": jax.lax.stop_gradient(h[:b]).astype(jnp.float32), "embeddings": z[:b],
-           "assignments": jnp.stack(codes), "scores": jax.lax.stop_gradient(jnp.stack(scores_per_crop))}
+    aux = {"features": emb["features"], "embeddings": emb["z"][:, 0], "assignments": jnp.stack(codes),
+           "scores": jax.lax.stop_gradient(jnp.stack(scores_per_crop))}
     if "queue" in extras:
         metrics["queue_active"] = jnp.asarray(use_queue, jnp.float32)
-        large_BxKxd = jax.lax.stop_gradient(z[:sw.num_large_crops * b]).reshape(sw.num_large_crops, b, -1)
-        gathered = parallel.all_gather_invariant(large_BxKxd.transpose(1, 0, 2), axis_name)
-        aux["enqueue"] = gathered.transpose(1, 0, 2)
-    return value, (new_stats, metrics, aux)
+        large_BxLxd = jax.lax.stop_gradient(emb["z"][:, :sw.num_large_crops])
+        aux["enqueue"] = parallel.all_gather_invariant(large_BxLxd, axis_name).transpose(1, 0, 2)
+    return value, (metrics, aux)
+
+
+loss = common.composed_loss(embed, embedding_loss)
 
 
 def update_extras(params, extras, aux, progress, config):
