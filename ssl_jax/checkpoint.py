@@ -30,9 +30,46 @@ def latest_step(manager):
     return manager.latest_step()
 
 
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, quota, permissions); the finished checkpoints are intact."""
+
+
+def finished_steps(directory):
+    """Returns the sorted steps of the finished checkpoints in `directory` (orbax renames a step's
+    temporary directory to the bare step number only once every file of it is written)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _save_failed(manager, step, error):
+    kept = finished_steps(str(manager.directory))
+    newest = f"step {kept[-1]}" if kept else "none"
+    return CheckpointSaveError(
+        f"saving the checkpoint{'' if step is None else f' of step {step}'} in {manager.directory} failed ({type(error).__name__}: "
+        f"{str(error)[:300]}). The checkpoints already written are intact (newest: {newest}); free disk space "
+        f"and run the same command again to resume from it")
+
+
 def save(manager, step, state, *, force=False):
-    """Saves `state` at `step` (asynchronously when enabled); returns whether a save was started."""
-    return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    """Saves `state` at `step` (asynchronously when enabled); returns whether a save was started.
+
+    Raises CheckpointSaveError when this save, or the previous asynchronous one, fails to write. A failed
+    save never touches finished checkpoints: orbax writes into a temporary directory and renames it last,
+    and deletes old checkpoints (max_to_keep) only after a save has finished.
+    """
+    try:
+        return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise ValueError, OSError, ...)
+        raise _save_failed(manager, step, e) from e
+
+
+def wait(manager):
+    """Waits for the pending asynchronous save; raises CheckpointSaveError if it failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+        raise _save_failed(manager, None, e) from e
 
 
 def restore(manager, abstract_state, step=None):

@@ -13,14 +13,15 @@ def _parser():
 
     def common(sp):
         sp.add_argument("--cpu-devices", type=int, default=0,
-                        help="fake this many CPU devices (for trying the sharded path without accelerators)")
+                        help="fake this many CPU devices per process (try the sharded path without accelerators)")
         sp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         sp.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (several processes: TPU VM slices, SLURM, "
                              "multi-node GPU); with no coordinator flags JAX detects the cluster itself")
         sp.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
-        sp.add_argument("--num-processes", type=int, default=None)
-        sp.add_argument("--process-id", type=int, default=None)
+        sp.add_argument("--num-processes", type=int, default=None, help="processes in the job (with --distributed)")
+        sp.add_argument("--process-id", type=int, default=None,
+                        help="this process's index, 0 .. num-processes - 1 (with --distributed)")
 
     t = sub.add_parser("train", help="pretrain (resumes from DIR's newest checkpoint)", epilog=USAGE_OVERRIDES)
     t.add_argument("--config", required=True, help="configs/<method>.py:<preset>")
@@ -39,11 +40,16 @@ def _parser():
     x.add_argument("--format", required=True, choices=("npz", "safetensors", "torch"))
     x.add_argument("--out", default="", help="output file (default: DIR/export/backbone.<ext>)")
     common(x)
-    b = sub.add_parser("bench", help="time the full training step (input and augmentation included)",
-                       epilog=USAGE_OVERRIDES)
+    b = sub.add_parser("bench", help="time the training step three ways: synthetic inputs, resident data, host "
+                       "pipeline (JSON on stdout, a table on stderr)", epilog=USAGE_OVERRIDES)
     b.add_argument("--config", required=True)
-    b.add_argument("--steps", type=int, default=50, help="timed steps after warm-up")
-    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    b.add_argument("--steps", type=int, default=50, help="timed steps after warm-up, per mode")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first, per mode (after compilation)")
+    b.add_argument("--modes", default="", help="comma-separated subset of synthetic,resident,host (default: all "
+                   "three, or synthetic,host when the config's data.resident is false)")
+    b.add_argument("--torch", action="store_true",
+                   help="also time a plain PyTorch SimCLR step on the same images (needs ssl-jax[torch])")
+    b.add_argument("--torch-compile", action="store_true", help="with --torch: wrap the PyTorch model in torch.compile")
     common(b)
     return p
 
@@ -70,14 +76,18 @@ def main(argv=None):
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)
+    cluster_flags = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and any(f is not None for f in cluster_flags):
+        parser.error("--coordinator, --num-processes and --process-id need --distributed")
     import jax  # pylint: disable=import-outside-toplevel  (after parsing: --help stays fast)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.distributed:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    from ssl_jax import config as config_lib, data, train  # pylint: disable=import-outside-toplevel
-    expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, FileNotFoundError, ValueError)
+        from ssl_jax import parallel  # pylint: disable=import-outside-toplevel
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    from ssl_jax import checkpoint, config as config_lib, data, train  # pylint: disable=import-outside-toplevel
+    expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, checkpoint.CheckpointSaveError,
+                FileNotFoundError, ValueError)
     try:
         if args.command == "train":
             config = config_lib.load_config(args.config, overrides)
@@ -94,8 +104,17 @@ def main(argv=None):
             print(json.dumps({"path": export.export_workdir(args.workdir, args.format, args.out or None)}))
         elif args.command == "bench":
             from ssl_jax import bench  # pylint: disable=import-outside-toplevel
+            from ssl_jax import bench_torch  # pylint: disable=import-outside-toplevel
             config = config_lib.load_config(args.config, overrides)
-            print(json.dumps(bench.bench(config, steps=args.steps, warmup=args.warmup)))
+            modes = [m.strip() for m in args.modes.split(",") if m.strip()] or None
+            try:
+                report = bench.bench(config, steps=args.steps, warmup=args.warmup, modes=modes, torch=args.torch,
+                                     torch_compile=args.torch_compile)
+            except bench_torch.MissingTorchError as e:
+                print(f"ssl-jax bench: error: {e}", file=sys.stderr)
+                return 2
+            print(bench.format_table(report), file=sys.stderr)
+            print(json.dumps(report))
     except expected as e:
         print(f"ssl-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

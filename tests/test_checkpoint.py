@@ -1,12 +1,16 @@
 """Checkpoints: the whole train state round-trips exactly; SIGTERM becomes a flag the loop polls."""
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from ssl_jax import checkpoint, config as config_lib, data, parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup():
@@ -80,3 +84,51 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     with pytest.raises(Exception):
         checkpoint.restore(manager, target, step=2)  # asking for the damaged step itself is still an error
     manager.close()
+
+
+def _train_cli(workdir, *overrides, max_file_bytes=None):
+    """Runs `ssl-jax train` on the smoke config; with max_file_bytes, no file can grow past that size."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_DEFAULT_PRNG_IMPL="rbg")
+    argv = [sys.executable, "-m", "ssl_jax", "train", "--config", "configs/simclr.py:smoke", "--workdir", workdir,
+            "--no-progress", "--config.eval.knn_every_epochs=0", "--config.optim.warmup_epochs=0", *overrides]
+    if max_file_bytes:
+        # A write past the limit then fails with EFBIG ("File too large"), as writes on a full disk fail with
+        # ENOSPC. The limit and the ignored SIGXFSZ are set in a tiny Python that execs the trainer.
+        argv = [sys.executable, "-c", (
+            "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes}, resource.RLIM_INFINITY)); "
+            "os.execv(sys.argv[1], sys.argv[1:])"), *argv]
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _files(directory):
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+    return out
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_the_run_resumes_from_it(tmp_path):
+    workdir = str(tmp_path / "run")
+    first = _train_cli(workdir, "--config.num_epochs=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt_dir = checkpoint.checkpoint_dir(workdir)
+    assert checkpoint.finished_steps(ckpt_dir) == [8]  # smoke: 512 images / batch 64 = 8 steps an epoch
+    before = _files(os.path.join(ckpt_dir, "8"))
+
+    # The disk "fills up": checkpoint data files cannot be written. The run must stop with a clear error,
+    # leave step 8 byte for byte as it was, and not present a half-written step 16 as a checkpoint.
+    full = _train_cli(workdir, "--config.num_epochs=2", max_file_bytes=16 * 1024)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "ssl-jax train: error: saving the checkpoint" in full.stderr
+    assert "newest: step 8" in full.stderr and "File too large" in full.stderr
+    assert checkpoint.finished_steps(ckpt_dir) == [8]
+    assert _files(os.path.join(ckpt_dir, "8")) == before
+
+    again = _train_cli(workdir, "--config.num_epochs=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from the checkpoint at step 8" in again.stderr
+    assert checkpoint.finished_steps(ckpt_dir)[-1] == 16
