@@ -13,6 +13,21 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+    """Starts JAX's multi-process runtime (before any JAX computation); returns this process's index.
+
+    With no arguments JAX detects the cluster (TPU VM slice, SLURM, Open MPI). Every process then sees all
+    devices of all processes in `jax.devices()`, so make_mesh() spans the whole job.
+    """
+    # CPU processes exchange collectives over TCP with gloo (jax 0.10's default); should a release or the
+    # user's config leave it unset, every cross-process collective on CPU would fail.
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    return jax.process_index()
+
+
 def make_mesh(devices=None):
     """Returns a 1-D mesh over `devices` (default: all devices of all processes) with axis "data"."""
     devices = jax.devices() if devices is None else list(devices)

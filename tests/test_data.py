@@ -67,6 +67,12 @@ def _expected(files, split_dir, top):
     return np.stack(images), np.array([y for y, _ in rows], np.int32)
 
 
+def _expected_names(files, split_dir):
+    classes = ["ant", "bee", "cat"]
+    return [rel for _, rel in sorted((classes.index(rel.split("/")[1]), rel) for rel in files
+                                     if rel.startswith(split_dir + "/"))]
+
+
 def _tar(top, out):
     with tarfile.open(out, "w:gz") as tar:
         tar.add(top, arcname=top.name)
@@ -89,6 +95,9 @@ def test_imagefolder_dir_and_tar_decode_like_pil(tmp_path):
             np.testing.assert_array_equal(source.labels, want_labels)
             np.testing.assert_array_equal(source.images, want_images)
             assert len(source) == len(want_labels) and source.labels.dtype == np.int32
+            # File names: relative to the directory or archive given, in the images' order.
+            prefix = "" if path == top else "top/"
+            assert list(source.file_names) == [prefix + rel for rel in _expected_names(files, split_dir)]
 
 
 def test_name_with_path_reads_imagefolder(tmp_path):
@@ -111,6 +120,7 @@ def test_cache_is_reused_and_memory_mapped(tmp_path, monkeypatch):
     assert isinstance(again.images, np.memmap)
     np.testing.assert_array_equal(again.images, first_images)
     np.testing.assert_array_equal(again.labels, first.labels)
+    assert list(again.file_names) == list(first.file_names) and again.file_names[0] == "top/train/ant/wide.png"
     # Another image size is another cache entry, so it must decode.
     with pytest.raises(AssertionError, match="decoded again"):
         data.get_source(_cfg(tmp_path, path=str(archive), image_size=4), "train")
@@ -229,6 +239,9 @@ def test_subset():
     part = data.subset(source, [3, 1, 7])
     np.testing.assert_array_equal(part.images, source.images[[3, 1, 7]])
     np.testing.assert_array_equal(part.labels, source.labels[[3, 1, 7]])
+    assert source.file_names is None and part.file_names is None
+    source.file_names = [f"f{i}.jpg" for i in range(20)]
+    assert list(data.subset(source, [3, 1, 7]).file_names) == ["f3.jpg", "f1.jpg", "f7.jpg"]
 
 
 @pytest.fixture(scope="session")
@@ -272,7 +285,8 @@ class SslJaxTinyImages(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self, supervised_keys=("image", "label"),
             features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(8, 8, 3)),
-                                                 "label": tfds.features.ClassLabel(names=["x", "y", "z"])}))
+                                                 "label": tfds.features.ClassLabel(names=["x", "y", "z"]),
+                                                 "file_name": tfds.features.Text()}))
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(range(7)), "validation": self._generate_examples(range(7, 11))}
@@ -282,7 +296,7 @@ class SslJaxTinyImages(tfds.core.GeneratorBasedBuilder):
             png = io.BytesIO()
             Image.fromarray(_tiny_image(i)).save(png, format="PNG")
             png.seek(0)
-            yield i, {"image": png, "label": i % 3}
+            yield i, {"image": png, "label": i % 3, "file_name": f"n{i % 3:08d}_{i}.JPEG"}
 
 
 def test_tfds_data_source_without_tensorflow(tmp_path):
@@ -299,6 +313,11 @@ def test_tfds_data_source_without_tensorflow(tmp_path):
         np.testing.assert_array_equal(source.images, want)
         np.testing.assert_array_equal(source.labels, [reference[i]["label"] for i in range(len(reference))])
         assert source.class_names == ["x", "y", "z"]
+        # The records' file names, in the images' order, kept beside the cache.
+        names = [reference[i]["file_name"].decode() for i in range(len(reference))]
+        assert list(source.file_names) == names and sorted(names) == sorted(
+            f"n{i % 3:08d}_{i}.JPEG" for i in indices)
+        assert list(data.get_source(cfg, split).file_names) == names
     resized = data.get_source(_cfg(tmp_path, name="ssl_jax_tiny_images", image_size=4, tfds_data_dir=str(data_dir)),
                               "train")
     assert resized.images.shape == (7, 4, 4, 3)
@@ -312,7 +331,7 @@ def test_tfds_mock_cifar10(tmp_path):
         np.testing.assert_array_equal(source.labels, [reference[i]["label"] for i in range(6)])
         # Unprepared (mocked) cifar10 has not read its class names from the download: they are '0' .. '9'.
         assert source.class_names == list(reference.dataset_info.features["label"].names) and source.num_classes == 10
-        assert source.name == "cifar10"
+        assert source.name == "cifar10" and source.file_names is None  # cifar10 records have no file names
         assert data.get_source(_cfg(tmp_path, name="cifar10", image_size=16), "train").images.shape == (6, 16, 16, 3)
 
 
@@ -335,6 +354,11 @@ def test_examples_to_items_on_plain_dicts():
     assert [(i, name, label) for i, name, _, label in items] == [(0, "fake[0]", 2), (1, "fake[1]", 0)]
     np.testing.assert_array_equal(items[0][2], _tiny_image(0))
     assert items[1][2] == b"\x89PNG"
+    for example, file_name in zip(examples, (b"n1_1.JPEG", np.array("n2_2.JPEG", dtype=object))):
+        example["file_name"] = file_name
+    file_names = [None, None]
+    items = list(tfds_source.examples_to_items(examples, "image", "label", "fake", file_names))
+    assert file_names == ["n1_1.JPEG", "n2_2.JPEG"] and items[1][1] == "fake[1] (n2_2.JPEG)"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ import os
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from ssl_jax import cli, config as config_lib, metrics, train as train_lib
+from ssl_jax import cli, config as config_lib, data, metrics, train as train_lib
 from ssl_jax.data import synthetic
 from ssl_jax.evaluators import fewshot, finetune, protocols, subsets
 
@@ -56,6 +57,26 @@ def test_subset_file_round_trip_and_file_names(tmp_path):
     lazy = subsets.lazy_subset(source, idx)
     np.testing.assert_array_equal(lazy.images[3:7], source.images[idx[3:7]])
     np.testing.assert_array_equal(lazy.labels, source.labels[idx])
+
+
+def test_subset_file_names_match_by_base_name_or_folders_and_errors_name_them(tmp_path):
+    source = synthetic.make_synthetic(40, 4)
+    (tmp_path / "names.txt").write_text("n00000002_3.JPEG\n")
+    with pytest.raises(ValueError, match="'synthetic' source has no file names"):
+        subsets.read_subset(str(tmp_path / "names.txt"), source)
+    # ImageFolder-style names; base names of the last class repeat those of the first in another folder.
+    source.file_names = [f"train/n{i // 10:08d}/n{i // 10 % 3:08d}_{i % 10}.JPEG" for i in range(40)]
+    (tmp_path / "ok.txt").write_text("n00000002_3.JPEG\n./n00000003/n00000000_1.JPEG\n"
+                                     "train/n00000000/n00000000_1.JPEG\nn00000001_0.JPEG\n\n")
+    assert subsets.read_subset(str(tmp_path / "ok.txt"), source).tolist() == [1, 10, 23, 31]
+    (tmp_path / "ambiguous.txt").write_text("n00000000_1.JPEG\nn00000001_1.JPEG\n")
+    with pytest.raises(ValueError, match="1 names match several.*'n00000000_1.JPEG'"):
+        subsets.read_subset(str(tmp_path / "ambiguous.txt"), source)
+    missing = [f"n01440764_{i}.JPEG" for i in range(7)]
+    (tmp_path / "missing.txt").write_text("\n".join(["n00000001_0.JPEG"] + missing))
+    with pytest.raises(ValueError, match=r"7 of 8 names are not in the training set .*'n01440764_0.JPEG', "
+                                         r"'n01440764_1.JPEG', .*'n01440764_4.JPEG' and 2 more"):
+        subsets.read_subset(str(tmp_path / "missing.txt"), source)
 
 
 # ----------------------------------------------------------------------------------------------- few-shot
@@ -117,6 +138,18 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
+def _jpeg_folder(root, per_class):
+    """Writes an ImageFolder of 16x16 JPEGs, one colour per class: train/n0000000C/n0000000C_I.JPEG, test/ 2 each."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", 2)):
+        for c in range(4):
+            os.makedirs(root / split / f"n{c:08d}")
+            for i in range(count):
+                pixels = np.clip(rng.normal(60 * c + 40, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / f"n{c:08d}" / f"n{c:08d}_{i}.JPEG", quality=90)
+    return root
+
+
 def _eval(capsys, workdir, protocol, *overrides):
     capsys.readouterr()
     code = cli.main(["eval", "--workdir", workdir, "--protocol", protocol, "--no-progress", *overrides])
@@ -149,6 +182,31 @@ def test_eval_fewshot_semi_and_linear_full_append_results(smoke_run, capsys, tmp
     with config.eval.unlocked():
         config.eval.semi_subset_file = str(tmp_path / "other.txt")
     assert protocols.semi_subset(config, workdir, synthetic.make_synthetic(512, 4), 10)[0].tolist() == [1, 2, 3]
+
+    # A SimCLR-style list of file names (ImageNet's 1percent.txt) selects exactly those images of an ImageFolder
+    # (4 classes, as the run was trained with), and their indices are written to the workdir.
+    folder, listed = _jpeg_folder(tmp_path / "folder", per_class=17), []
+    for c in range(4):
+        listed += [f"n{c:08d}_{i}.JPEG" for i in (16, 2, 9, 0)]
+    (tmp_path / "1percent.txt").write_text("\n".join(listed[::-1]) + "\n")
+    data_args = ["--config.data.name=imagefolder", f"--config.data.path={folder}",
+                 f"--config.data.cache_dir={tmp_path / 'cache'}"]
+    out, err = _eval(capsys, workdir, "semi1", *data_args,
+                     f"--config.eval.semi_subset_file={tmp_path / '1percent.txt'}",
+                     "--config.eval.semi1_epochs=1", "--config.eval.semi_batch_size=16")
+    written = os.path.join(workdir, "subsets", "semi1_from_1percent.txt")
+    # ImageFolder order: classes sorted, then file names sorted as strings (_0, _1, _10, ..., _16, _2, ...).
+    order = sorted(f"n{0:08d}_{i}.JPEG" for i in range(17))
+    want = sorted(int(n[1:9]) * 17 + order.index(f"n{0:08d}_{n.split('_')[1]}") for n in listed)
+    assert np.loadtxt(written, dtype=np.int64).tolist() == want and written in err
+    assert out["semi1_labelled"] == 16.0 and np.isfinite(out["semi1_top1"])
+    (tmp_path / "wrong.txt").write_text("n00000000_1.JPEG\nn09999999_1.JPEG\nn09999999_2.JPEG\n")
+    config = config_lib.from_json_file(os.path.join(workdir, "config.json"))
+    for arg in data_args + [f"--config.eval.semi_subset_file={tmp_path / 'wrong.txt'}"]:
+        config_lib.apply_override(protocols.with_eval_defaults(config), *arg[len("--config."):].split("=", 1))
+    with pytest.raises(ValueError, match="2 of 3 names are not in the training set.*'n09999999_1.JPEG', "
+                                         "'n09999999_2.JPEG'"):
+        protocols.semi_subset(config, workdir, data.get_source(config.data, "train"), 1)
 
     out, _ = _eval(capsys, workdir, "linear_full", "--config.eval.linear_epochs=1",
                    "--config.eval.linear_batch_size=64")

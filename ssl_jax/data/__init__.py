@@ -5,11 +5,15 @@
   path           an ImageFolder directory or .tar/.tar.gz archive; when set, it is read whatever `name` says
   image_size     size images are stored at (shorter side resized, centre crop); 0 = native, must be uniform
   cache_dir      '' = $SSL_JAX_CACHE or ~/.cache/ssl_jax
-  num_workers    decoding processes, 0 = all CPUs
+  stream         False: decode once into the cache below; True (ImageFolder directories and .tar archives):
+                 keep only file references and decode every batch in worker processes (ssl_jax.data.stream),
+                 for datasets whose cache would not fit on disk (ImageNet at 256 px: 250 GB)
+  num_workers    decoding processes, 0 = all CPUs of this process
   num_examples, num_classes   synthetic data only (0 = defaults)
   tfds_data_dir  '' = tfds's default
 Decoded images are kept in an on-disk uint8 cache (`<cache_dir>/<key>/<split>_images.npy`, memory-mapped on
-load), so a dataset is decoded once per machine.
+load), so a dataset is decoded once per machine. The examples' file names (where the data has them) are kept
+beside it (`<split>_file_names.npy`), so subset lists naming files (SimCLR's ImageNet 1% / 10%) can be matched.
 """
 import dataclasses
 import hashlib
@@ -17,11 +21,12 @@ import json
 import os
 import re
 import uuid
+from typing import Optional, Sequence
 
 import numpy as np
 
 SPLITS = ("train", "test")
-_CACHE_FORMAT = 1  # bump when the cache layout or the decoding (resize, crop) changes
+_CACHE_FORMAT = 2  # bump when the cache layout or the decoding (resize, crop) changes
 
 
 class DataError(ValueError):
@@ -34,11 +39,14 @@ class MissingDataError(DataError, FileNotFoundError):
 
 @dataclasses.dataclass
 class Source:
-    """A labelled image set: images_NxHxWx3 uint8 (ndarray or read-only memmap), labels_N int32."""
+    """A labelled image set: images_NxHxWx3 uint8 (ndarray, read-only memmap or stream.EncodedImages), labels_N
+    int32, and file_names_N (str: the path relative to the dataset's root, or the record's file name) or None
+    where the data has no file names (synthetic, in-memory, most tfds datasets)."""
     images: np.ndarray
     labels: np.ndarray
     class_names: list
     name: str
+    file_names: Optional[Sequence[str]] = None
 
     @property
     def num_classes(self):
@@ -49,10 +57,27 @@ class Source:
 
 
 def subset(source, indices):
-    """Returns a Source holding the examples of `source` at `indices` (read into memory), in that order."""
+    """Returns a Source holding the examples of `source` at `indices`, in that order: read into memory, or
+    still encoded for a streamed source."""
     indices = np.asarray(indices, dtype=np.int64)
-    return Source(np.asarray(source.images[indices]), np.asarray(source.labels[indices], np.int32),
-                  list(source.class_names), source.name)
+    from ssl_jax.data import stream  # pylint: disable=import-outside-toplevel  (stream imports this module)
+    images = source.images
+    images = images.take(indices) if isinstance(images, stream.EncodedImages) else np.asarray(images[indices])
+    return Source(images, np.asarray(source.labels[indices], np.int32), list(source.class_names), source.name,
+                  take_names(source.file_names, indices))
+
+
+def take_names(file_names, indices):
+    """Returns the file names at `indices` (a str ndarray), or None when there are none."""
+    return None if file_names is None else np.asarray(file_names)[np.asarray(indices, np.int64)]
+
+
+def default_num_workers():
+    """Returns the number of CPUs this process may run on (its affinity mask, which containers limit)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def get_source(data_cfg, split):
@@ -73,6 +98,10 @@ def get_source(data_cfg, split):
         return imagefolder.load(path, split, data_cfg)
     if name == "imagefolder":
         raise DataError("data.name='imagefolder' needs data.path (a directory or .tar/.tar.gz archive)")
+    if data_cfg.get("stream", False):
+        raise DataError(f"data.stream=True reads ImageFolder directories and .tar archives (data.path); the tfds "
+                        f"dataset {name!r} is read through the cache: set data.stream=False, or point data.path "
+                        f"at an ImageFolder copy (train/<class>/<image>, val/<class>/<image>)")
     from ssl_jax.data import tfds_source
     return tfds_source.load(name, split, data_cfg)
 
@@ -95,7 +124,7 @@ def cache_path(data_cfg, label, *key_parts):
 
 
 def _files(path, split):
-    return {k: os.path.join(path, f"{split}_{k}") for k in ("images.npy", "labels.npy", "meta.json")}
+    return {k: os.path.join(path, f"{split}_{k}") for k in ("images.npy", "labels.npy", "file_names.npy", "meta.json")}
 
 
 def load_cache(path, split, name):
@@ -112,11 +141,22 @@ def load_cache(path, split, name):
     # against files edited or truncated by hand.
     if images.shape != (meta["count"], meta["height"], meta["width"], 3) or labels.shape != (meta["count"],):
         return None
-    return Source(images, labels.astype(np.int32, copy=False), list(meta["class_names"]), name)
+    file_names = None
+    if meta.get("file_names"):
+        try:
+            file_names = np.load(files["file_names.npy"], mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        if file_names.shape != (meta["count"],):
+            return None
+    return Source(images, labels.astype(np.int32, copy=False), list(meta["class_names"]), name, file_names)
 
 
-def write_cache(path, split, decoded, count, class_names, name, origin):
+def write_cache(path, split, decoded, count, class_names, name, origin, file_names=None):
     """Writes `decoded` items (index, item_name, image_HxWx3 uint8, label) to the cache and returns the Source.
+
+    `file_names` (N str, by index, or None) are stored beside the images; a sequence that is filled while
+    `decoded` runs (tfds records carry their names) is read after the last item.
 
     The arrays go to temporary files that are renamed into place (meta last), so an interrupted decode never
     leaves a cache that `load_cache` accepts; concurrent writers (several hosts, one cache) are harmless.
@@ -143,13 +183,18 @@ def write_cache(path, split, decoded, count, class_names, name, origin):
         del images  # close the memmap before renaming it
         with open(tmp["labels.npy"], "wb") as f:  # a file object, so np.save adds no ".npy" suffix
             np.save(f, labels)
+        keys = ["images.npy", "labels.npy"]
+        if file_names is not None:
+            with open(tmp["file_names.npy"], "wb") as f:
+                np.save(f, np.asarray([str(n) for n in file_names], dtype=str))
+            keys.append("file_names.npy")
         with open(tmp["meta.json"], "w") as f:
             json.dump(dict(count=count, height=shape[1], width=shape[2], class_names=list(class_names),
-                           origin=origin, format=_CACHE_FORMAT), f)
-        for key in ("images.npy", "labels.npy", "meta.json"):
+                           origin=origin, format=_CACHE_FORMAT, file_names=file_names is not None), f)
+        for key in keys + ["meta.json"]:
             os.replace(tmp[key], files[key])
     finally:
-        images = None
+        images = None  # noqa: F841  (drops the memmap before its temporary file is removed)
         if hasattr(decoded, "close"):  # stops the decoder (and its worker pool) on error
             decoded.close()
         for f in tmp.values():

@@ -1,13 +1,18 @@
 """Host input pipeline: the data order is a pure function of (seed, step), so resuming is exact.
 
 Every process computes the same global batch of indices for a step and loads only its contiguous slice;
-`jax.make_array_from_process_local_data` then assembles the global batch on the mesh.
+`jax.make_array_from_process_local_data` then assembles the global batch on the mesh. Images are read from
+the uint8 cache, or for a streamed source (data.stream=True) decoded by the worker processes of a
+`stream.DecodePool`, in the same order.
 """
 import functools
+import itertools
 import queue
 import threading
 
 import numpy as np
+
+from ssl_jax.data import stream
 
 
 @functools.lru_cache(maxsize=4)  # a training run asks for the same epoch's permutation every step
@@ -53,8 +58,9 @@ class HostLoader:
 
     Yields {'image': uint8 local_BxHxWx3, 'label': int32 local_B}, or with resident=True (images already on
     the device) {'index': int32 local_B, 'label': int32 local_B}. A background thread prepares up to
-    `prefetch` batches ahead while the device computes; its exceptions are raised by `next`. Call `close()`
-    (or use `with`) to stop the thread.
+    `prefetch` batches ahead while the device computes; its exceptions are raised by `next`. For a streamed
+    source (images a stream.EncodedImages) the thread feeds a pool of decoding processes, `prefetch + 1`
+    batches in flight besides. Call `close()` (or use `with`) to stop the thread and the processes.
     """
 
     def __init__(self, source, batch_size, seed, start_step, process_index=0, process_count=1, prefetch=2,
@@ -69,13 +75,19 @@ class HostLoader:
         self._queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._closed = False
-        self._thread = threading.Thread(target=self._produce, args=(start_step,), name="HostLoader", daemon=True)
+        streamed = isinstance(source.images, stream.EncodedImages) and not resident
+        self._in_flight = prefetch + 1
+        self._thread = threading.Thread(target=self._produce_streamed if streamed else self._produce,
+                                        args=(start_step,), name="HostLoader", daemon=True)
         self._thread.start()
+
+    def _local_indices(self, step):
+        global_B = batch_indices(self._seed, len(self._source), self._batch_size, step)
+        return local_slice(global_B, self._process_index, self._process_count)
 
     def batch(self, step):
         """Returns the dict this loader yields for global step `step`, computed in the calling thread."""
-        global_B = batch_indices(self._seed, len(self._source), self._batch_size, step)
-        local_B = local_slice(global_B, self._process_index, self._process_count)
+        local_B = self._local_indices(step)
         labels = np.asarray(self._source.labels[local_B], np.int32)
         if self._resident:
             return {"index": local_B.astype(np.int32), "label": labels}
@@ -90,6 +102,15 @@ class HostLoader:
             while not self._stop.is_set():
                 self._put(self.batch(step))
                 step += 1
+        except BaseException as e:  # pylint: disable=broad-except  (handed to the consumer)
+            self._put(_Failure(e))
+
+    def _produce_streamed(self, step):
+        try:
+            with stream.DecodePool(self._source.images, in_flight=self._in_flight) as pool:
+                rows = (self._local_indices(s) for s in itertools.count(step))
+                for local_B, images in pool.map(rows, stop=self._stop):
+                    self._put({"image": images, "label": np.asarray(self._source.labels[local_B], np.int32)})
         except BaseException as e:  # pylint: disable=broad-except  (handed to the consumer)
             self._put(_Failure(e))
 
@@ -114,7 +135,7 @@ class HostLoader:
         return item
 
     def close(self):
-        """Stops the background thread and drops prefetched batches."""
+        """Stops the background thread (and decoding processes) and drops prefetched batches."""
         self._closed = True
         self._stop.set()
         self._thread.join()
@@ -133,13 +154,24 @@ def eval_batches(source, batch_size, process_index=0, process_count=1):
     is padded to batch_size with zeros and valid=False. With process_count > 1, B = batch_size / process_count
     and each process gets its contiguous part of every global batch."""
     n = len(source)
-    for start in range(0, n, batch_size):
-        index_B = local_slice(np.arange(start, start + batch_size), process_index, process_count)
+    index_batches = [local_slice(np.arange(start, start + batch_size), process_index, process_count)
+                     for start in range(0, n, batch_size)]
+    kept_batches = [index_B[index_B < n] for index_B in index_batches]  # contiguous runs of indices
+    if isinstance(source.images, stream.EncodedImages):
+        with stream.DecodePool(source.images) as pool:
+            yield from _padded(source, index_batches, (x for _, x in pool.map(kept_batches)), n)
+    else:
+        yield from _padded(source, index_batches, (source.images[k[0]:k[-1] + 1] if len(k) else None
+                                                   for k in kept_batches), n)
+
+
+def _padded(source, index_batches, kept_images, n):
+    for index_B, kept_images_K in zip(index_batches, kept_images):
         valid_B = index_B < n
         kept = index_B[valid_B]
         images = np.zeros((len(index_B),) + source.images.shape[1:], np.uint8)
         labels = np.zeros((len(index_B),), np.int32)
         if len(kept):
-            images[:len(kept)] = source.images[kept[0]:kept[-1] + 1]
+            images[:len(kept)] = kept_images_K
             labels[:len(kept)] = source.labels[kept[0]:kept[-1] + 1]
         yield images, labels, valid_B

@@ -2,8 +2,9 @@
 
 Examples are read through `tfds.data_source` (array_record files, random access, no TensorFlow) with the
 images left encoded, decoded in parallel by `imagefolder.decode_images` and kept in the uint8 cache of
-`ssl_jax.data`. Preparing a dataset (the first download) may need TensorFlow for some builders; reading a
-prepared one never does.
+`ssl_jax.data`, with the records' `file_name` feature (imagenet2012: `n01440764_10026.JPEG`) as the Source's
+file_names where the dataset has one. Preparing a dataset (the first download) may need TensorFlow for some
+builders; reading a prepared one never does.
 """
 import os
 import sys
@@ -56,9 +57,12 @@ def load(name, split, data_cfg):
         raise data_lib.DataError(f"tfds dataset {name} split {tfds_split!r} is empty")
     origin = f"tfds:{name}[{tfds_split}]"
     print(f"decoding {count} images from {origin} into cache {cache}", file=sys.stderr)
-    decoded = imagefolder.decode_images(examples_to_items(ds, image_key, label_key, origin), count, image_size,
-                                        data_cfg.get("num_workers", 0), desc=f"decode {split}")
-    return data_lib.write_cache(cache, split, decoded, count, class_names, name, origin)
+    # Filled while the records are read for decoding, so the records are read once.
+    file_names = [None] * count if "file_name" in ds.dataset_info.features else None
+    items = examples_to_items(ds, image_key, label_key, origin, file_names)
+    decoded = imagefolder.decode_images(items, count, image_size, data_cfg.get("num_workers", 0),
+                                        desc=f"decode {split}")
+    return data_lib.write_cache(cache, split, decoded, count, class_names, name, origin, file_names)
 
 
 def resolve_split(name, split, all_splits, label_key):
@@ -87,16 +91,24 @@ def _open_split(tfds, name, tfds_split, data_dir, image_key):
         return tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False)
 
 
-def examples_to_items(examples, image_key, label_key, origin):
-    """Yields decoder items (index, name, encoded bytes | HxWx3 array, label) of a sequence of example dicts."""
+def examples_to_items(examples, image_key, label_key, origin, file_names=None):
+    """Yields decoder items (index, name, encoded bytes | HxWx3 array, label) of a sequence of example dicts;
+    stores each example's 'file_name' in file_names[index] when file_names (a list of len(examples)) is given."""
     for index in range(len(examples)):
         example = examples[index]
-        image = example[image_key]
-        if isinstance(image, np.ndarray) and image.dtype == object:  # a 0-d array holding the encoded bytes
-            image = image.item()
-        if isinstance(image, np.bytes_):
-            image = bytes(image)
-        yield index, f"{origin}[{index}]", image, int(example[label_key])
+        image = _unwrap(example[image_key])
+        name = f"{origin}[{index}]"
+        if file_names is not None:
+            file_name = _unwrap(example["file_name"])
+            file_names[index] = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
+            name = f"{name} ({file_names[index]})"
+        yield index, name, image, int(example[label_key])
+
+
+def _unwrap(value):
+    if isinstance(value, np.ndarray) and value.dtype == object:  # a 0-d array holding bytes
+        value = value.item()
+    return bytes(value) if isinstance(value, np.bytes_) else value
 
 
 def _prepare_error(name, data_dir, error):

@@ -198,8 +198,9 @@ def evaluate(model: Model, config, source, mesh, batch_size, progress=False) -> 
 
     variables = model.variables
     batch = max(batch_size // mesh.devices.size, 1) * mesh.devices.size
+    local_batches = pipeline.eval_batches(source, batch, jax.process_index(), jax.process_count())
     logits_NxC, labels_N = features_lib.extract_features(
-        lambda x: predict(variables, x), pipeline.eval_batches(source, batch), mesh,
+        lambda x: predict(variables, x), local_batches, mesh,
         desc=f"evaluate ({len(source)})", progress=progress)
     rank_N = np.sum(logits_NxC > np.take_along_axis(logits_NxC, labels_N[:, None], 1), axis=1)
     result = {"top1": float(np.mean(rank_N < 1))}

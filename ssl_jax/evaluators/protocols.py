@@ -8,7 +8,9 @@ may lack them, `with_eval_defaults` adds them, `--config.eval.KEY=VALUE` overrid
   fewshot_l2=1024.0              ridge penalty on standardised features (big_vision's fixed 2^10)
   fewshot_seed=0                 draws the few-shot subsets (nested over shots)
   semi_seed=0                    draws the semi-supervised subset, written to DIR/subsets/semi{1,10}_seed{S}.txt
-  semi_subset_file=""            a subset list to use instead (indices, or file names as SimCLR's ImageNet lists)
+  semi_subset_file=""            a subset list to use instead (indices, or file names as SimCLR's ImageNet lists
+                                 1percent.txt / 10percent.txt); its indices are written to
+                                 DIR/subsets/semi{1,10}_from_<list name>.txt
   semi1_epochs=60, semi10_epochs=30   SimCLR's fine-tuning lengths for 1% and 10% of the labels
   semi_batch_size=256            clamped to the subset size
   semi_lr=0.05                   per 256 images (SimCLR: 0.05 x B / 256, no warm-up, cosine decay)
@@ -19,6 +21,7 @@ linear_full reads the same linear_epochs / linear_lr / linear_batch_size / linea
 import functools
 import os
 import sys
+import weakref
 
 import jax
 import numpy as np
@@ -56,8 +59,17 @@ def eval_source(config, split):
     return _source(config_lib.to_json(config.data), split)
 
 
+_ENCODERS = weakref.WeakKeyDictionary()  # Setup -> its jitted encoder: the kNN monitor compiles it once a run
+
+
 def encoder(setup):
     """Returns encode(params, batch_stats, images_uint8) -> features, jitted; params are arguments, not constants."""
+    if setup not in _ENCODERS:
+        _ENCODERS[setup] = _make_encoder(setup)
+    return _ENCODERS[setup]
+
+
+def _make_encoder(setup):
     config, method = setup.config, setup.method
     size, mean, std = config.augment.crop_size, tuple(config.augment.mean), tuple(config.augment.std)
 
@@ -76,8 +88,9 @@ def features(setup, state, source, limit=0, progress=False):
     encode = encoder(setup)
     params, stats = state["params"]["model"], state["batch_stats"]
     batch = config.eval.batch_size - config.eval.batch_size % setup.mesh.devices.size or setup.mesh.devices.size
+    local_batches = pipeline.eval_batches(source, batch, jax.process_index(), jax.process_count())
     return features_lib.extract_features(
-        lambda x: encode(params, stats, x), pipeline.eval_batches(source, batch), setup.mesh,
+        lambda x: encode(params, stats, x), local_batches, setup.mesh,
         desc=f"features ({len(source)})", progress=progress)
 
 
@@ -116,11 +129,19 @@ def fewshot_eval(setup, state, progress=False):
 
 
 def semi_subset(config, workdir, source, percent):
-    """Returns (sorted train indices, path): the eval.semi_subset_file list, else DIR/subsets/ (drawn if new)."""
+    """Returns (sorted train indices, path of the subset in DIR/subsets/): the eval.semi_subset_file list (its
+    indices written there), else the file of the seed (drawn and written if new)."""
     config = with_eval_defaults(config)
     if config.eval.semi_subset_file:
-        path = config.eval.semi_subset_file
-        return subsets.read_subset(path, source), path
+        given = os.path.expanduser(config.eval.semi_subset_file)
+        if not os.path.isfile(given):
+            raise FileNotFoundError(f"eval.semi_subset_file {given!r} does not exist")
+        indices = subsets.read_subset(given, source)
+        stem = os.path.splitext(os.path.basename(given))[0]
+        path = os.path.join(workdir, "subsets", f"semi{percent}_from_{stem}.txt")
+        if jax.process_index() == 0:
+            subsets.write_subset(path, indices)
+        return indices, path
     path = os.path.join(workdir, "subsets", f"semi{percent}_seed{config.eval.semi_seed}.txt")
     if os.path.isfile(path):
         return subsets.read_subset(path, source), path
@@ -135,7 +156,8 @@ def semi_eval(setup, state, protocol, workdir, progress=False):
     config = with_eval_defaults(setup.config)
     percent = SEMI_PERCENTS[protocol]
     indices, path = semi_subset(config, workdir, setup.train_source, percent)
-    print(f"{protocol}: fine-tuning on {len(indices)} labelled examples listed in {path}", file=sys.stderr)
+    given = f" (from {config.eval.semi_subset_file})" if config.eval.semi_subset_file else ""
+    print(f"{protocol}: fine-tuning on {len(indices)} labelled examples listed in {path}{given}", file=sys.stderr)
     source = subsets.lazy_subset(setup.train_source, indices)
     batch = min(config.eval.semi_batch_size, len(source))
     recipe = finetune.Recipe(

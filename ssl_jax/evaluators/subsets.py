@@ -2,14 +2,19 @@
 
 A subset file holds one example a line: a training-set index (what `write_subset` writes), or a file name
 as in the standard SimCLR ImageNet lists (`1percent.txt`, `10percent.txt`: `n01440764_10026.JPEG`), matched
-against the source's `file_names` by base name.
+against the source's `file_names` by base name (a line with folders, `cat/1.jpg`, also matches the folders,
+for datasets whose base names repeat across classes).
 """
+import collections
 import os
 import uuid
 
 import numpy as np
 
 from ssl_jax import data as data_lib
+from ssl_jax.data import stream
+
+_SHOWN = 5  # missing or ambiguous names quoted in an error
 
 
 def per_class_count(labels, fraction_or_per_class):
@@ -65,14 +70,39 @@ def read_subset(path, source):
         return np.unique(indices)
     names = getattr(source, "file_names", None)
     if names is None:
-        raise ValueError(f"subset file {path} lists file names, but the {source.name!r} source does not record "
-                         f"its file names; give training-set indices, one a line, instead")
-    position = {os.path.basename(str(n)): i for i, n in enumerate(names)}
-    missing = [line for line in lines if os.path.basename(line) not in position]
+        raise ValueError(f"subset file {path} lists file names, but the {source.name!r} source has no file names "
+                         f"(ImageFolder directories and archives and tfds datasets with a file_name feature, such "
+                         f"as imagenet2012, have them); give training-set indices, one a line, instead")
+    return np.unique(_match_names(lines, np.asarray(names).tolist(), path))
+
+
+def _match_names(lines, names, path):
+    by_base = collections.defaultdict(list)
+    for i, name in enumerate(names):
+        by_base[name.rsplit("/", 1)[-1]].append(i)
+    found, missing, ambiguous = [], [], []
+    for line in lines:
+        line = line.replace(os.sep, "/")
+        line = line[2:] if line.startswith("./") else line
+        candidates = by_base.get(line.rsplit("/", 1)[-1], [])
+        if "/" in line:
+            candidates = [i for i in candidates if names[i] == line or names[i].endswith("/" + line)]
+        if len(candidates) == 1:
+            found.append(candidates[0])
+        else:
+            (ambiguous if candidates else missing).append(line)
     if missing:
-        raise ValueError(f"subset file {path}: {len(missing)} of {len(lines)} names are not in the training set, "
-                         f"e.g. {missing[0]!r}")
-    return np.unique(np.asarray([position[os.path.basename(line)] for line in lines], np.int64))
+        raise ValueError(f"subset file {path}: {len(missing)} of {len(lines)} names are not in the training set "
+                         f"({len(names)} files, e.g. {names[0]!r}): {_quote(missing)}")
+    if ambiguous:
+        raise ValueError(f"subset file {path}: {len(ambiguous)} names match several training files (give their "
+                         f"folders too, e.g. class/name.jpg): {_quote(ambiguous)}")
+    return np.asarray(found, np.int64)
+
+
+def _quote(names):
+    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(repr(n) for n in names[:_SHOWN]) + more
 
 
 class _Rows:
@@ -97,7 +127,10 @@ class _Rows:
 
 
 def lazy_subset(source, indices):
-    """Returns a Source of the examples at `indices` whose images are read from `source` only when indexed."""
+    """Returns a Source of the examples at `indices` whose images are read from `source` only when indexed
+    (a streamed source's stay encoded, so the host pipeline decodes them in its worker processes)."""
     indices = np.asarray(indices, np.int64)
-    return data_lib.Source(_Rows(source.images, indices), np.asarray(source.labels[indices], np.int32),
-                           list(source.class_names), source.name)
+    images = source.images.take(indices) if isinstance(source.images, stream.EncodedImages) else \
+        _Rows(source.images, indices)
+    return data_lib.Source(images, np.asarray(source.labels[indices], np.int32), list(source.class_names),
+                           source.name, data_lib.take_names(source.file_names, indices))
