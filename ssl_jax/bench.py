@@ -1,39 +1,178 @@
-"""`ssl-jax bench`: wall time of the full training step, input pipeline and augmentation included."""
+"""`ssl-jax bench`: the training step timed three ways in one run, with FLOPs, memory and a PyTorch baseline.
+
+Ways (modes), each compiled once and timed over `steps` steps after `warmup` untimed ones:
+  synthetic: random float views already on the device, no augmentation, no input (Setup.views_step_fn):
+      the network's cost, the floor the other two are measured against.
+  resident: the full step with the uint8 training set resident on the device; each step gathers its batch
+      there and augments it on the device (data.resident=True): how CIFAR-size data trains.
+  host: the full step fed by the host pipeline: uint8 batches from train.loader (prefetching thread) moved by
+      parallel.put_batch, augmented on the device (data.resident=False): how ImageNet-size data trains.
+overhead_percent of a mode = 100 x (its step time / the synthetic step time - 1): what input and
+augmentation add. TFLOP/s and percent_of_peak use the analytic model FLOPs (ssl_jax/flops.py), the same
+for all three modes; xla_tflops is XLA's own count of each compiled program, augmentation included.
+Modes run in the order synthetic, host, resident, so each peak_bytes_in_use (the process's peak device
+memory so far; JAX cannot reset it) covers that mode and the ones before it, and only the resident mode
+holds the training set on the device.
+"""
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax import parallel, train
+from ssl_jax import bench_torch, flops, parallel, train
+from ssl_jax import data as data_lib
+
+MODES = ("synthetic", "resident", "host")
+_RUN_ORDER = ("synthetic", "host", "resident")
 
 
-def bench(config, steps=50, warmup=3):
-    """Returns {'img_per_s', 'step_ms', ...} for `steps` full steps after `warmup` untimed ones."""
-    setup = train.build(config)
-    state = train.initial_state(setup)
+def _sig(x, digits=4):
+    """Returns x rounded to `digits` significant digits (None stays None)."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
+def default_modes(config):
+    """Returns the modes that fit `config`: resident only where the config keeps its data on the device."""
+    return MODES if config.data.resident else ("synthetic", "host")
+
+
+def synthetic_inputs(setup, seed=0):
+    """Returns (views, labels_B): random N(0, 1) views of the shapes method.views makes, int32 labels,
+    all sharded over "data"."""
+    config, b = setup.config, setup.config.batch_size
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    keys = jax.ShapeDtypeStruct((b, *key.shape), key.dtype)
+    images = jax.ShapeDtypeStruct((b, *setup.train_source.images.shape[1:]), jnp.uint8)
+    shapes = jax.eval_shape(lambda k, x: setup.method.views(k, x, config), keys, images)
+    num_classes = max(setup.train_source.num_classes, 1)
+
+    def make(rng):
+        leaves, treedef = jax.tree.flatten(shapes)
+        rngs = jax.random.split(rng, len(leaves) + 1)
+        views = [jax.random.normal(r, s.shape, s.dtype) for r, s in zip(rngs[1:], leaves)]
+        return jax.tree.unflatten(treedef, views), jax.random.randint(rngs[0], (b,), 0, num_classes, jnp.int32)
+
+    return jax.jit(make, out_shardings=parallel.batch_sharded(setup.mesh))(jax.random.PRNGKey(seed))
+
+
+def peak_memory_bytes():
+    """Returns the largest peak_bytes_in_use over this process's devices, or None where the backend has none."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    return max(peaks) if peaks and None not in peaks else None
+
+
+def _time_mode(fn, state, next_args, steps, warmup):
+    """Returns (seconds per step, final loss, compiled program) of `fn(state, *next_args())` repeated."""
+    args = next_args()
+    compiled = fn.lower(state, *args).compile()  # the same executable the calls below reuse from jit's cache
+    for _ in range(warmup):
+        state, metrics = fn(state, *args)
+        args = next_args()
+    jax.block_until_ready((state, metrics) if warmup else state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        # As in training: the next input is prepared while the device runs; metrics are not fetched.
+        state, metrics = fn(state, *args)
+        args = next_args()
+    loss = float(jax.device_get(metrics["loss"]))
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / steps, loss, compiled
+
+
+def _run_mode(mode, setup, state, steps, warmup):
+    """Returns (seconds per step, final loss, compiled program) of one mode on `setup` from `state`."""
+    if mode == "synthetic":
+        views, labels = synthetic_inputs(setup)
+        return _time_mode(setup.views_step_fn, state, lambda: (views, labels), steps, warmup)
     batches = train.loader(setup, 0)
     try:
-        metrics = None
-        for _ in range(warmup):
-            state, metrics = setup.step_fn(state, setup.dataset, parallel.put_batch(next(batches), setup.mesh))
-        jax.block_until_ready((state, metrics))
-        start = time.perf_counter()
-        for _ in range(steps):
-            # The same per-step work as training: a host batch (indices or images) moved to the devices, then
-            # the step, whose augmentation runs on the device. Metrics are not fetched, as in the training loop.
-            state, metrics = setup.step_fn(state, setup.dataset, parallel.put_batch(next(batches), setup.mesh))
-        loss = float(jax.device_get(metrics["loss"]))
-        jax.block_until_ready(state)
-        seconds = time.perf_counter() - start
+        return _time_mode(setup.step_fn, state,
+                          lambda: (setup.dataset, parallel.put_batch(next(batches), setup.mesh)), steps, warmup)
     finally:
         batches.close()
-    step_s = seconds / steps
-    return {
-        "img_per_s": round(config.batch_size / step_s, 1),
-        "step_ms": round(1000 * step_s, 3),
-        "epoch_s": round(step_s * setup.steps_per_epoch, 3),
-        "batch_size": config.batch_size, "steps": steps, "method": config.method, "model": config.model.name,
-        "dtype": config.model.dtype, "resident": bool(config.data.resident), "devices": setup.mesh.devices.size,
-        "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "final_loss": loss,
-        "finite": bool(np.isfinite(loss)),
-    }
+
+
+def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=False):
+    """Returns the report: {'modes': {mode: timings, FLOPs, memory}, 'flops': ..., 'torch': ... (if torch), ...}."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    modes = tuple(modes or default_modes(config))
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ValueError(f"unknown bench modes {unknown}; choose from {', '.join(MODES)}")
+    source = data_lib.get_source(config.data, "train")
+    report = {}
+    if torch:  # first: JAX has not touched the accelerator yet, so PyTorch gets all of its memory
+        report["torch"] = bench_torch.run_subprocess(config, source.images, steps, warmup, torch_compile)
+
+    setups = {}
+
+    def setup_for(resident):
+        if resident not in setups:
+            c = config.copy_and_resolve_references()
+            c.data.resident = resident
+            setups[resident] = train.build(c, source)
+        return setups[resident]
+
+    n_dev = len(jax.devices())
+    kind = jax.devices()[0].device_kind
+    peak = flops.peak_tflops(kind)
+    method = setup_for(False).method
+    model_flops = flops.analytic_step_flops(method, config, source.images.shape[1:])
+    results = {}
+    for mode in (m for m in _RUN_ORDER if m in modes):
+        setup = setup_for(mode == "resident")
+        # Both setups make the same state (data.resident changes only the step): one init program for all modes.
+        state = train.initial_state(setup_for(False))
+        step_s, loss, compiled = _run_mode(mode, setup, state, steps, warmup)
+        xla = flops.xla_flops(compiled, n_dev)
+        tflops = model_flops / step_s / 1e12
+        results[mode] = {
+            "img_per_s": _sig(config.batch_size / step_s, 5), "step_ms": _sig(1000 * step_s, 5),
+            "epoch_s": _sig(step_s * setup.steps_per_epoch), "tflops": _sig(tflops),
+            "percent_of_peak": _sig(100 * tflops / (peak * n_dev), 3) if peak else None,
+            "xla_tflops": _sig(xla / step_s / 1e12) if xla else None,
+            "peak_bytes_in_use": peak_memory_bytes(), "step_bytes": flops.step_memory_bytes(compiled),
+            "final_loss": loss, "finite": bool(np.isfinite(loss))}
+    if "synthetic" in results:
+        base_ms = results["synthetic"]["step_ms"]
+        for mode in ("resident", "host"):
+            if mode in results:
+                results[mode]["overhead_percent"] = _sig(100 * (results[mode]["step_ms"] / base_ms - 1), 3)
+    report.update({
+        "modes": {m: results[m] for m in MODES if m in results},
+        "flops": {"analytic_per_step": model_flops, "analytic_per_image": model_flops / config.batch_size,
+                  "percent_of_peak_uses": "analytic", "peak_tflops_per_device": peak},
+        "method": config.method, "model": config.model.name, "remat": bool(config.model.get("remat", False)),
+        "dtype": config.model.dtype, "batch_size": config.batch_size, "image_shape": list(source.images.shape[1:]),
+        "steps_per_epoch": setup_for(False).steps_per_epoch, "steps": steps, "warmup": warmup,
+        "devices": n_dev, "device_kind": kind, "jax": jax.__version__,
+    })
+    return report
+
+
+def _gib(n):
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def format_table(report):
+    """Returns the report as a fixed-width text table (one row per mode, plus PyTorch's rows)."""
+    head = ("mode", "img/s", "step ms", "epoch s", "TFLOP/s", "% peak", "XLA TFLOP/s", "overhead %",
+            "peak GiB", "step GiB")
+    rows = []
+    for mode, r in report["modes"].items():
+        pct = "-" if r["percent_of_peak"] is None else f"{r['percent_of_peak']:.1f}"
+        rows.append((mode, f"{r['img_per_s']:.1f}", f"{r['step_ms']:.2f}", f"{r['epoch_s']:.2f}",
+                     f"{r['tflops']:.3g}", pct, "-" if r["xla_tflops"] is None else f"{r['xla_tflops']:.3g}",
+                     f"{r['overhead_percent']:.1f}" if "overhead_percent" in r else "-",
+                     _gib(r["peak_bytes_in_use"]), _gib(r["step_bytes"])))
+    for way, r in report.get("torch", {}).items():
+        if isinstance(r, dict):
+            rows.append((f"pytorch {way}", f"{r['img_per_s']:.1f}", f"{r['step_ms']:.2f}") + ("-",) * 7)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in (head, *rows)]
+    title = (f"{report['method']} {report['model']} batch {report['batch_size']} {report['dtype']} on "
+             f"{report['devices']} x {report['device_kind']} (jax {report['jax']}); % peak from the analytic "
+             f"{report['flops']['analytic_per_image'] / 1e9:.3g} GFLOP per image")
+    return "\n".join([title, *lines])

@@ -1,0 +1,182 @@
+"""A plain PyTorch SimCLR step, timed as a user would write it: the baseline of `ssl-jax bench --torch`.
+
+torchvision ResNet (CIFAR stem: 3x3 stride-1 conv1, no max-pool, when the config has one), the config's
+MLP head, NT-Xent, bf16 autocast, channels_last, SGD with momentum; torchvision.transforms.v2 augmentation
+(RandomResizedCrop, flip, ColorJitter, grayscale, blur when the config has it) in a DataLoader with one
+worker per CPU core, over the same uint8 images as the JAX run. Two timings: `synthetic` (random views
+already on the device: the network's cost) and `loader` (end to end from the DataLoader).
+
+It runs in a child process (`python -m ssl_jax.bench_torch SPEC_JSON`, started before JAX touches the
+accelerator): JAX preallocates most of the GPU's memory, and DataLoader workers must not be forked from a
+process that runs JAX's threads. Nothing here imports torch or jax at module level; torch is the optional
+extra `pip install ssl-jax[torch]`.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+INSTALL_HINT = "pip install 'ssl-jax[torch]' (torch and torchvision)"
+
+
+class MissingTorchError(ImportError):
+    """PyTorch or torchvision is not installed."""
+
+
+def check_installed():
+    """Raises MissingTorchError naming the install command unless torch and torchvision import."""
+    missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingTorchError(f"--torch needs {' and '.join(missing)}: {INSTALL_HINT}")
+
+
+def spec_from_config(config, images_path, steps, warmup, compile_model=False):
+    """Returns the JSON-able description of the PyTorch run equivalent to a SimCLR `config`."""
+    from ssl_jax import augment, augment_ops  # pylint: disable=import-outside-toplevel  (parent only)
+    if config.method != "simclr":
+        raise ValueError(f"--torch times the SimCLR step; got method {config.method!r} (use configs/simclr.py)")
+    view = augment.spec_from_config(config.augment)
+    return {
+        "images": images_path, "steps": steps, "warmup": warmup, "batch_size": config.batch_size,
+        "arch": config.model.name, "cifar_stem": bool(config.model.cifar_stem),
+        "bf16": config.model.dtype == "bfloat16", "compile": bool(compile_model),
+        "head_layers": config.head.num_layers, "head_hidden": config.head.hidden_dim, "head_out": config.head.out_dim,
+        "temperature": config.loss.temperature, "lr": config.optim.lr, "weight_decay": config.optim.weight_decay,
+        "crop_size": view.size, "scale": list(view.crop_scale), "flip_p": view.flip_p,
+        "jitter": list(augment_ops.jitter_ranges(view.jitter or view.jitter_strength)), "jitter_p": view.jitter_p,
+        "grayscale_p": view.grayscale_p, "blur_p": view.blur_p, "blur_sigma": list(view.blur_sigma),
+        "mean": list(view.mean), "std": list(view.std), "num_workers": len(os.sched_getaffinity(0)),
+    }
+
+
+def run_subprocess(config, images, steps, warmup, compile_model=False, max_images=16384):
+    """Returns the PyTorch timings (see `run`) of `config`'s SimCLR step on `images` (uint8 NxHxWx3).
+
+    At most `max_images` of them are written to a temporary .npy the child memory-maps (the loader cycles).
+    """
+    check_installed()
+    with tempfile.TemporaryDirectory(prefix="ssl_jax_bench_torch_") as tmp:
+        path = os.path.join(tmp, "images.npy")
+        np.save(path, np.asarray(images[:max(min(len(images), max_images), config.batch_size)]))
+        spec = spec_from_config(config, path, steps, warmup, compile_model)
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        proc = subprocess.run([sys.executable, "-m", "ssl_jax.bench_torch", json.dumps(spec)], env=env,
+                              capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"the PyTorch benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _network(torch, torchvision, spec):
+    """Returns torchvision's ResNet (fc removed, CIFAR stem if asked) followed by the projection MLP."""
+    nn = torch.nn
+    backbone = getattr(torchvision.models, spec["arch"])()
+    if spec["cifar_stem"]:
+        backbone.conv1 = nn.Conv2d(3, backbone.conv1.out_channels, 3, 1, 1, bias=False)
+        backbone.maxpool = nn.Identity()
+    width, backbone.fc = backbone.fc.in_features, nn.Identity()
+    hidden = spec["head_hidden"] or width
+    layers, d = [], width
+    for _ in range(spec["head_layers"] - 1):
+        layers += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        d = hidden
+    return nn.Sequential(backbone, *layers, nn.Linear(d, spec["head_out"]))
+
+
+def _nt_xent(torch, z_2BxD, temperature):
+    """Returns SimCLR's NT-Xent of the 2B embeddings [view 1; view 2], both directions, float32."""
+    z = torch.nn.functional.normalize(z_2BxD.float(), dim=1)
+    n = z.shape[0]
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    targets = (torch.arange(n, device=z.device) + n // 2) % n
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def _loader(torch, spec, device):
+    """Returns a DataLoader of (view_1, view_2) uint8 -> normalized float batches, one worker per core."""
+    from torchvision.transforms import v2  # pylint: disable=import-outside-toplevel
+    images = np.load(spec["images"], mmap_mode="r")
+    b, c, s, h = spec["jitter"]
+    ops = [v2.RandomResizedCrop(spec["crop_size"], scale=tuple(spec["scale"]), antialias=True),
+           v2.RandomHorizontalFlip(spec["flip_p"]),
+           v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=spec["jitter_p"]),
+           v2.RandomGrayscale(spec["grayscale_p"])]
+    if spec["blur_p"] > 0:
+        kernel = 2 * (spec["crop_size"] // 20) + 1  # SimCLR's ~10% of the side, as ssl_jax.augment
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=tuple(spec["blur_sigma"]))], p=spec["blur_p"]))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
+    transform = v2.Compose(ops)
+
+    class TwoViews(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            image = torch.from_numpy(np.array(images[i])).permute(2, 0, 1)  # uint8 CHW
+            return transform(image), transform(image)
+
+    workers = spec["num_workers"]
+    return torch.utils.data.DataLoader(
+        TwoViews(), batch_size=spec["batch_size"], shuffle=True, drop_last=True, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def run(spec):
+    """Returns {'synthetic': {...}, 'loader': {...}, 'device', 'torch', ...}: img/s and step ms of both ways."""
+    import torch  # pylint: disable=import-outside-toplevel
+    import torchvision  # pylint: disable=import-outside-toplevel
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    model = _network(torch, torchvision, spec).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9, weight_decay=spec["weight_decay"])
+    forward = torch.compile(model) if spec["compile"] else model
+
+    def step(v1, v2):
+        # Copy each (pinned) view as is, then concatenate on the device: both views in one BatchNorm batch.
+        x = torch.cat([v.to(device, non_blocking=True) for v in (v1, v2)]).contiguous(
+            memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
+            z = forward(x)
+        loss = _nt_xent(torch, z, spec["temperature"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def timed(batches):
+        for _ in range(spec["warmup"]):
+            step(*next(batches))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(spec["steps"]):
+            loss = step(*next(batches))
+        final = float(loss.item())  # waits for the device
+        seconds = (time.perf_counter() - start) / spec["steps"]
+        return {"img_per_s": round(spec["batch_size"] / seconds, 1), "step_ms": round(1000 * seconds, 3),
+                "final_loss": final}
+
+    s, b = spec["crop_size"], spec["batch_size"]
+    views = [torch.randn(b, 3, s, s, device=device).contiguous(memory_format=torch.channels_last) for _ in "12"]
+    out = {"synthetic": timed(iter(lambda: views, None))}
+    loader = _loader(torch, spec, device)
+
+    def endless():
+        while True:
+            yield from loader
+
+    out["loader"] = timed(endless())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {**out, "device": name, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "num_workers": spec["num_workers"], "bf16_autocast": spec["bf16"], "channels_last": True,
+            "compiled": spec["compile"], "arch": spec["arch"], "batch_size": b}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(json.loads(sys.argv[1]))))
