@@ -61,7 +61,7 @@ def test_smoke_train_writes_finite_metrics_config_and_checkpoint(smoke_run):
 
 
 def test_more_epochs_resume_from_the_checkpoint(smoke_run):
-    workdir, _ = smoke_run
+    workdir = smoke_run
     before = len(_train_rows(workdir))
     proc = _cli("train", "--config", SMOKE, "--workdir", workdir, "--config.num_epochs=3")
     assert "resuming from the checkpoint at step 16" in proc.stderr
@@ -71,7 +71,7 @@ def test_more_epochs_resume_from_the_checkpoint(smoke_run):
 
 
 def test_eval_protocols_append_to_metrics(smoke_run):
-    workdir, _ = smoke_run
+    workdir = smoke_run
     for protocol, key in (("knn", "knn_top1"), ("linear", "linear_top1")):
         out = json.loads(_cli("eval", "--workdir", workdir, "--protocol", protocol,
                               "--config.eval.linear_epochs=5").stdout.strip().splitlines()[-1])
