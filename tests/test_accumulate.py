@@ -127,7 +127,7 @@ def test_accumulation_on_images_with_synchronised_batchnorm_matches_autodiff(thr
     got, want = jax.device_get(fn(initial["params"]["model"], initial["batch_stats"], jax.random.PRNGKey(3),
                                   images))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-    assert_trees_close(got[1:], want[1:], rtol=1e-5, atol=1e-7)
+    assert_trees_close(got[1:], want[1:], rtol=1e-5, atol=1e-6)  # gradients are O(0.1); jax 0.12 differs by 2e-7
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(got[3])) > 1e-3  # a real gradient
 
 
