@@ -63,14 +63,20 @@ def value_and_grad(method, params, batch_stats, extras, inputs, keys_Bx2, make_v
 
     (value, (metrics, aux)), emb_grads = jax.value_and_grad(loss_of, has_aux=True)(emb)
 
-    # 3. Backpropagate chunk by chunk with those gradients; the parameter gradients add up.
+    # 3. Backpropagate chunk by chunk with those gradients; the parameter gradients add up. The params are
+    # typed per-device (pcast) for the vjp, so each chunk's gradient stays this device's share and the shares
+    # are summed over devices once at the end, not once per chunk.
+    local_params = params if axis_name is None else jax.lax.pcast(params, axis_name, to="varying")
+
     def backward(total, chunk_and_cotangent):
         chunk, cotangent = chunk_and_cotangent
-        _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk)[0], params)
+        _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk)[0], local_params)
         return jax.tree.map(jnp.add, total, vjp(cotangent)[0]), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, local_params)
     grads, _ = jax.lax.scan(backward, zeros, (xs, jax.tree.map(split, emb_grads)))
+    if axis_name is not None:
+        grads = jax.lax.psum(grads, axis_name)
     return (value, (new_stats, metrics, aux)), grads
 
 
