@@ -6,7 +6,7 @@ import sys
 import jax
 import numpy as np
 
-from ssl_jax import data, parallel, train
+from ssl_jax import data, metrics, parallel, train
 
 
 def random_source(n=64, size=16, classes=4, seed=0):
@@ -37,6 +37,36 @@ def run_steps(config, source, devices, initial=None, steps=2, batch=16):
     return before, after, history
 
 
+def one_and_all_devices(config, source, metric_keys, rbg_init=False, rtol=2e-5):
+    """Runs two steps from one initial state on 1 device and on all devices; asserts `metric_keys` agree.
+
+    rbg_init: initialise with rbg keys (`rbg_initial_state`), several seconds faster to compile.
+    Returns (before, after on 1 device, after on all, metrics per step on 1, metrics per step on all), on host.
+    """
+    if rbg_init:
+        setup1 = train.build(config, source, devices=jax.devices()[:1])
+        before = rbg_initial_state(setup1)
+        after1, hist1 = steps(setup1, parallel.put_replicated(before, setup1.mesh), source)
+        _, after_all, hist_all = run_steps(config, source, jax.devices(), initial=before)
+    else:
+        before, after1, hist1 = run_steps(config, source, jax.devices()[:1])
+        _, after_all, hist_all = run_steps(config, source, jax.devices(), initial=before)
+    for m1, m_all in zip(hist1, hist_all):
+        for key in metric_keys:
+            np.testing.assert_allclose(m_all[key], m1[key], rtol=rtol, err_msg=key)
+    return before, after1, after_all, hist1, hist_all
+
+
+def delta(after, before):
+    """Returns the tree after - before."""
+    return jax.tree.map(np.subtract, after, before)
+
+
+def largest(tree):
+    """Returns the largest absolute value over all leaves (did the steps move anything?)."""
+    return max(float(np.abs(x).max()) for x in jax.tree.leaves(tree))
+
+
 def assert_trees_close(a, b, **tol):
     """Asserts every leaf of a and b is allclose with `tol`."""
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
@@ -58,9 +88,26 @@ def rbg_initial_state(setup):
     return state
 
 
-def cli_train(config_spec, workdir, rbg=False):
+def cli_smoke_rows(config_spec, workdir, finite_keys, *overrides, rbg=False):
+    """Runs `cli_train`, asserts it succeeded and that every logged training row has finite `finite_keys`.
+
+    Returns (all records of metrics.jsonl, the training rows: those with a loss).
+    """
+    proc = cli_train(config_spec, workdir, *overrides, rbg=rbg)
+    assert proc.returncode == 0, proc.stderr
+    records = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rows = [r for r in records if "loss" in r]
+    assert rows, records
+    for row in rows:
+        for key in finite_keys:
+            assert np.isfinite(row[key]), (key, row)
+    return records, rows
+
+
+def cli_train(config_spec, workdir, *overrides, rbg=False):
     """Runs `python -m ssl_jax train` as a user would (real device count, CPU) and returns the finished process.
 
+    overrides: extra arguments, e.g. "--config.num_epochs=1".
     rbg=True uses rbg keys: threefry's init takes ~10 s more to compile, and test_cli covers the default.
     """
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -69,4 +116,4 @@ def cli_train(config_spec, workdir, rbg=False):
         env["JAX_DEFAULT_PRNG_IMPL"] = "rbg"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run([sys.executable, "-m", "ssl_jax", "train", "--config", config_spec, "--workdir", workdir,
-                           "--no-progress"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+                           "--no-progress", *overrides], cwd=root, env=env, capture_output=True, text=True, timeout=600)

@@ -2,8 +2,6 @@
 plain float64 NumPy, the prototype freeze, codes without gradient, and a smoke run through the CLI."""
 import functools
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ssl_jax import config as config_lib, losses, metrics, parallel
+from ssl_jax import config as config_lib, losses, parallel
 from ssl_jax.methods import swav
+from harness import cli_smoke_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_B = 16
@@ -132,6 +131,12 @@ def _close(a, b):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _close_to_scale(a, b):
+    """Float32 sums over devices in another order: equal to a small fraction of the leaf's largest entry
+    (a conv kernel's small gradient entries are differences of large per-example terms)."""
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()) + 1e-9)
+
+
 def _run(config, devices, params, stats, extras, batches, steps_per_epoch):
     mesh = parallel.make_mesh(devices)
     fn = _sharded_step(config, mesh, steps_per_epoch)
@@ -160,7 +165,7 @@ def test_eight_devices_equal_one_device_and_numpy():
     protos_dxP /= np.linalg.norm(protos_dxP, axis=0, keepdims=True)
     for step, (h1, h8) in enumerate(zip(one, eight)):
         np.testing.assert_allclose(h8["loss"], h1["loss"], rtol=1e-5)
-        jax.tree.map(_close, h8["grads"], h1["grads"])
+        jax.tree.map(_close_to_scale, h8["grads"], h1["grads"])
         jax.tree.map(_close, h8["stats"], h1["stats"])
         _close(h8["assignments"], h1["assignments"])
         _close(h8["queue"], h1["queue"])
@@ -250,19 +255,10 @@ def test_queue_length_not_a_multiple_of_the_batch_is_an_error():
 # ---------------------------------------------------------------- the command line
 
 def test_smoke_run_through_the_cli(tmp_path):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # as a user runs it: the real device count
-    env["JAX_PLATFORMS"] = "cpu"
-    workdir = str(tmp_path / "swav")
-    proc = subprocess.run([sys.executable, "-m", "ssl_jax", "train", "--config", "configs/swav.py:smoke",
-                           "--workdir", workdir, "--config.eval.knn_every_epochs=0", "--no-progress"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr
-    rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    _, rows = cli_smoke_rows("configs/swav.py:smoke", str(tmp_path / "swav"),
+                             ("loss", "grad_norm", "embedding_std_ratio", "effective_rank", "collapsed"),
+                             "--config.eval.knn_every_epochs=0")
     assert [r["step"] for r in rows] == [4, 8, 12, 16]
-    for row in rows:
-        for key in ("loss", "grad_norm", "embedding_std_ratio", "effective_rank", "collapsed"):
-            assert np.isfinite(row[key]), (key, row)
     # Prototypes frozen in epoch 1 (steps 0-7); the queue of 2 batches, filled from step 8, is used from step 10.
     assert [r["prototypes_frozen"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
     assert [r["queue_active"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
