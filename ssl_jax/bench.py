@@ -156,6 +156,35 @@ def _gib(n):
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
+def _num(x):
+    return "-" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def markdown_rows(report, command, date):
+    """Returns BENCHMARKS.md table rows for `report`: the method's row, then PyTorch's row if it ran.
+
+    Method row: | model / image px / batch | synthetic img/s | resident img/s | host img/s | epoch s (resident
+    way, else host) | peak device memory GiB | command | device | date |. PyTorch row: | PyTorch eager or
+    + torch.compile | random views img/s | DataLoader img/s | command | device | date |. A way that did not
+    run, or memory the backend does not report, is "-".
+    """
+    modes = report["modes"]
+    size = "x".join(str(d) for d in report["image_shape"][:2])
+    img = {m: _num(modes[m]["img_per_s"]) if m in modes else "-" for m in MODES}
+    way = next((m for m in ("resident", "host", "synthetic") if m in modes), None)
+    peaks = [r["peak_bytes_in_use"] for r in modes.values() if r["peak_bytes_in_use"] is not None]
+    device = f"{report['devices']} x {report['device_kind']}"
+    rows = [f"| {report['model']} / {size} / {report['batch_size']} | {img['synthetic']} | {img['resident']} | "
+            f"{img['host']} | {_num(modes[way]['epoch_s']) if way else '-'} | "
+            f"{_gib(max(peaks)) + ' GiB' if peaks else '-'} | `{command}` | {device} | {date} |"]
+    torch = report.get("torch")
+    if torch:
+        name = "PyTorch + torch.compile" if torch.get("compiled") else "PyTorch eager"
+        rows.append(f"| {name} {torch.get('torch', '')} | {_num(torch['synthetic']['img_per_s'])} | "
+                    f"{_num(torch['loader']['img_per_s'])} | `{command}` | {torch.get('device', device)} | {date} |")
+    return rows
+
+
 def format_table(report):
     """Returns the report as a fixed-width text table (one row per mode, plus PyTorch's rows)."""
     head = ("mode", "img/s", "step ms", "epoch s", "TFLOP/s", "% peak", "XLA TFLOP/s", "overhead %",

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 INSTALL_HINT = "pip install 'ssl-jax[torch]' (torch and torchvision)"
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 class MissingTorchError(ImportError):
@@ -40,6 +41,10 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
     from ssl_jax import augment, augment_ops  # pylint: disable=import-outside-toplevel  (parent only)
     if config.method != "simclr":
         raise ValueError(f"--torch times the SimCLR step; got method {config.method!r} (use configs/simclr.py)")
+    if config.model.name not in TORCHVISION_RESNETS or config.model.width_multiplier != 1:
+        raise ValueError(f"--torch builds a torchvision ResNet: model.name must be one of "
+                         f"{', '.join(TORCHVISION_RESNETS)} with model.width_multiplier=1, got "
+                         f"{config.model.name!r} x {config.model.width_multiplier}")
     view = augment.spec_from_config(config.augment)
     return {
         "images": images_path, "steps": steps, "warmup": warmup, "batch_size": config.batch_size,

@@ -1,6 +1,8 @@
 """`ssl-jax train|eval|bench|report|export`: the only place that reads command-line flags."""
 import argparse
+import datetime
 import json
+import shlex
 import sys
 
 USAGE_OVERRIDES = "overrides: --config.KEY=VALUE (e.g. --config.optim.lr=0.5 --config.num_epochs=100)"
@@ -73,6 +75,7 @@ def _split_overrides(extra, parser):
 
 def main(argv=None):
     """Runs the command line; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser)
@@ -113,7 +116,11 @@ def main(argv=None):
             except bench_torch.MissingTorchError as e:
                 print(f"ssl-jax bench: error: {e}", file=sys.stderr)
                 return 2
+            report["command"] = "ssl-jax " + shlex.join(argv)
+            report["date"] = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
             print(bench.format_table(report), file=sys.stderr)
+            print("BENCHMARKS.md rows:", *bench.markdown_rows(report, report["command"], report["date"]),
+                  sep="\n", file=sys.stderr)
             print(json.dumps(report))
     except expected as e:
         print(f"ssl-jax {args.command}: error: {e}", file=sys.stderr)

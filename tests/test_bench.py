@@ -157,6 +157,16 @@ def test_cli_bench_times_three_modes_each_compiled_once(monkeypatch, caplog, cap
     compiles = _compiles(caplog)
     assert compiles["step"] == 2 and compiles["views_step"] == 1  # resident and host steps; synthetic
     assert "overhead %" in err and all(f"\n{mode:>9}" in err for mode in modes)  # the table, on stderr
+    # ...and the BENCHMARKS.md row, with the command that produced it, the device and the date.
+    assert report["command"].startswith("ssl-jax bench --config configs/simclr.py:smoke --steps 2")
+    row = err.split("BENCHMARKS.md rows:\n")[1].splitlines()[0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "tiny / 16x16 / 32" and cells[5] == "-"  # CPU: no memory statistics
+    assert [float(c.replace(",", "")) for c in cells[1:5]] == pytest.approx(
+        [modes["synthetic"]["img_per_s"], modes["resident"]["img_per_s"], modes["host"]["img_per_s"],
+         modes["resident"]["epoch_s"]], rel=0.01)
+    assert cells[6] == f"`{report['command']}`" and cells[7] == f"8 x {report['device_kind']}"
+    assert cells[8] == report["date"] and len(report["date"]) == 10
 
 
 def test_bench_mode_errors():
@@ -187,3 +197,5 @@ def test_missing_torch_is_a_clear_error(monkeypatch):
         bench_torch.check_installed()
     with pytest.raises(ValueError, match="SimCLR"):
         bench_torch.spec_from_config(config_lib.load_config("configs/byol.py:smoke"), "x.npy", 1, 1)
+    with pytest.raises(ValueError, match=r"torchvision ResNet: model.name must be one of resnet18, .* got 'tiny' x 1"):
+        bench_torch.spec_from_config(_smoke(), "x.npy", 1, 1)  # the smoke preset's tiny network
