@@ -160,22 +160,23 @@ def _num(x):
     return "-" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def markdown_rows(report, command, date):
-    """Returns BENCHMARKS.md table rows for `report`: the method's row, then PyTorch's row if it ran.
+def markdown_rows(report):
+    """Returns BENCHMARKS.md table rows for `report` (with its `command` and `date`, which the CLI adds): the
+    method's row, then PyTorch's row if it ran.
 
     Method row: | model / image px / batch | synthetic img/s | resident img/s | host img/s | epoch s (resident
     way, else host) | peak device memory GiB | command | device | date |. PyTorch row: | PyTorch eager or
     + torch.compile | random views img/s | DataLoader img/s | command | device | date |. A way that did not
     run, or memory the backend does not report, is "-".
     """
-    modes = report["modes"]
+    modes, command, date = report["modes"], report["command"], report["date"]
     size = "x".join(str(d) for d in report["image_shape"][:2])
     img = {m: _num(modes[m]["img_per_s"]) if m in modes else "-" for m in MODES}
-    way = next((m for m in ("resident", "host", "synthetic") if m in modes), None)
+    way = next(m for m in ("resident", "host", "synthetic") if m in modes)  # bench runs at least one
     peaks = [r["peak_bytes_in_use"] for r in modes.values() if r["peak_bytes_in_use"] is not None]
     device = f"{report['devices']} x {report['device_kind']}"
     rows = [f"| {report['model']} / {size} / {report['batch_size']} | {img['synthetic']} | {img['resident']} | "
-            f"{img['host']} | {_num(modes[way]['epoch_s']) if way else '-'} | "
+            f"{img['host']} | {_num(modes[way]['epoch_s'])} | "
             f"{_gib(max(peaks)) + ' GiB' if peaks else '-'} | `{command}` | {device} | {date} |"]
     torch = report.get("torch")
     if torch:

@@ -119,7 +119,7 @@ def main(argv=None):
             report["command"] = "ssl-jax " + shlex.join(argv)
             report["date"] = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
             print(bench.format_table(report), file=sys.stderr)
-            print("BENCHMARKS.md rows:", *bench.markdown_rows(report, report["command"], report["date"]),
+            print("BENCHMARKS.md rows:", *bench.markdown_rows(report),
                   sep="\n", file=sys.stderr)
             print(json.dumps(report))
     except expected as e:

@@ -43,14 +43,10 @@ def one_and_all_devices(config, source, metric_keys, rbg_init=False, rtol=2e-5):
     rbg_init: initialise with rbg keys (`rbg_initial_state`), several seconds faster to compile.
     Returns (before, after on 1 device, after on all, metrics per step on 1, metrics per step on all), on host.
     """
-    if rbg_init:
-        setup1 = train.build(config, source, devices=jax.devices()[:1])
-        before = rbg_initial_state(setup1)
-        after1, hist1 = steps(setup1, parallel.put_replicated(before, setup1.mesh), source)
-        _, after_all, hist_all = run_steps(config, source, jax.devices(), initial=before)
-    else:
-        before, after1, hist1 = run_steps(config, source, jax.devices()[:1])
-        _, after_all, hist_all = run_steps(config, source, jax.devices(), initial=before)
+    one = jax.devices()[:1]
+    initial = rbg_initial_state(train.build(config, source, devices=one)) if rbg_init else None
+    before, after1, hist1 = run_steps(config, source, one, initial=initial)
+    _, after_all, hist_all = run_steps(config, source, jax.devices(), initial=before)
     for m1, m_all in zip(hist1, hist_all):
         for key in metric_keys:
             np.testing.assert_allclose(m_all[key], m1[key], rtol=rtol, err_msg=key)
