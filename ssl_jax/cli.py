@@ -91,13 +91,15 @@ def main(argv=None):
     from ssl_jax import checkpoint, config as config_lib, data, train  # pylint: disable=import-outside-toplevel
     expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, checkpoint.CheckpointSaveError,
                 FileNotFoundError, ValueError)
+    command = "ssl-jax " + shlex.join(argv)
     try:
         if args.command == "train":
             config = config_lib.load_config(args.config, overrides)
-            train.train(config, args.workdir, progress=not args.no_progress)
+            train.train(config, args.workdir, progress=not args.no_progress, command=command)
         elif args.command == "eval":
             from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
-            result = protocols.evaluate_workdir(args.workdir, args.protocol, overrides, progress=not args.no_progress)
+            result = protocols.evaluate_workdir(args.workdir, args.protocol, overrides, progress=not args.no_progress,
+                                                command=command)
             print(json.dumps(result))
         elif args.command == "report":
             from ssl_jax import report  # pylint: disable=import-outside-toplevel
@@ -116,7 +118,7 @@ def main(argv=None):
             except bench_torch.MissingTorchError as e:
                 print(f"ssl-jax bench: error: {e}", file=sys.stderr)
                 return 2
-            report["command"] = "ssl-jax " + shlex.join(argv)
+            report["command"] = command
             report["date"] = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
             print(bench.format_table(report), file=sys.stderr)
             print("BENCHMARKS.md rows:", *bench.markdown_rows(report),

@@ -8,7 +8,9 @@ import numpy as np
 
 
 def _plain(value):
-    """Returns a JSON-friendly Python scalar for numpy/jax scalars."""
+    """Returns a JSON-friendly Python scalar for numpy/jax scalars; text (a command line) stays text."""
+    if isinstance(value, str):
+        return value
     value = np.asarray(value)
     if value.dtype.kind in "iu":
         return int(value)

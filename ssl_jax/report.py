@@ -117,6 +117,20 @@ def table_row(run):
             format_duration(elapsed[-1]) if elapsed else MISSING, _device(run["starts"]), _started(run["starts"]))
 
 
+def commands(run):
+    """Returns [(what, command)]: each distinct training command in start order, then per protocol the command
+    of its newest evaluation. Runs and evaluations from before commands were recorded have none."""
+    out = []
+    for start in run["starts"]:
+        if start.get("command") and ("train", start["command"]) not in out:
+            out.append(("train", start["command"]))
+    newest = {}
+    for record in run["evals"]:  # file order is write order: a re-run evaluation replaces the older one
+        if record.get("command"):
+            newest[record.get("protocol") or "eval"] = record["command"]
+    return out + [(f"eval {protocol}", cmd) for protocol, cmd in newest.items()]
+
+
 def _markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -190,6 +204,10 @@ def write_report(workdirs, out_dir=None):
         lines.append("No kNN evaluations logged yet.")
     lines += ["", "## All evaluation results (newest of each)", ""]
     lines.append(_markdown_table(("run", "metric", "value", "epoch"), detail) if detail else "None logged yet.")
+    command_rows = [(run["name"], what, f"`{cmd}`") for run in runs for what, cmd in commands(run)]
+    lines += ["", "## Commands", "", "What produced each run and its evaluations (the run's working directory is "
+              "the `--workdir` of each).", ""]
+    lines.append(_markdown_table(("run", "step", "command"), command_rows) if command_rows else "None recorded.")
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

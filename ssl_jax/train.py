@@ -180,8 +180,12 @@ def check_finite(step, record):
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
-def train(config, workdir, *, progress=True, evaluate_fn=None):
-    """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final state."""
+def train(config, workdir, *, progress=True, evaluate_fn=None, command=None):
+    """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final state.
+
+    `command` (the command line that started this run, if any) is recorded in DIR/runs.jsonl, where
+    `ssl-jax report` finds it.
+    """
     from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
     evaluate_fn = evaluate_fn or protocols.monitor
     is_main = jax.process_index() == 0
@@ -212,7 +216,7 @@ def train(config, workdir, *, progress=True, evaluate_fn=None):
     if is_main:
         metrics_lib.append_run_info(workdir, start_step=start, devices=setup.mesh.devices.size,
                                     device_kind=jax.devices()[0].device_kind, processes=jax.process_count(),
-                                    jax_version=jax.__version__)
+                                    jax_version=jax.__version__, **({"command": command} if command else {}))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     guard = checkpoint.PreemptionGuard(manager)
     batches = loader(setup, start)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssl_jax import checkpoint, cli, metrics
+from ssl_jax import checkpoint, cli, metrics, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "simclr.py") + ":smoke"
@@ -68,6 +68,10 @@ def test_more_epochs_resume_from_the_checkpoint(smoke_run):
     new_rows = _train_rows(workdir)[before:]
     assert new_rows and min(r["step"] for r in new_rows) > 16 and new_rows[-1]["step"] == 24
     assert json.load(open(os.path.join(workdir, "config.json")))["num_epochs"] == 3
+    starts = metrics.read_jsonl(os.path.join(workdir, "runs.jsonl"))
+    assert [(s["start_step"], s["command"]) for s in starts] == [  # what `ssl-jax report` lists per run
+        (0, f"ssl-jax train --config {SMOKE} --workdir {workdir} --no-progress"),
+        (16, f"ssl-jax train --config {SMOKE} --workdir {workdir} --config.num_epochs=3 --no-progress")]
 
 
 def test_eval_protocols_append_to_metrics(smoke_run):
@@ -76,7 +80,12 @@ def test_eval_protocols_append_to_metrics(smoke_run):
         out = json.loads(_cli("eval", "--workdir", workdir, "--protocol", protocol,
                               "--config.eval.linear_epochs=5").stdout.strip().splitlines()[-1])
         assert 0.0 <= out[key] <= 1.0 and out["step"] >= 16
-        assert metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1][key] == out[key]
+        record = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
+        assert record[key] == out[key] and record["protocol"] == protocol
+        assert record["command"] == (f"ssl-jax eval --workdir {workdir} --protocol {protocol} "
+                                     "--config.eval.linear_epochs=5 --no-progress")
+    commands = report.commands(report.load_run(workdir))
+    assert [what for what, _ in commands][-2:] == ["eval knn", "eval linear"]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

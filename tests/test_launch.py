@@ -6,6 +6,7 @@ import shlex
 import signal
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = ["tpu_vm.sh", "gpu_single_node.sh", "slurm_multinode.sbatch", "container.sh"]
+ALL_SCRIPTS = SCRIPTS + ["method_table.sh"]
 CONFIG = "configs/simclr.py:imagenet"
 OVERRIDES = ["--config.optim.lr=0.5", "--config.data.path=/data/my images.tar"]  # a space must survive
 
@@ -41,7 +43,7 @@ def _train_argv(argv):
     return argv[i:]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
 def test_bash_syntax(script):
     subprocess.run(["bash", "-n", os.path.join(LAUNCH, script)], check=True, timeout=10)
     with open(os.path.join(LAUNCH, script)) as f:
@@ -49,7 +51,7 @@ def test_bash_syntax(script):
     assert "set -euo pipefail" in text and "DRY_RUN" in text
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
 def test_help_prints_usage_and_exits_0(script):
     proc = _run(script, "-h")
     assert "usage:" in proc.stdout and "DRY_RUN" in proc.stdout
@@ -195,3 +197,133 @@ exit 1
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "not restarting" in err
     assert (tmp_path / "calls").read_text() == "x\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# method_table.sh: every method's preset trained, evaluated and reported; resumable under a time limit.
+# ----------------------------------------------------------------------------------------------
+def _table_fake(tmp_path, body=""):
+    """A fake ssl-jax that logs its argv to tmp_path/argv, runs `body`, and fakes a run directory."""
+    return _fake_ssl_jax(tmp_path, f"""
+echo "$*" >> {tmp_path}/argv
+if [[ "$1" == train ]]; then mkdir -p "$5"; echo '{{}}' > "$5/config.json"; fi  # as the real one, first
+{body}
+exit 0
+""")
+
+
+def _table_calls(tmp_path):
+    calls = (tmp_path / "argv").read_text().splitlines() if (tmp_path / "argv").exists() else []
+    (tmp_path / "argv").unlink(missing_ok=True)
+    return [" ".join(c.split()[:3]) for c in calls]  # e.g. "train --config configs/simclr.py:smoke"
+
+
+def test_method_table_dry_run_and_bad_arguments():
+    proc = _run("method_table.sh", "--methods", "simclr,byol", "--protocols", "knn,linear", *OVERRIDES,
+                env={"DRY_RUN": "1"})
+    assert _commands(proc.stdout) == [
+        ["ssl-jax", "train", "--config", "configs/simclr.py:cifar10", "--workdir", "runs/simclr_cifar10",
+         "--no-progress", *OVERRIDES],
+        ["ssl-jax", "eval", "--workdir", "runs/simclr_cifar10", "--protocol", "knn", "--no-progress"],
+        ["ssl-jax", "eval", "--workdir", "runs/simclr_cifar10", "--protocol", "linear", "--no-progress"],
+        ["ssl-jax", "train", "--config", "configs/byol.py:cifar10", "--workdir", "runs/byol_cifar10",
+         "--no-progress", *OVERRIDES],
+        ["ssl-jax", "eval", "--workdir", "runs/byol_cifar10", "--protocol", "knn", "--no-progress"],
+        ["ssl-jax", "eval", "--workdir", "runs/byol_cifar10", "--protocol", "linear", "--no-progress"],
+        ["ssl-jax", "report", "--workdir", "runs/simclr_cifar10", "runs/byol_cifar10", "--out", "runs/report_cifar10"]]
+    default = _commands(_run("method_table.sh", env={"DRY_RUN": "1", "SSL_JAX": "python3 -m ssl_jax"}).stdout)
+    assert [c[5] for c in default if c[3] == "train"] == [  # every method of the README's table, in order
+        f"configs/{m}.py:cifar10" for m in ("simclr", "moco_v2", "byol", "simsiam", "swav", "barlow_twins")]
+    assert default[0][:3] == ["python3", "-m", "ssl_jax"]
+    for args, message in ((["--methods", "simclr,nope"], "no config configs/nope.py"),
+                          (["--protocols", "linear,knnn"], "unknown protocol 'knnn'"),
+                          (["--time-limit", "10m"], "--time-limit must be a whole number of seconds"),
+                          (["--preset"], "--preset needs a value"), (["simclr"], "unknown argument simclr")):
+        proc = _run("method_table.sh", *args, env={"DRY_RUN": "1"}, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+
+def test_method_table_skips_finished_steps_and_goes_on_after_a_failure(tmp_path):
+    root = str(tmp_path / "runs")
+    # byol's training fails once: simsiam still runs, and the report covers the runs that exist.
+    fake = _table_fake(tmp_path, f"""
+if [[ "$1 $3" == "train configs/byol.py:smoke" && ! -e {tmp_path}/failed_once ]]; then
+  touch {tmp_path}/failed_once; exit 2
+fi""")
+    args = ["--preset", "smoke", "--methods", "simclr,byol,simsiam", "--protocols", "knn", "--root", root]
+    proc = _run("method_table.sh", *args, env={"SSL_JAX": fake}, check=False)
+    assert proc.returncode == 1 and "failed: byol (train)" in proc.stderr
+    assert _table_calls(tmp_path) == [
+        "train --config configs/simclr.py:smoke", f"eval --workdir {root}/simclr_smoke",
+        "train --config configs/byol.py:smoke", "train --config configs/simsiam.py:smoke",
+        f"eval --workdir {root}/simsiam_smoke", f"report --workdir {root}/simclr_smoke"]
+    # Again: only byol's steps run; the others are marked done with the same commands.
+    proc = _run("method_table.sh", *args, env={"SSL_JAX": fake})
+    assert _table_calls(tmp_path) == ["train --config configs/byol.py:smoke", f"eval --workdir {root}/byol_smoke",
+                                      f"report --workdir {root}/simclr_smoke"]
+    assert proc.stderr.count("done before, skipped") == 4
+    # Another override retrains (resuming, in real life) and evaluates again, for every method.
+    _run("method_table.sh", *args, "--config.num_epochs=4", env={"SSL_JAX": fake})
+    assert len(_table_calls(tmp_path)) == 7
+
+
+def test_method_table_time_limit_stops_the_trainer_and_the_next_call_continues(tmp_path):
+    root = str(tmp_path / "runs")
+    # The fake trainer runs until SIGTERM (saving, as the real one does) on its first call, finishes on the next.
+    fake = _table_fake(tmp_path, f"""
+if [[ "$1" == train && ! -e {tmp_path}/stopped_once ]]; then
+  trap 'touch {tmp_path}/stopped_once; echo "stop requested (SIGTERM): saved" >&2; exit 0' TERM
+  for i in $(seq 300); do sleep 0.1; done
+  exit 1
+fi""")
+    args = ["--preset", "smoke", "--methods", "simclr,byol", "--protocols", "linear", "--root", root]
+    t0 = time.time()
+    proc = _run("method_table.sh", *args, "--time-limit", "2", env={"SSL_JAX": fake}, check=False)
+    assert proc.returncode == 3 and "run the same command again to continue" in proc.stderr
+    assert 2 <= time.time() - t0 < 20 and (tmp_path / "stopped_once").exists()
+    assert _table_calls(tmp_path) == ["train --config configs/simclr.py:smoke", f"report --workdir {root}/simclr_smoke"]
+    assert not os.path.exists(os.path.join(root, "simclr_smoke", "method_table", "train.done"))
+    proc = _run("method_table.sh", *args, "--time-limit", "60", env={"SSL_JAX": fake})
+    assert _table_calls(tmp_path) == ["train --config configs/simclr.py:smoke", f"eval --workdir {root}/simclr_smoke",
+                                      "train --config configs/byol.py:smoke", f"eval --workdir {root}/byol_smoke",
+                                      f"report --workdir {root}/simclr_smoke"]
+
+
+def test_method_table_sigterm_reaches_the_trainer_and_marks_nothing_done(tmp_path):
+    fake = _table_fake(tmp_path, f"""
+trap 'echo "stop requested (SIGTERM): saved" >&2; touch {tmp_path}/saved; exit 0' TERM
+touch {tmp_path}/started
+for i in $(seq 100); do sleep 0.1; done
+exit 1""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SSL_JAX=fake)
+    for limit in ([], ["--time-limit", "100"]):  # directly, and through `timeout`
+        (tmp_path / "started").unlink(missing_ok=True)
+        proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "method_table.sh"), "--methods", "simclr", "--root",
+                                 str(tmp_path / "runs"), *limit], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 10
+        while not (tmp_path / "started").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 130 and "nothing marked done" in err and (tmp_path / "saved").exists(), err
+        assert not os.path.exists(tmp_path / "runs" / "simclr_cifar10" / "method_table" / "train.done")
+        (tmp_path / "saved").unlink()
+
+
+def test_method_table_real_smoke_run(tmp_path):
+    """The real CLI under the script: train, kNN evaluation and a report whose commands table lists both."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", SSL_JAX=f"{sys.executable} -m ssl_jax")
+    root = str(tmp_path / "runs")
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "method_table.sh"), "--preset", "smoke", "--methods",
+                           "simsiam", "--protocols", "knn", "--root", root], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = open(os.path.join(root, "report_smoke", "report.md")).read()
+    workdir = os.path.join(root, "simsiam_smoke")
+    assert f"| simsiam_smoke | simsiam | tiny | 2/2 | 64 |" in text
+    assert (f"| simsiam_smoke | train | `ssl-jax train --config configs/simsiam.py:smoke --workdir {workdir} "
+            "--no-progress` |") in text
+    assert f"| simsiam_smoke | eval knn | `ssl-jax eval --workdir {workdir} --protocol knn --no-progress` |" in text

@@ -15,6 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASH = "–"
 
 
+TRAIN = "ssl-jax train --config configs/simclr.py:cifar10 --workdir runs/a --config.num_epochs=3"
+TRAIN_MORE = "ssl-jax train --config configs/simclr.py:cifar10 --workdir runs/a --config.num_epochs=4"
+KNN_OLD, KNN_NEW = ("ssl-jax eval --workdir runs/a --protocol knn", "ssl-jax eval --workdir runs/a --protocol knn "
+                    "--config.eval.knn_k=20 --config.eval.note='a|b'")
+LINEAR = "ssl-jax eval --workdir runs/a --protocol linear"
+
+
 def _write_run(workdir, config, records, starts):
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -35,15 +42,21 @@ def runs(tmp_path):
     a, b = str(tmp_path / "simclr_r18"), str(tmp_path / "byol_r50x2")
     records_a = [_train(s, 10, 6.0 - 0.1 * s, 0.5 * s / 40, 90.0 * s) for s in (5, 10, 15, 20, 25, 30, 35, 40)]
     records_a.insert(2, {"step": 10, "epoch": 1.0, "knn_top1": 0.25, "knn_top5": 0.6})
-    records_a += [{"step": 40, "epoch": 4.0, "knn_top1": 0.5, "knn_top5": 0.9},
-                  {"step": 40, "epoch": 4.0, "linear_top1": 0.7123, "linear_top5": 0.95},
-                  {"step": 40, "epoch": 4.0, "knn_top1": 0.6249}]  # re-run kNN at the same step: the newest wins
+    records_a += [{"step": 40, "epoch": 4.0, "knn_top1": 0.5, "knn_top5": 0.9, "protocol": "knn",
+                   "command": KNN_OLD},
+                  {"step": 40, "epoch": 4.0, "linear_top1": 0.7123, "linear_top5": 0.95, "protocol": "linear",
+                   "command": LINEAR},
+                  {"step": 40, "epoch": 4.0, "knn_top1": 0.6249, "protocol": "knn",
+                   "command": KNN_NEW}]  # re-run kNN at the same step: the newest wins
     _write_run(a, {"method": "simclr", "num_epochs": 4, "batch_size": 256,
                    "model": {"name": "resnet18", "width_multiplier": 1}, "data": {"name": "cifar10"}},
                records_a, [{"started": "2025-03-01T10:00:00+00:00", "start_step": 0, "devices": 1,
-                            "device_kind": "NVIDIA H100", "processes": 1, "jax_version": "0.10.2"},
+                            "device_kind": "NVIDIA H100", "processes": 1, "jax_version": "0.10.2", "command": TRAIN},
                            {"started": "2025-03-02T08:30:00+00:00", "start_step": 20, "devices": 1,
-                            "device_kind": "NVIDIA H100", "processes": 1, "jax_version": "0.10.2"}])
+                            "device_kind": "NVIDIA H100", "processes": 1, "jax_version": "0.10.2", "command": TRAIN},
+                           {"started": "2025-03-02T09:00:00+00:00", "start_step": 30, "devices": 1,
+                            "device_kind": "NVIDIA H100", "processes": 1, "jax_version": "0.10.2",
+                            "command": TRAIN_MORE}])
     records_b = [_train(5, 10, 2.0, 0.1, 1800.0), _train(10, 10, "nan", 0.2, 3600.0),  # non-finite: logged as text
                  _train(15, 10, 1.5, 0.3, 3725.4), {"step": 15, "epoch": 1.5, "semi10_top1": 0.40}]
     _write_run(b, {"method": "byol", "num_epochs": 100, "batch_size": 4096,
@@ -59,7 +72,7 @@ def _tables(markdown):
     for line in markdown.splitlines() + [""]:
         if line.startswith("|"):
             if not set(line) <= set("|-"):
-                current.append([c.strip() for c in line.strip().strip("|").split("|")])
+                current.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])])  # "\|" is a pipe
         elif current:
             tables, current = tables + [current], []
     return tables
@@ -69,7 +82,7 @@ def test_table_rows_are_exact_and_newest_evaluation_wins(runs, tmp_path):
     a, b = runs
     out = report.write_report([a, b], str(tmp_path / "out"))
     assert out["runs"] == 2 and out["report"] == str(tmp_path / "out" / "report.md")
-    summary, detail = _tables(open(out["report"]).read())
+    summary, detail, commands = _tables(open(out["report"]).read())
     header, *rows = summary
     assert header == ["run", "method", "backbone", "epochs", "batch", "kNN top-1", "linear top-1",
                       "linear full top-1", "semi 1% top-1", "semi 10% top-1", "wall time", "device",
@@ -86,6 +99,11 @@ def test_table_rows_are_exact_and_newest_evaluation_wins(runs, tmp_path):
     assert detail[0] == ["run", "metric", "value", "epoch"]
     assert ["simclr_r18", "knn_top1", "62.5", "4"] in detail and ["simclr_r18", "knn_top5", "90.0", "4"] in detail
     assert ["byol_r50x2", "semi10_top1", "40.0", "1.5"] in detail and len(detail) == 1 + 4 + 1
+    # Each distinct training command in start order, then the newest command of each protocol; run B has none.
+    assert commands == [["run", "step", "command"], ["simclr_r18", "train", f"`{TRAIN}`"],
+                        ["simclr_r18", "train", f"`{TRAIN_MORE}`"], ["simclr_r18", "eval knn",
+                                                                     f"`{KNN_NEW}`".replace("|", "\\|")],
+                        ["simclr_r18", "eval linear", f"`{LINEAR}`"]]
 
 
 def test_plots_are_embedded_png_files(runs, tmp_path):
@@ -127,6 +145,7 @@ def test_default_out_dir_and_run_without_evaluations_or_runs_jsonl(tmp_path):
     assert _tables(text)[0][1] == ["fresh", "moco", "tiny", "2/2", "8", DASH, DASH, DASH, DASH, DASH, "0:00:04",
                                    DASH, DASH]
     assert "No kNN evaluations logged yet." in text
+    assert "## Commands\n\nWhat produced" in text and text.rstrip().endswith("None recorded.")
 
 
 def test_missing_files_name_the_directory(runs, tmp_path):

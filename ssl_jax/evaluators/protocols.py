@@ -201,8 +201,11 @@ def monitor(setup, state):
     return knn_eval(setup, state)
 
 
-def evaluate_workdir(workdir, protocol, overrides=(), progress=True):
-    """Evaluates the newest checkpoint of a run with `protocol`, appends the result to metrics.jsonl, returns it."""
+def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=None):
+    """Evaluates the newest checkpoint of a run with `protocol`, appends the result to metrics.jsonl, returns it.
+
+    The appended record also carries `protocol`, and `command` when given (the command line, for reports).
+    """
     from ssl_jax import train as train_lib  # pylint: disable=import-outside-toplevel
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -225,6 +228,7 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True):
     print(f"evaluating step {step} of {workdir} with the {protocol} protocol", file=sys.stderr)
     result = run_protocol(setup, state, protocol, workdir, progress=progress)
     writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False)
-    writer.write(step, {"epoch": step / setup.steps_per_epoch, **result})
+    provenance = {"protocol": protocol, **({"command": command} if command else {})}
+    writer.write(step, {"epoch": step / setup.steps_per_epoch, **result, **provenance})
     writer.close()
     return {"step": step, **result}
