@@ -177,6 +177,21 @@ def test_preemptible_loop_does_not_retry_exit_2(tmp_path):
     assert proc.returncode == 2 and (tmp_path / "calls").read_text() == "x\n"
 
 
+def _sigterm_once_started(tmp_path, env, script, *args):
+    """Starts a launch script, sends it SIGTERM once its fake trainer touched tmp_path/started; returns
+    (exit status, stderr)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    full_env.update(env)
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 10
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    return proc.returncode, err
+
+
 def test_sigterm_to_the_loop_reaches_the_trainer_and_ends_the_loop(tmp_path):
     fake = _fake_ssl_jax(tmp_path, f"""
 echo x >> {tmp_path}/calls
@@ -185,17 +200,9 @@ touch {tmp_path}/started
 for i in $(seq 100); do sleep 0.1; done
 exit 1
 """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(SSL_JAX=fake, RESTART_DELAY="0")
-    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "gpu_single_node.sh"), "--preemptible", "--workdir",
-                             str(tmp_path / "w"), CONFIG], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 10
-    while not (tmp_path / "started").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0 and "not restarting" in err
+    returncode, err = _sigterm_once_started(tmp_path, {"SSL_JAX": fake, "RESTART_DELAY": "0"}, "gpu_single_node.sh",
+                                            "--preemptible", "--workdir", str(tmp_path / "w"), CONFIG)
+    assert returncode == 0 and "not restarting" in err
     assert (tmp_path / "calls").read_text() == "x\n"
 
 
@@ -295,19 +302,11 @@ trap 'echo "stop requested (SIGTERM): saved" >&2; touch {tmp_path}/saved; exit 0
 touch {tmp_path}/started
 for i in $(seq 100); do sleep 0.1; done
 exit 1""")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(SSL_JAX=fake)
     for limit in ([], ["--time-limit", "100"]):  # directly, and through `timeout`
         (tmp_path / "started").unlink(missing_ok=True)
-        proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "method_table.sh"), "--methods", "simclr", "--root",
-                                 str(tmp_path / "runs"), *limit], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 10
-        while not (tmp_path / "started").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
-        assert proc.returncode == 130 and "nothing marked done" in err and (tmp_path / "saved").exists(), err
+        returncode, err = _sigterm_once_started(tmp_path, {"SSL_JAX": fake}, "method_table.sh", "--methods", "simclr",
+                                                "--root", str(tmp_path / "runs"), *limit)
+        assert returncode == 130 and "nothing marked done" in err and (tmp_path / "saved").exists(), err
         assert not os.path.exists(tmp_path / "runs" / "simclr_cifar10" / "method_table" / "train.done")
         (tmp_path / "saved").unlink()
 
