@@ -6,7 +6,7 @@
 #
 # Running it again continues where it stopped: an unfinished training resumes from its checkpoint, and a
 # training or evaluation that already finished with the same command is not repeated (markers in
-# DIR/<run>/method_table/). A method that fails does not stop the others.
+# DIR/<run>/method_table/, beside each step's stderr log). A method that fails does not stop the others.
 #
 # usage: launch/method_table.sh [options] [--config.KEY=VALUE ...]
 #
@@ -69,6 +69,7 @@ if [[ "$PROTOCOLS" != none ]]; then
     case "$p" in knn|linear|linear_full|fewshot|semi1|semi10) ;; *) die "unknown protocol '$p'" ;; esac
   done
 fi
+if [[ -n "$TIME_LIMIT" ]] && ! command -v timeout > /dev/null; then die "--time-limit needs GNU timeout (coreutils)"; fi
 read -ra SSL_JAX_CMD <<< "${SSL_JAX:-ssl-jax}"
 DRY="${DRY_RUN:-0}"
 START=$SECONDS
@@ -94,15 +95,21 @@ step() {
     limit=(timeout -s TERM --kill-after=300 "$left")
   fi
   say "$name in $dir: $*"
-  ${limit[@]+"${limit[@]}"} "$@" &
+  mkdir -p "$dir/method_table"
+  local log="$dir/method_table/$name.log" mark
+  mark=$( { wc -c < "$log"; } 2>/dev/null || echo 0)
+  ${limit[@]+"${limit[@]}"} "$@" 2> >(tee -a "$log" >&2) &
   child=$!
   wait "$child" || rc=$?
   while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done  # wait again after a trap
   child=0
   if ((stopping)); then say "stopped by a signal during $name in $dir (exit $rc); nothing marked done"; exit 130; fi
   if ((rc == 124)); then return 3; fi
-  if ((rc)); then say "$name in $dir failed with exit $rc"; return 1; fi
-  mkdir -p "$dir/method_table"
+  if ((rc)); then say "$name in $dir failed with exit $rc (its output: $log)"; return 1; fi
+  # A trainer sent SIGTERM by someone else saves and exits 0 too: its "stop requested" line tells the two
+  # apart (tee may still be writing the last lines: look twice).
+  stopped() { tail -c +"$((mark + 1))" "$log" | grep -q "stop requested ("; }
+  if stopped || { sleep 1; stopped; }; then say "$name in $dir was stopped before its end; run again to continue"; return 1; fi
   printf '%s' "$want" > "$marker.tmp" && mv "$marker.tmp" "$marker"
 }
 
