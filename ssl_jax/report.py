@@ -205,8 +205,8 @@ def write_report(workdirs, out_dir=None):
     lines += ["", "## All evaluation results (newest of each)", ""]
     lines.append(_markdown_table(("run", "metric", "value", "epoch"), detail) if detail else "None logged yet.")
     command_rows = [(run["name"], what, f"`{cmd}`") for run in runs for what, cmd in commands(run)]
-    lines += ["", "## Commands", "", "What produced each run and its evaluations (the run's working directory is "
-              "the `--workdir` of each).", ""]
+    lines += ["", "## Commands", "", "The command line of each training (re)start with other arguments, and of the "
+              "newest evaluation of each protocol, as typed: relative paths are from where it ran.", ""]
     lines.append(_markdown_table(("run", "step", "command"), command_rows) if command_rows else "None recorded.")
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:

@@ -145,7 +145,7 @@ def test_default_out_dir_and_run_without_evaluations_or_runs_jsonl(tmp_path):
     assert _tables(text)[0][1] == ["fresh", "moco", "tiny", "2/2", "8", DASH, DASH, DASH, DASH, DASH, "0:00:04",
                                    DASH, DASH]
     assert "No kNN evaluations logged yet." in text
-    assert "## Commands\n\nWhat produced" in text and text.rstrip().endswith("None recorded.")
+    assert "## Commands\n\nThe command line of each training" in text and text.rstrip().endswith("None recorded.")
 
 
 def test_missing_files_name_the_directory(runs, tmp_path):
