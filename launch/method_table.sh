@@ -13,8 +13,8 @@
 #   --config.KEY=VALUE   overrides for every method, passed through to `ssl-jax train` unchanged
 # options:
 #   --preset NAME        the preset of every config (default cifar10)
-#   --methods LIST       comma-separated config names from configs/ (default
-#                        simclr,moco_v2,byol,simsiam,swav,barlow_twins)
+#   --methods LIST       comma-separated config names from configs/ (default: all eight,
+#                        simclr,simclr_v2,moco_v1,moco_v2,byol,simsiam,swav,barlow_twins)
 #   --protocols LIST     comma-separated `ssl-jax eval` protocols run after training (default linear; any of
 #                        knn, linear, linear_full, fewshot, semi1, semi10; "none" for none)
 #   --root DIR           run directories DIR/<method>_<preset>, report in DIR/report_<preset> (default runs)
@@ -36,7 +36,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "method_table.sh: error: $*" >&2; echo "run with -h for usage" >&2; exit 2; }
 say() { echo "method_table.sh: $*" >&2; }
 
-PRESET=cifar10; METHODS=simclr,moco_v2,byol,simsiam,swav,barlow_twins; PROTOCOLS=linear; ROOT=runs
+PRESET=cifar10; METHODS=simclr,simclr_v2,moco_v1,moco_v2,byol,simsiam,swav,barlow_twins; PROTOCOLS=linear; ROOT=runs
 TIME_LIMIT=""; OVERRIDES=()
 while (($#)); do
   case "$1" in

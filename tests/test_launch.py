@@ -240,7 +240,8 @@ def test_method_table_dry_run_and_bad_arguments():
         ["ssl-jax", "report", "--workdir", "runs/simclr_cifar10", "runs/byol_cifar10", "--out", "runs/report_cifar10"]]
     default = _commands(_run("method_table.sh", env={"DRY_RUN": "1", "SSL_JAX": "python3 -m ssl_jax"}).stdout)
     assert [c[5] for c in default if c[3] == "train"] == [  # every method of the README's table, in order
-        f"configs/{m}.py:cifar10" for m in ("simclr", "moco_v2", "byol", "simsiam", "swav", "barlow_twins")]
+        f"configs/{m}.py:cifar10"
+        for m in ("simclr", "simclr_v2", "moco_v1", "moco_v2", "byol", "simsiam", "swav", "barlow_twins")]
     assert default[0][:3] == ["python3", "-m", "ssl_jax"]
     for args, message in ((["--methods", "simclr,nope"], "no config configs/nope.py"),
                           (["--protocols", "linear,knnn"], "unknown protocol 'knnn'"),
