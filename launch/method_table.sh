@@ -80,12 +80,16 @@ child=0; stopping=0
 on_signal() { stopping=1; ((child)) && kill -TERM "$child" 2>/dev/null || true; }
 trap on_signal TERM INT
 
+# What a marker holds: the command's arguments after the executable, so that `ssl-jax` and
+# `python3 -m ssl_jax` count as the same command.
+key() { printf '%q ' "${@:$((${#SSL_JAX_CMD[@]} + 1))}"; }
+
 # Runs one step ("train" or "eval_<protocol>") of a run unless its marker says it already finished with the
 # same command. Returns 0 done, 1 failed, 3 out of time.
 step() {
   local dir="$1" name="$2"; shift 2
   local marker="$dir/method_table/$name.done" want
-  want="$(printf '%q ' "$@")"
+  want="$(key "$@")"
   if [[ -f "$marker" && "$(cat "$marker")" == "$want" ]]; then say "$name in $dir: done before, skipped"; return 0; fi
   if [[ "$DRY" == 1 ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; return 0; fi
   local limit=() rc=0
@@ -121,7 +125,7 @@ for m in "${METHOD_LIST[@]}"; do
   train=("${SSL_JAX_CMD[@]}" train --config "configs/$m.py:$PRESET" --workdir "$dir" --no-progress
          ${OVERRIDES[@]+"${OVERRIDES[@]}"})
   # Evaluations count only for the training they followed: a training to be (re)run invalidates them.
-  if [[ "$DRY" != 1 && "$(cat "$dir/method_table/train.done" 2>/dev/null)" != "$(printf '%q ' "${train[@]}")" ]]; then
+  if [[ "$DRY" != 1 && "$(cat "$dir/method_table/train.done" 2>/dev/null)" != "$(key "${train[@]}")" ]]; then
     rm -f "$dir"/method_table/eval_*.done
   fi
   rc=0; step "$dir" train "${train[@]}" || rc=$?

@@ -270,6 +270,9 @@ fi""")
     assert _table_calls(tmp_path) == ["train --config configs/byol.py:smoke", f"eval --workdir {root}/byol_smoke",
                                       f"report --workdir {root}/simclr_smoke"]
     assert proc.stderr.count("done before, skipped") == 4
+    # The same commands through another executable: still done.
+    _run("method_table.sh", *args, env={"SSL_JAX": f"bash {fake}"})
+    assert _table_calls(tmp_path) == [f"report --workdir {root}/simclr_smoke"]
     # Another override retrains (resuming, in real life) and evaluates again, for every method.
     _run("method_table.sh", *args, "--config.num_epochs=4", env={"SSL_JAX": fake})
     assert len(_table_calls(tmp_path)) == 7
