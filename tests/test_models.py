@@ -227,6 +227,22 @@ def test_conv_init_is_kaiming_fan_out():
     np.testing.assert_allclose(k.std(), np.sqrt(2.0 / (9 * 64)), rtol=0.05)
 
 
+def test_mlp_head_init_is_torch_linear_default():
+    """Weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as torch.nn.Linear; torch_init=False: Flax's."""
+    head = MLPHead(hidden_dims=(1024,), out_dim=512, use_bn=True)  # dense0 300->1024 (no bias), dense1 with bias
+    params = init(head, RNG, jnp.ones((2, 300)), train=False)["params"]
+    for name, fan_in in (("dense0", 300), ("dense1", 1024)):
+        w = np.asarray(params[name]["kernel"])
+        bound = 1.0 / np.sqrt(fan_in)
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.99 * bound  # uniform up to the bound
+        np.testing.assert_allclose(w.std(), bound / np.sqrt(3.0), rtol=0.01)
+    b = np.asarray(params["dense1"]["bias"])
+    assert "bias" not in params["dense0"] and np.abs(b).max() <= 1.0 / np.sqrt(1024) and b.std() > 0.015
+    flax_params = init(head.clone(torch_init=False), RNG, jnp.ones((2, 300)), train=False)["params"]
+    np.testing.assert_allclose(np.asarray(flax_params["dense0"]["kernel"]).std(), 1.0 / np.sqrt(300), rtol=0.02)
+    assert not np.asarray(flax_params["dense1"]["bias"]).any()
+
+
 def _np_bn(x, eps=1e-5):
     return (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
 

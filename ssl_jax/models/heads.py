@@ -2,7 +2,25 @@
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+# torch.nn.Linear's default initialisation, which the official PyTorch code of MoCo, SimSiam, SwAV and Barlow
+# Twins (and lightly's and solo-learn's benchmarks) keep: kaiming_uniform_(a=sqrt(5)) for the weight, i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for the bias. Flax's default (lecun_normal, variance
+# 1/fan_in) draws weights sqrt(3) times larger. Where BatchNorm follows a layer its output ignores the
+# weights' scale, but its effective learning rate goes as lr / |w|^2, so the scale at the start matters. On
+# the CPU SimSiam comparison in BENCHMARKS.md this init followed the PyTorch reference more closely.
+torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in):
+    """Returns torch.nn.Linear's default bias initialiser for a layer with `fan_in` inputs."""
+    bound = 1.0 / fan_in ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
 
 
 class MLPHead(nn.Module):
@@ -18,6 +36,8 @@ class MLPHead(nn.Module):
         scale=True); without it the output BN has neither scale nor bias (SimSiam).
       dtype: compute dtype; parameters and BN statistics stay float32, outputs are float32.
       bn_axis_name: mesh axis over which BN averages batch statistics (None: local batch).
+      torch_init: initialise the Dense layers as torch.nn.Linear does (see `torch_linear_kernel_init`);
+        False gives Flax's default (lecun_normal weights, zero biases).
     """
     hidden_dims: Sequence[int]
     out_dim: int
@@ -28,6 +48,12 @@ class MLPHead(nn.Module):
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    torch_init: bool = True
+
+    def _dense(self, width: int, use_bias: bool, fan_in: int, name: str) -> nn.Dense:
+        inits = (dict(kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(fan_in))
+                 if self.torch_init else {})
+        return nn.Dense(width, use_bias=use_bias, dtype=self.dtype, param_dtype=jnp.float32, name=name, **inits)
 
     def _bn(self, train: bool, name: str, scale: bool = True, bias: bool = True) -> nn.BatchNorm:
         return nn.BatchNorm(
@@ -44,15 +70,13 @@ class MLPHead(nn.Module):
         x = jnp.asarray(x_BxD, self.dtype)
         hidden = []
         for i, width in enumerate(self.hidden_dims):
-            x = nn.Dense(width, use_bias=not self.use_bn, dtype=self.dtype, param_dtype=jnp.float32,
-                         name=f"dense{i}")(x)
+            x = self._dense(width, not self.use_bn, x.shape[-1], f"dense{i}")(x)
             if self.use_bn:
                 x = self._bn(train, f"bn{i}")(x)
             x = nn.relu(x)
             hidden.append(x.astype(jnp.float32))
         n = len(self.hidden_dims)
-        x = nn.Dense(self.out_dim, use_bias=not self.last_bn, dtype=self.dtype, param_dtype=jnp.float32,
-                     name=f"dense{n}")(x)
+        x = self._dense(self.out_dim, not self.last_bn, x.shape[-1], f"dense{n}")(x)
         if self.last_bn:
             x = self._bn(train, f"bn{n}", scale=self.last_bn_scale, bias=False)(x)
         out_BxO = x.astype(jnp.float32)
