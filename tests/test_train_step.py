@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from ssl_jax import config as config_lib, parallel, train
+import harness
 from harness import random_source as _source
 
 
@@ -16,31 +17,38 @@ def _run_steps(config, source, devices, steps=2):
     setup = train.build(config, source, devices=devices)
     state = train.initial_state(setup)
     before = jax.device_get(state)
-    history = []
+    history, states = [], []
     for step in range(steps):
         idx = np.arange(step * 16, (step + 1) * 16, dtype=np.int32)
         batch = parallel.put_batch({"index": idx, "label": source.labels[idx]}, setup.mesh)
         state, metrics = setup.step_fn(state, setup.dataset, batch)
         history.append(jax.device_get(metrics))
-    return setup, before, jax.device_get(state), history
+        states.append(jax.device_get(state))
+    return setup, before, states[-1], history, states
 
 
 def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument
     assert jax.device_count() == 8
     source = _source()
     config = _config()
-    _, before1, after1, hist1 = _run_steps(config, source, jax.devices()[:1])
-    setup8, before8, after8, hist8 = _run_steps(config, source, jax.devices())
+    _, before1, after1, hist1, states1 = _run_steps(config, source, jax.devices()[:1])
+    setup8, before8, after8, hist8, states8 = _run_steps(config, source, jax.devices())
     assert setup8.mesh.devices.size == 8
     jax.tree.map(np.testing.assert_array_equal, before1, before8)  # same init
     for m1, m8 in zip(hist1, hist8):
         for key in ("loss", "grad_norm", "param_norm", "probe_loss", "contrastive_acc"):
             np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
-    # The parameter update after two SGD steps is a function of the gradients: equal updates, equal gradients.
-    delta1 = jax.tree.map(lambda a, b: a - b, after1["params"], before1["params"])
-    delta8 = jax.tree.map(lambda a, b: a - b, after8["params"], before8["params"])
-    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(delta1)) > 1e-4  # the step did move the weights
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), delta8, delta1)
+    # The first update is -lr x the gradient at the same parameters: equal updates, equal gradients.
+    first1, first8 = harness.delta(states1[0]["params"], before1["params"]), harness.delta(states8[0]["params"],
+                                                                                          before8["params"])
+    assert harness.largest(first1) > 1e-4  # the step did move the weights
+    harness.assert_trees_close(first8, first1, rtol=1e-4, atol=1e-7)
+    # After two steps, absolute agreement to 1e-5 (the largest update is about 0.06). Not tighter: the
+    # zero-initialised last BatchNorm of a residual block leaves some channels with scale and bias near 1e-5
+    # after one step, where float32 summation order (one device or eight) can decide a ReLU; with the tiny
+    # test network one such channel's bias update differs by 3e-6 (2026-11-23, jax 0.10.2).
+    harness.assert_trees_close(harness.delta(after8["params"], before8["params"]),
+                               harness.delta(after1["params"], before1["params"]), rtol=1e-4, atol=1e-5)
     # Synchronized BatchNorm: statistics of the global batch, whatever the device count.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  after8["batch_stats"], after1["batch_stats"])
@@ -48,8 +56,8 @@ def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-arg
 
 def test_unsynchronized_batchnorm_uses_per_device_statistics():
     source = _source()
-    _, _, synced, hist_sync = _run_steps(_config(), source, jax.devices(), steps=1)
-    _, _, local, hist_local = _run_steps(_config("model.sync_bn=false"), source, jax.devices(), steps=1)
+    _, _, synced, hist_sync, _ = _run_steps(_config(), source, jax.devices(), steps=1)
+    _, _, local, hist_local, _ = _run_steps(_config("model.sync_bn=false"), source, jax.devices(), steps=1)
     # Per-device batches of 2 normalise differently from the global batch: a different loss, still finite,
     # and running statistics averaged over devices so the replicated state stays identical everywhere.
     assert np.isfinite(hist_local[0]["loss"]) and abs(hist_local[0]["loss"] - hist_sync[0]["loss"]) > 1e-3
@@ -59,7 +67,7 @@ def test_unsynchronized_batchnorm_uses_per_device_statistics():
 
 def test_step_compiles_once_and_metrics_are_complete():
     source = _source()
-    setup, _, after, hist = _run_steps(_config(), source, None, steps=3)
+    setup, _, after, hist, _ = _run_steps(_config(), source, None, steps=3)
     assert setup.step_fn._cache_size() == 1  # pylint: disable=protected-access
     assert int(after["step"]) == 3
     assert {"loss", "lr", "grad_norm", "param_norm", "probe_loss", "probe_top1"} <= set(hist[-1])
