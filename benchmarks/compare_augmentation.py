@@ -37,6 +37,7 @@ chw = torch.from_numpy(images).permute(0, 3, 1, 2)
 theirs = [np.stack([transform(x).permute(1, 2, 0).numpy() for x in chw]) for _ in range(2)]
 
 for name, (a, b) in (("ssl_jax", ours), ("torchvision", theirs)):
+    colourfulness = np.abs(a - a.mean(-1, keepdims=True)).mean()
     print(f"{name:12s} mean {a.mean():.3f}  std {a.std():.3f}  per-image std {a.reshape(N, -1).std(1).mean():.3f}  "
-          f"two-view distance {np.abs(a - b).mean():.3f}  colourfulness {np.abs(a - a.mean(-1, keepdims=True)).mean():.3f}  "
+          f"two-view distance {np.abs(a - b).mean():.3f}  colourfulness {colourfulness:.3f}  "
           f"neighbour difference {np.abs(np.diff(a, axis=1)).mean():.3f}")

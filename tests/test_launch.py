@@ -302,10 +302,11 @@ fi""")
 
 def test_method_table_a_trainer_stopped_by_someone_else_is_not_done(tmp_path):
     root = str(tmp_path / "runs")
-    fake = _table_fake(tmp_path, """[[ "$1" == train ]] && echo "stop requested (SIGTERM): saved step 7, exiting" >&2""")
+    fake = _table_fake(tmp_path, '[[ "$1" == train ]] && echo "stop requested (SIGTERM): saved step 7, exiting" >&2')
     proc = _run("method_table.sh", "--methods", "simclr", "--root", root, env={"SSL_JAX": fake}, check=False)
     assert proc.returncode == 1 and "was stopped before its end" in proc.stderr
-    assert _table_calls(tmp_path) == ["train --config configs/simclr.py:cifar10", f"report --workdir {root}/simclr_cifar10"]
+    assert _table_calls(tmp_path) == ["train --config configs/simclr.py:cifar10",
+                                      f"report --workdir {root}/simclr_cifar10"]
     assert os.listdir(os.path.join(root, "simclr_cifar10", "method_table")) == ["train.log"]
     assert "saved step 7" in open(os.path.join(root, "simclr_cifar10", "method_table", "train.log")).read()
 
