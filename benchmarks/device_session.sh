@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The GPU measurements of BENCHMARKS.md and the README, in priority order, inside one time budget. Made for
+# the device machine, where one command may run 10 minutes and the machine stays warm only briefly between
+# calls: the same command, given again while the machine is warm, goes on with the steps not yet done
+# (markers in runs/device_session/), and a 200-epoch training cut by the budget resumes from its checkpoint.
+#
+# usage: benchmarks/device_session.sh SECONDS [STEP ...]
+#   SECONDS  the budget of this call; a step starts only if its minimum fits in what is left
+#   STEP     the steps to consider, in order (default: all, in the order below)
+# environment:
+#   PRESET_R18 (default cifar10), PRESET_R50 (default imagenet), DATA (default .data/cifar10-jpeg.tar.gz),
+#   SSL_JAX (default "python3 -m ssl_jax"), EXTRA (overrides appended to every bench and training command),
+#   R50_BATCHES (default "2048 1024 512"; see BENCHMARKS.md for why 4096 needs gradient accumulation; the
+#   ResNet-50 steps let JAX take 94% of the device memory, XLA_PYTHON_CLIENT_MEM_FRACTION=0.94, instead of 75%),
+#   JPEG_NUM (default 8192: generated 500 x 375 JPEGs for the streamed ResNet-50 step).
+# Each step's stdout and stderr go to runs/device_session/STEP.out / STEP.err, one line per step to
+# runs/device_session/log; `collect OUTDIR` packs them and the trained runs' records into OUTDIR/results.tgz.
+set -uo pipefail
+
+RES=runs/device_session
+PY=${SSL_JAX:-python3 -m ssl_jax}
+DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
+P18=${PRESET_R18:-cifar10}
+P50=${PRESET_R50:-imagenet}
+read -ra X <<< "${EXTRA:-}"
+read -ra R50B <<< "${R50_BATCHES:-2048 1024 512}"
+mkdir -p "$RES"
+
+if [[ "${1:-}" == _bench_r50 ]]; then  # the largest batch of R50_BATCHES that fits
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
+  for b in "${R50B[@]}"; do
+    $PY bench --config "configs/$2.py:$P50" --config.data.name=synthetic --config.data.num_examples=4096 \
+      --config.data.num_classes=1000 --config.data.resident=true --config.batch_size="$b" \
+      --config.model.remat=true --steps 20 --no-progress ${X[@]+"${X[@]}"} && exit 0
+    echo "device_session: batch $b did not run" >&2
+  done
+  exit 1
+fi
+
+if [[ "${1:-}" == collect ]]; then
+  out=${2:?collect needs OUTDIR}
+  files=("$RES")
+  for d in runs/*_"$P18"; do
+    [[ -d "$d" ]] || continue
+    for f in config.json metrics.jsonl runs.jsonl method_table subsets report.md knn_top1.png loss.png lr.png; do
+      [[ -e "$d/$f" ]] && files+=("$d/$f")
+    done
+  done
+  tar czf "$out/results.tgz" "${files[@]}"
+  exit 0
+fi
+
+BUDGET=${1:?usage: device_session.sh SECONDS [STEP ...]}; shift
+START=$SECONDS
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+R18_METHODS=(moco_v2 byol simsiam swav barlow_twins)
+ALL=(bench_r18_simclr table_simclr)
+for m in "${R18_METHODS[@]}"; do ALL+=("bench_r18_$m"); done
+ALL+=(bench_r50_simclr bench_jpeg_r50_simclr)
+for m in "${R18_METHODS[@]}"; do ALL+=("bench_r50_$m"); done
+ALL+=(bench_r18_simclr_torch_compile)
+(($#)) && STEPS=("$@") || STEPS=("${ALL[@]}")
+
+# name, the least seconds worth starting it with, command
+run_step() {
+  local name=$1 need=$2; shift 2
+  if [[ -e "$RES/$name.done" ]]; then return 0; fi
+  local t=$(( $(left) ))
+  if ((t < need)); then echo "device_session: $name skipped: ${t}s left, it needs ${need}s" | tee -a "$RES/log"; return 0; fi
+  echo "device_session: $name started $(date -u +%FT%TZ) with ${t}s left" | tee -a "$RES/log"
+  local t0=$SECONDS rc=0
+  timeout -s TERM -k 15 "$((t - 5))" "$@" >> "$RES/$name.out" 2>> "$RES/$name.err" || rc=$?
+  echo "device_session: $name exit $rc after $((SECONDS - t0))s" | tee -a "$RES/log"
+  if ((rc == 0)); then touch "$RES/$name.done"; fi
+}
+
+for s in "${STEPS[@]}"; do
+  case "$s" in
+    bench_r18_simclr)
+      run_step "$s" 120 $PY bench --config "configs/simclr.py:$P18" --config.data.path="$DATA" --steps 100 --torch \
+        --no-progress ${X[@]+"${X[@]}"} ;;
+    bench_r18_simclr_torch_compile)
+      run_step "$s" 150 $PY bench --config "configs/simclr.py:$P18" --config.data.path="$DATA" --steps 100 --torch \
+        --torch-compile --modes synthetic --no-progress ${X[@]+"${X[@]}"} ;;
+    table_simclr)
+      # method_table.sh keeps its own time: it stops the training cleanly (checkpoint) and exits 3.
+      t=$(( $(left) - 20 ))
+      if [[ ! -e "$RES/$s.done" ]] && ((t >= 60)); then
+        run_step "$s" 60 env SSL_JAX="$PY" launch/method_table.sh --methods simclr --preset "$P18" \
+          --protocols linear,linear_full,semi1,semi10 --time-limit "$t" --config.data.path="$DATA" ${X[@]+"${X[@]}"}
+      fi ;;
+    bench_r18_*)
+      run_step "$s" 60 $PY bench --config "configs/${s#bench_r18_}.py:$P18" --config.data.path="$DATA" \
+        --steps 100 --no-progress ${X[@]+"${X[@]}"} ;;
+    bench_r50_*)
+      run_step "$s" 90 "$0" _bench_r50 "${s#bench_r50_}" ;;
+    bench_jpeg_r50_simclr)
+      if [[ ! -e "$RES/$s.done" ]] && (( $(left) >= 150 )); then
+        [[ -d .jpeg ]] || python3 -c "from ssl_jax.data import bench_jpeg; bench_jpeg.write_jpegs('.jpeg', ${JPEG_NUM:-8192}, 500, 375)"
+      fi
+      b=$(grep -o '"batch_size": [0-9]*' "$RES/bench_r50_simclr.out" 2>/dev/null | head -1 | grep -o '[0-9]*$')
+      run_step "$s" 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $PY bench --config "configs/simclr.py:$P50" --config.data.path=.jpeg --config.data.stream=true \
+        --config.batch_size="${b:-1024}" --config.model.remat=true --modes synthetic,host --steps 20 --no-progress \
+        ${X[@]+"${X[@]}"} ;;
+    *) echo "device_session: unknown step $s (steps: ${ALL[*]})" >&2; exit 2 ;;
+  esac
+done
+echo "device_session: $(ls "$RES"/*.done 2>/dev/null | wc -l) of ${#ALL[@]} steps done" | tee -a "$RES/log"
