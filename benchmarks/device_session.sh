@@ -6,12 +6,15 @@
 #
 # usage: benchmarks/device_session.sh SECONDS [STEP ...]
 #   SECONDS  the budget of this call; a step starts only if its minimum fits in what is left
-#   STEP     the steps to consider, in order (default: all, in the order below)
+#   STEP     the steps to consider, in order (default: the ones not yet measured, TODO below; ALL lists
+#            every step)
 # environment:
 #   PRESET_R18 (default cifar10), PRESET_R50 (default imagenet), DATA (default .data/cifar10-jpeg.tar.gz),
 #   SSL_JAX (default "python3 -m ssl_jax"), EXTRA (overrides appended to every bench and training command),
-#   R50_BATCHES (default "2048 1024 512"; see BENCHMARKS.md for why 4096 needs gradient accumulation; the
-#   ResNet-50 steps let JAX take 94% of the device memory, XLA_PYTHON_CLIENT_MEM_FRACTION=0.94, instead of 75%),
+#   R50_BATCHES (default "512 1024 2048": tried in this order until one fails, so the last row printed is the
+#   largest batch that fits; a first try at 2048 printed nothing in 540 s on 2026-11-23, and BENCHMARKS.md
+#   says why 4096 needs gradient accumulation; the ResNet-50 steps let JAX take 94% of the device memory,
+#   XLA_PYTHON_CLIENT_MEM_FRACTION=0.94, instead of 75%),
 #   JPEG_NUM (default 8192: generated 500 x 375 JPEGs for the streamed ResNet-50 step).
 # Each step's stdout and stderr go to runs/device_session/STEP.out / STEP.err, one line per step to
 # runs/device_session/log; `collect OUTDIR` packs them and the trained runs' records into OUTDIR/results.tgz.
@@ -23,18 +26,19 @@ DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
 P18=${PRESET_R18:-cifar10}
 P50=${PRESET_R50:-imagenet}
 read -ra X <<< "${EXTRA:-}"
-read -ra R50B <<< "${R50_BATCHES:-2048 1024 512}"
+read -ra R50B <<< "${R50_BATCHES:-512 1024 2048}"
 mkdir -p "$RES"
 
-if [[ "${1:-}" == _bench_r50 ]]; then  # the largest batch of R50_BATCHES that fits
+if [[ "${1:-}" == _bench_r50 ]]; then  # batches in the order of R50_BATCHES until one fails; 0 if any ran
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
+  ran=1
   for b in "${R50B[@]}"; do
     $PY bench --config "configs/$2.py:$P50" --config.data.name=synthetic --config.data.num_examples=4096 \
       --config.data.num_classes=1000 --config.data.resident=true --config.batch_size="$b" \
-      --config.model.remat=true --steps 20 --no-progress ${X[@]+"${X[@]}"} && exit 0
-    echo "device_session: batch $b did not run" >&2
+      --config.model.remat=true --steps 20 --no-progress ${X[@]+"${X[@]}"} || { echo "device_session: batch $b did not run" >&2; break; }
+    ran=0
   done
-  exit 1
+  exit $ran
 fi
 
 if [[ "${1:-}" == collect ]]; then
@@ -55,12 +59,21 @@ START=$SECONDS
 left() { echo $((BUDGET - (SECONDS - START))); }
 
 R18_METHODS=(moco_v2 byol simsiam swav barlow_twins)
+# Every step, in the order of the first GPU session (2026-11-23), which did the first two calls' worth.
 ALL=(bench_r18_simclr table_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r18_$m"); done
 ALL+=(bench_r50_simclr bench_jpeg_r50_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r50_$m"); done
-ALL+=(bench_r18_simclr_torch_compile)
-(($#)) && STEPS=("$@") || STEPS=("${ALL[@]}")
+ALL+=(bench_r18_simclr_torch_compile simclr_e50_ours simclr_e50_torch)
+for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do ALL+=("table_$m"); done
+# The default: what is not measured yet, most wanted first. Why SimCLR's kNN is 8 points under lightly's
+# (the same 50-epoch recipe in ssl_jax and in plain PyTorch on the same archive), then ResNet-50 speed,
+# then the other methods' 200-epoch runs (about 5 to 9 minutes each on the H100: one per call).
+TODO=(simclr_e50_ours simclr_e50_torch bench_r50_simclr bench_jpeg_r50_simclr)
+for m in "${R18_METHODS[@]}"; do TODO+=("bench_r50_$m"); done
+TODO+=(bench_r18_simclr_torch_compile)
+for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do TODO+=("table_$m"); done
+(($#)) && STEPS=("$@") || STEPS=("${TODO[@]}")
 
 # name, the least seconds worth starting it with, command
 run_step() {
@@ -83,13 +96,20 @@ for s in "${STEPS[@]}"; do
     bench_r18_simclr_torch_compile)
       run_step "$s" 150 $PY bench --config "configs/simclr.py:$P18" --config.data.path="$DATA" --steps 100 --torch \
         --torch-compile --modes synthetic --no-progress ${X[@]+"${X[@]}"} ;;
-    table_simclr)
+    table_*)
       # method_table.sh keeps its own time: it stops the training cleanly (checkpoint) and exits 3.
+      m=${s#table_}; protocols=linear; [[ $m == simclr ]] && protocols=linear,linear_full,semi1,semi10
       t=$(( $(left) - 20 ))
       if [[ ! -e "$RES/$s.done" ]] && ((t >= 60)); then
-        run_step "$s" 60 env SSL_JAX="$PY" launch/method_table.sh --methods simclr --preset "$P18" \
-          --protocols linear,linear_full,semi1,semi10 --time-limit "$t" --config.data.path="$DATA" ${X[@]+"${X[@]}"}
+        run_step "$s" 60 env SSL_JAX="$PY" launch/method_table.sh --methods "$m" --preset "$P18" \
+          --protocols "$protocols" --time-limit "$t" --config.data.path="$DATA" ${X[@]+"${X[@]}"}
       fi ;;
+    simclr_e50_ours)
+      run_step "$s" 150 $PY train --config "configs/simclr.py:$P18" --workdir "runs/simclr_e50_$P18" \
+        --config.num_epochs=50 --config.data.path="$DATA" --no-progress ${X[@]+"${X[@]}"} ;;
+    simclr_e50_torch)
+      run_step "$s" 500 python3 benchmarks/torch_simclr_reference.py --out "$RES/simclr_e50_torch.jsonl" \
+        --epochs 50 --archive "$DATA" ${X[@]+"${X[@]}"} ;;
     bench_r18_*)
       run_step "$s" 60 $PY bench --config "configs/${s#bench_r18_}.py:$P18" --config.data.path="$DATA" \
         --steps 100 --no-progress ${X[@]+"${X[@]}"} ;;
@@ -99,11 +119,11 @@ for s in "${STEPS[@]}"; do
       if [[ ! -e "$RES/$s.done" ]] && (( $(left) >= 150 )); then
         [[ -d .jpeg ]] || python3 -c "from ssl_jax.data import bench_jpeg; bench_jpeg.write_jpegs('.jpeg', ${JPEG_NUM:-8192}, 500, 375)"
       fi
-      b=$(grep -o '"batch_size": [0-9]*' "$RES/bench_r50_simclr.out" 2>/dev/null | head -1 | grep -o '[0-9]*$')
+      b=$(grep -o '"batch_size": [0-9]*' "$RES/bench_r50_simclr.out" 2>/dev/null | grep -o '[0-9]*$' | sort -n | tail -1)
       run_step "$s" 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $PY bench --config "configs/simclr.py:$P50" --config.data.path=.jpeg --config.data.stream=true \
         --config.batch_size="${b:-1024}" --config.model.remat=true --modes synthetic,host --steps 20 --no-progress \
         ${X[@]+"${X[@]}"} ;;
     *) echo "device_session: unknown step $s (steps: ${ALL[*]})" >&2; exit 2 ;;
   esac
 done
-echo "device_session: $(ls "$RES"/*.done 2>/dev/null | wc -l) of ${#ALL[@]} steps done" | tee -a "$RES/log"
+echo "device_session: $(ls "$RES"/*.done 2>/dev/null | wc -l) steps done on this machine (${#TODO[@]} to do, ${#ALL[@]} in all)" | tee -a "$RES/log"

@@ -13,7 +13,12 @@ for all three modes; xla_tflops is XLA's own count of each compiled program, aug
 Modes run in the order synthetic, host, resident, so each peak_bytes_in_use (the process's peak device
 memory so far; JAX cannot reset it) covers that mode and the ones before it, and only the resident mode
 holds the training set on the device.
+
+Each phase (data, the PyTorch baseline, every mode's compilation and timing) logs one line with the seconds
+since the start on stderr, also under --no-progress: a run that is stopped or runs out of memory shows how
+far it got. Each mode's `compile_s` is in the report.
 """
+import sys
 import time
 
 import jax
@@ -62,10 +67,26 @@ def peak_memory_bytes():
     return max(peaks) if peaks and None not in peaks else None
 
 
-def _time_mode(fn, state, next_args, steps, warmup):
-    """Returns (seconds per step, final loss, compiled program) of `fn(state, *next_args())` repeated."""
+class _PhaseLog:
+    """Prints `bench [SECONDS s]: message` lines on a stream (stderr), seconds counted from its creation."""
+
+    def __init__(self, stream=None):
+        self.stream, self.start = stream or sys.stderr, time.perf_counter()
+
+    def __call__(self, message):
+        print(f"bench [{time.perf_counter() - self.start:.1f} s]: {message}", file=self.stream, flush=True)
+
+
+def _time_mode(fn, state, next_args, steps, warmup, log=None, mode=""):
+    """Returns (seconds per step, final loss, compiled program, compile seconds) of `fn(state, *next_args())`
+    repeated; `log(message)`, if given, hears when compilation and the timed steps begin and end."""
+    log = log or (lambda message: None)
     args = next_args()
+    log(f"{mode}: compiling the step")
+    start = time.perf_counter()
     compiled = fn.lower(state, *args).compile()  # the same executable the calls below reuse from jit's cache
+    compile_s = time.perf_counter() - start
+    log(f"{mode}: compiled in {compile_s:.1f} s; {warmup} warm-up and {steps} timed steps")
     for _ in range(warmup):
         state, metrics = fn(state, *args)
         args = next_args()
@@ -77,18 +98,21 @@ def _time_mode(fn, state, next_args, steps, warmup):
         args = next_args()
     loss = float(jax.device_get(metrics["loss"]))
     jax.block_until_ready(state)
-    return (time.perf_counter() - start) / steps, loss, compiled
+    step_s = (time.perf_counter() - start) / steps
+    log(f"{mode}: {1000 * step_s:.2f} ms per step")
+    return step_s, loss, compiled, compile_s
 
 
-def _run_mode(mode, setup, state, steps, warmup):
-    """Returns (seconds per step, final loss, compiled program) of one mode on `setup` from `state`."""
+def _run_mode(mode, setup, state, steps, warmup, log=None):
+    """Returns (seconds per step, final loss, compiled program, compile seconds) of one mode on `setup`."""
     if mode == "synthetic":
         views, labels = synthetic_inputs(setup)
-        return _time_mode(setup.views_step_fn, state, lambda: (views, labels), steps, warmup)
+        return _time_mode(setup.views_step_fn, state, lambda: (views, labels), steps, warmup, log, mode)
     batches = train.loader(setup, 0)
     try:
         return _time_mode(setup.step_fn, state,
-                          lambda: (setup.dataset, parallel.put_batch(next(batches), setup.mesh)), steps, warmup)
+                          lambda: (setup.dataset, parallel.put_batch(next(batches), setup.mesh)), steps, warmup,
+                          log, mode)
     finally:
         batches.close()
 
@@ -101,10 +125,14 @@ def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=Fal
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise ValueError(f"unknown bench modes {unknown}; choose from {', '.join(MODES)}")
+    log = _PhaseLog()
     source = data_lib.get_source(config.data, "train")
+    log(f"training images ready: {source.images.shape[0]} x {'x'.join(map(str, source.images.shape[1:]))}")
     report = {}
     if torch:  # first: JAX has not touched the accelerator yet, so PyTorch gets all of its memory
+        log("PyTorch baseline (child process)")
         report["torch"] = bench_torch.run_subprocess(config, source.images, steps, warmup, torch_compile)
+        log("PyTorch baseline done")
 
     setups = {}
 
@@ -124,8 +152,9 @@ def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=Fal
     for mode in (m for m in _RUN_ORDER if m in modes):
         setup = setup_for(mode == "resident")
         # Both setups make the same state (data.resident changes only the step): one init program for all modes.
+        log(f"{mode}: building the initial state")
         state = train.initial_state(setup_for(False))
-        step_s, loss, compiled = _run_mode(mode, setup, state, steps, warmup)
+        step_s, loss, compiled, compile_s = _run_mode(mode, setup, state, steps, warmup, log)
         xla = flops.xla_flops(compiled, n_dev)
         tflops = model_flops / step_s / 1e12
         results[mode] = {
@@ -134,7 +163,7 @@ def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=Fal
             "percent_of_peak": _sig(100 * tflops / (peak * n_dev), 3) if peak else None,
             "xla_tflops": _sig(xla / step_s / 1e12) if xla else None,
             "peak_bytes_in_use": peak_memory_bytes(), "step_bytes": flops.step_memory_bytes(compiled),
-            "final_loss": loss, "finite": bool(np.isfinite(loss))}
+            "final_loss": loss, "finite": bool(np.isfinite(loss)), "compile_s": _sig(compile_s, 3)}
     if "synthetic" in results:
         base_ms = results["synthetic"]["step_ms"]
         for mode in ("resident", "host"):

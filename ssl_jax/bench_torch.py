@@ -77,7 +77,7 @@ def run_subprocess(config, images, steps, warmup, compile_model=False, max_image
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _network(torch, torchvision, spec):
+def network(torch, torchvision, spec):
     """Returns torchvision's ResNet (fc removed, CIFAR stem if asked) followed by the projection MLP."""
     nn = torch.nn
     backbone = getattr(torchvision.models, spec["arch"])()
@@ -93,7 +93,7 @@ def _network(torch, torchvision, spec):
     return nn.Sequential(backbone, *layers, nn.Linear(d, spec["head_out"]))
 
 
-def _nt_xent(torch, z_2BxD, temperature):
+def nt_xent(torch, z_2BxD, temperature):
     """Returns SimCLR's NT-Xent of the 2B embeddings [view 1; view 2], both directions, float32."""
     z = torch.nn.functional.normalize(z_2BxD.float(), dim=1)
     n = z.shape[0]
@@ -103,7 +103,7 @@ def _nt_xent(torch, z_2BxD, temperature):
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
-def _loader(torch, spec, device):
+def loader(torch, spec, device):
     """Returns a DataLoader of (view_1, view_2) uint8 -> normalized float batches, one worker per core."""
     from torchvision.transforms import v2  # pylint: disable=import-outside-toplevel
     images = np.load(spec["images"], mmap_mode="r")
@@ -138,7 +138,7 @@ def run(spec):
     import torchvision  # pylint: disable=import-outside-toplevel
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
-    model = _network(torch, torchvision, spec).to(device, memory_format=torch.channels_last)
+    model = network(torch, torchvision, spec).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9, weight_decay=spec["weight_decay"])
     forward = torch.compile(model) if spec["compile"] else model
 
@@ -148,7 +148,7 @@ def run(spec):
             memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
             z = forward(x)
-        loss = _nt_xent(torch, z, spec["temperature"])
+        loss = nt_xent(torch, z, spec["temperature"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -170,11 +170,11 @@ def run(spec):
     s, b = spec["crop_size"], spec["batch_size"]
     views = [torch.randn(b, 3, s, s, device=device).contiguous(memory_format=torch.channels_last) for _ in "12"]
     out = {"synthetic": timed(iter(lambda: views, None))}
-    loader = _loader(torch, spec, device)
+    batches = loader(torch, spec, device)
 
     def endless():
         while True:
-            yield from loader
+            yield from batches
 
     out["loader"] = timed(endless())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

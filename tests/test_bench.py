@@ -145,7 +145,19 @@ def test_cli_bench_times_three_modes_each_compiled_once(monkeypatch, caplog, cap
         assert r["epoch_s"] == pytest.approx(r["step_ms"] * 2 / 1000, rel=1e-3)  # 64 / 32 steps per epoch
         assert r["tflops"] == pytest.approx(report["flops"]["analytic_per_step"] / r["step_ms"] / 1e9, rel=1e-3)
         assert r["percent_of_peak"] is None and r["peak_bytes_in_use"] is None  # CPU: no peak, no memory stats
-        assert r["xla_tflops"] > 0 and r["step_bytes"] > 0
+        assert r["xla_tflops"] > 0 and r["step_bytes"] > 0 and r["compile_s"] > 0
+    # Each phase logs one line on stderr, in run order, with the seconds since the start.
+    phases = [line.split("]: ", 1)[1] for line in err.splitlines() if line.startswith("bench [")]
+    assert phases[0] == "training images ready: 64 x 16x16x3"
+    for mode in ("synthetic", "host", "resident"):
+        i = phases.index(f"{mode}: building the initial state")
+        assert phases[i + 1] == f"{mode}: compiling the step"
+        compiled = phases[i + 2].split(f"{mode}: compiled in ")[1]
+        assert compiled.endswith(" s; 1 warm-up and 2 timed steps")
+        assert float(compiled.split(" s;")[0]) == pytest.approx(modes[mode]["compile_s"], abs=0.06)
+        assert phases[i + 3].startswith(f"{mode}: ") and phases[i + 3].endswith(" ms per step")
+    seconds = [float(line.split("[")[1].split(" s]")[0]) for line in err.splitlines() if line.startswith("bench [")]
+    assert seconds == sorted(seconds)
     for mode in ("resident", "host"):
         want = 100 * (modes[mode]["step_ms"] / modes["synthetic"]["step_ms"] - 1)
         assert modes[mode]["overhead_percent"] == pytest.approx(want, rel=0.01, abs=0.01)

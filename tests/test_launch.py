@@ -341,3 +341,52 @@ def test_method_table_real_smoke_run(tmp_path):
     assert (f"| simsiam_smoke | train | `ssl-jax train --config configs/simsiam.py:smoke --workdir {workdir} "
             "--no-progress` |") in text
     assert f"| simsiam_smoke | eval knn | `ssl-jax eval --workdir {workdir} --protocol knn --no-progress` |" in text
+
+
+def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
+    """benchmarks/device_session.sh with a fake `ssl-jax`: steps run in order, a step that failed runs again
+    next time and one that finished does not, a step whose minimum does not fit the budget is skipped, an
+    unknown step is an error, and `collect` packs the logs."""
+    script = os.path.join(ROOT, "benchmarks", "device_session.sh")
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake-ssl-jax"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n[[ "$*" != *swav* ]]\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "SSL_JAX": str(fake)}
+
+    def session(*args):
+        return subprocess.run(["bash", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    steps = ["bench_r18_byol", "bench_r18_swav", "simclr_e50_ours"]
+    first = session("200", *steps)
+    assert first.returncode == 0, first.stderr
+    lines = calls.read_text().splitlines()
+    assert [line.split()[2] for line in lines] == [
+        "configs/byol.py:cifar10", "configs/swav.py:cifar10", "configs/simclr.py:cifar10"]
+    assert lines[0].startswith("bench ") and "--steps 100" in lines[0]
+    assert lines[2].startswith("train ") and "--config.num_epochs=50" in lines[2]
+    assert "--workdir runs/simclr_e50_cifar10" in lines[2]
+    res = tmp_path / "runs" / "device_session"
+    assert sorted(p.name for p in res.glob("*.done")) == ["bench_r18_byol.done", "simclr_e50_ours.done"]
+    assert "bench_r18_swav exit 1" in first.stdout
+
+    again = session("200", *steps)  # only the failed one runs again
+    assert again.returncode == 0 and calls.read_text().splitlines()[3:] == [lines[1]]
+
+    short = session("100", "bench_r50_simclr")  # needs 90 s: runs; a budget of 30 s does not
+    assert "bench_r50_simclr exit 0" in short.stdout
+    r50 = calls.read_text().splitlines()[4:]
+    assert len(r50) == 3 and [a.split("--config.batch_size=")[1].split()[0] for a in r50] == ["512", "1024", "2048"]
+    skipped = session("30", "bench_r18_moco_v2")
+    assert "bench_r18_moco_v2 skipped: 30s left, it needs 60s" in skipped.stdout
+    assert len(calls.read_text().splitlines()) == 7
+
+    unknown = session("100", "bench_r18_nothing_like_it", "no_such_step")
+    assert unknown.returncode == 2 and "unknown step no_such_step" in unknown.stderr
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert session("collect", str(out)).returncode == 0
+    listing = subprocess.run(["tar", "tzf", str(out / "results.tgz")], capture_output=True, text=True, check=True)
+    assert "runs/device_session/log" in listing.stdout.split()
