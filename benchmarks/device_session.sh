@@ -33,7 +33,7 @@ if [[ "${1:-}" == _bench_r50 ]]; then  # batches in the order of R50_BATCHES unt
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
   ran=1
   for b in "${R50B[@]}"; do
-    $PY bench --config "configs/$2.py:$P50" --config.data.name=synthetic --config.data.num_examples=4096 \
+    $PY bench --config "configs/$2.py:$P50" --config.data.name=synthetic --config.data.num_examples=2048 \
       --config.data.num_classes=1000 --config.data.resident=true --config.batch_size="$b" \
       --config.model.remat=true --steps 20 --no-progress ${X[@]+"${X[@]}"} || { echo "device_session: batch $b did not run" >&2; break; }
     ran=0

@@ -234,6 +234,14 @@ def test_decode_image_modes_and_resize():
     np.testing.assert_array_equal(imagefolder.decode_image(big, 12), want)
 
 
+def test_synthetic_images_do_not_depend_on_the_chunk_size(monkeypatch):
+    whole = synthetic.make_synthetic(23, 3, 8, seed=5)
+    monkeypatch.setattr(synthetic, "_CHUNK_BYTES", 8 * 8 * 3 * 4)  # 4 images a chunk, the last one short
+    chunked = synthetic.make_synthetic(23, 3, 8, seed=5)
+    np.testing.assert_array_equal(chunked.images, whole.images)
+    np.testing.assert_array_equal(chunked.labels, whole.labels)
+
+
 def test_subset():
     source = synthetic.make_synthetic(20, 4, 8, seed=0)
     part = data.subset(source, [3, 1, 7])

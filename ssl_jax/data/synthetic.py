@@ -11,6 +11,7 @@ from ssl_jax import data as data_lib
 DEFAULT_NUM_EXAMPLES = 1024
 DEFAULT_IMAGE_SIZE = 16
 _PATTERN_SEED = 1234  # the same class patterns in every split and run
+_CHUNK_BYTES = 64 << 20  # images are made this many pixel bytes at a time (float64 intermediates: 8x that)
 
 
 def make_synthetic(num_examples, num_classes, image_size=DEFAULT_IMAGE_SIZE, seed=0):
@@ -30,10 +31,17 @@ def make_synthetic(num_examples, num_classes, image_size=DEFAULT_IMAGE_SIZE, see
     grid_S = np.arange(image_size) / image_size
     y_SxS, x_SxS = np.meshgrid(grid_S, grid_S, indexing="ij")
     angle_N, cycles_N = angle_C[labels_N], cycles_C[labels_N]
-    proj_NxSxS = (np.cos(angle_N)[:, None, None] * x_SxS + np.sin(angle_N)[:, None, None] * y_SxS)
-    stripes_NxSxS = 0.5 + 0.5 * np.sin(2 * np.pi * cycles_N[:, None, None] * proj_NxSxS + phase_N[:, None, None])
-    image_NxSxSx3 = (colour_Cx3[labels_N][:, None, None, :] * (0.5 + 0.5 * stripes_NxSxS[..., None])
-                     * brightness_N[:, None, None, None])
-    image_NxSxSx3 = image_NxSxSx3 + rng.normal(0, 0.05, image_NxSxSx3.shape)
-    images = np.round(np.clip(image_NxSxSx3, 0, 1) * 255).astype(np.uint8)
+    images = np.empty((num_examples, image_size, image_size, 3), np.uint8)
+    # In chunks: the float64 intermediates of 4096 images of 256 px would take tens of GB at once. The
+    # noise is drawn chunk after chunk from the same generator, the same numbers as one draw for all.
+    chunk = max(1, _CHUNK_BYTES // (image_size * image_size * 3))
+    for lo in range(0, num_examples, chunk):
+        sl = slice(lo, min(lo + chunk, num_examples))
+        proj_NxSxS = (np.cos(angle_N[sl])[:, None, None] * x_SxS + np.sin(angle_N[sl])[:, None, None] * y_SxS)
+        stripes_NxSxS = 0.5 + 0.5 * np.sin(
+            2 * np.pi * cycles_N[sl, None, None] * proj_NxSxS + phase_N[sl, None, None])
+        image_NxSxSx3 = (colour_Cx3[labels_N[sl]][:, None, None, :] * (0.5 + 0.5 * stripes_NxSxS[..., None])
+                         * brightness_N[sl, None, None, None])
+        image_NxSxSx3 += rng.normal(0, 0.05, image_NxSxSx3.shape)
+        images[sl] = np.round(np.clip(image_NxSxSx3, 0, 1) * 255)
     return data_lib.Source(images, labels_N, [f"class_{c}" for c in range(num_classes)], "synthetic")
