@@ -35,7 +35,8 @@ if [[ "${1:-}" == _bench_r50 ]]; then  # batches in the order of R50_BATCHES unt
   for b in "${R50B[@]}"; do
     $PY bench --config "configs/$2.py:$P50" --config.data.name=synthetic --config.data.num_examples=2048 \
       --config.data.num_classes=1000 --config.data.resident=true --config.batch_size="$b" \
-      --config.model.remat=true --steps 20 --no-progress ${X[@]+"${X[@]}"} || { echo "device_session: batch $b did not run" >&2; break; }
+      --config.model.remat=true --steps 20 --no-progress ${X[@]+"${X[@]}"} ||
+      { echo "device_session: batch $b did not run" >&2; break; }
     ran=0
   done
   exit $ran
@@ -80,7 +81,10 @@ run_step() {
   local name=$1 need=$2; shift 2
   if [[ -e "$RES/$name.done" ]]; then return 0; fi
   local t=$(( $(left) ))
-  if ((t < need)); then echo "device_session: $name skipped: ${t}s left, it needs ${need}s" | tee -a "$RES/log"; return 0; fi
+  if ((t < need)); then
+    echo "device_session: $name skipped: ${t}s left, it needs ${need}s" | tee -a "$RES/log"
+    return 0
+  fi
   echo "device_session: $name started $(date -u +%FT%TZ) with ${t}s left" | tee -a "$RES/log"
   local t0=$SECONDS rc=0
   timeout -s TERM -k 15 "$((t - 5))" "$@" >> "$RES/$name.out" 2>> "$RES/$name.err" || rc=$?
@@ -117,13 +121,17 @@ for s in "${STEPS[@]}"; do
       run_step "$s" 90 "$0" _bench_r50 "${s#bench_r50_}" ;;
     bench_jpeg_r50_simclr)
       if [[ ! -e "$RES/$s.done" ]] && (( $(left) >= 150 )); then
-        [[ -d .jpeg ]] || python3 -c "from ssl_jax.data import bench_jpeg; bench_jpeg.write_jpegs('.jpeg', ${JPEG_NUM:-8192}, 500, 375)"
+        [[ -d .jpeg ]] ||
+          python3 -c "from ssl_jax.data import bench_jpeg; bench_jpeg.write_jpegs('.jpeg', ${JPEG_NUM:-8192}, 500, 375)"
       fi
-      b=$(grep -o '"batch_size": [0-9]*' "$RES/bench_r50_simclr.out" 2>/dev/null | grep -o '[0-9]*$' | sort -n | tail -1)
-      run_step "$s" 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $PY bench --config "configs/simclr.py:$P50" --config.data.path=.jpeg --config.data.stream=true \
-        --config.batch_size="${b:-1024}" --config.model.remat=true --modes synthetic,host --steps 20 --no-progress \
-        ${X[@]+"${X[@]}"} ;;
+      # the largest ResNet-50 batch that ran
+      b=$(grep -o '"batch_size": [0-9]*' "$RES/bench_r50_simclr.out" 2>/dev/null | grep -o '[0-9]*$' | sort -n |
+          tail -1)
+      run_step "$s" 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $PY bench --config "configs/simclr.py:$P50" \
+        --config.data.path=.jpeg --config.data.stream=true --config.batch_size="${b:-1024}" --config.model.remat=true \
+        --modes synthetic,host --steps 20 --no-progress ${X[@]+"${X[@]}"} ;;
     *) echo "device_session: unknown step $s (steps: ${ALL[*]})" >&2; exit 2 ;;
   esac
 done
-echo "device_session: $(ls "$RES"/*.done 2>/dev/null | wc -l) steps done on this machine (${#TODO[@]} to do, ${#ALL[@]} in all)" | tee -a "$RES/log"
+done_count=$(find "$RES" -name '*.done' | wc -l)
+echo "device_session: $done_count steps done on this machine (${#TODO[@]} to do, ${#ALL[@]} in all)" | tee -a "$RES/log"
