@@ -65,12 +65,14 @@ ALL=(bench_r18_simclr table_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r18_$m"); done
 ALL+=(bench_r50_simclr bench_jpeg_r50_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r50_$m"); done
-ALL+=(bench_r18_simclr_torch_compile simclr_e50_ours simclr_e50_torch)
+ALL+=(bench_r18_simclr_torch_compile simclr_e50_ours simclr_e50_torch simclr_e50_ours_lightly simclr_e50_ours_f32)
 for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do ALL+=("table_$m"); done
 # The default: what is not measured yet, most wanted first. Why SimCLR's kNN is 8 points under lightly's
-# (the same 50-epoch recipe in ssl_jax and in plain PyTorch on the same archive), then ResNet-50 speed,
-# then the other methods' 200-epoch runs (about 5 to 9 minutes each on the H100: one per call).
-TODO=(simclr_e50_ours simclr_e50_torch bench_r50_simclr bench_jpeg_r50_simclr)
+# (the same 50-epoch recipe in ssl_jax and in plain PyTorch on the same archive; then ours with lightly's
+# recipe details, and ours in float32), then ResNet-50 speed, then the other methods' 200-epoch runs (about
+# 5 to 9 minutes each on the H100: one per call).
+TODO=(simclr_e50_ours simclr_e50_torch simclr_e50_ours_lightly simclr_e50_ours_f32 bench_r50_simclr
+      bench_jpeg_r50_simclr)
 for m in "${R18_METHODS[@]}"; do TODO+=("bench_r50_$m"); done
 TODO+=(bench_r18_simclr_torch_compile)
 for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do TODO+=("table_$m"); done
@@ -108,9 +110,18 @@ for s in "${STEPS[@]}"; do
         run_step "$s" 60 env SSL_JAX="$PY" launch/method_table.sh --methods "$m" --preset "$P18" \
           --protocols "$protocols" --time-limit "$t" --config.data.path="$DATA" ${X[@]+"${X[@]}"}
       fi ;;
-    simclr_e50_ours)
-      run_step "$s" 150 $PY train --config "configs/simclr.py:$P18" --workdir "runs/simclr_e50_$P18" \
-        --config.num_epochs=50 --config.data.path="$DATA" --no-progress ${X[@]+"${X[@]}"} ;;
+    simclr_e50_ours*)
+      # the variants switch the recipe details in which lightly's benchmark differs from our preset, or bf16
+      case "$s" in
+        simclr_e50_ours) variant=() ;;
+        simclr_e50_ours_lightly) variant=(--config.model.zero_init_residual=false --config.optim.warmup_epochs=0
+                                          --config.optim.exclude_bias_and_norm=false) ;;
+        simclr_e50_ours_f32) variant=(--config.model.dtype=float32) ;;
+        *) echo "device_session: unknown step $s (steps: ${ALL[*]})" >&2; exit 2 ;;
+      esac
+      run_step "$s" 150 $PY train --config "configs/simclr.py:$P18" --workdir "runs/${s}_$P18" \
+        --config.num_epochs=50 --config.data.path="$DATA" --no-progress ${variant[@]+"${variant[@]}"} \
+        ${X[@]+"${X[@]}"} ;;
     simclr_e50_torch)
       run_step "$s" 500 python3 benchmarks/torch_simclr_reference.py --out "$RES/simclr_e50_torch.jsonl" \
         --epochs 50 --archive "$DATA" ${X[@]+"${X[@]}"} ;;

@@ -49,6 +49,7 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
     return {
         "images": images_path, "steps": steps, "warmup": warmup, "batch_size": config.batch_size,
         "arch": config.model.name, "cifar_stem": bool(config.model.cifar_stem),
+        "zero_init_residual": bool(config.model.get("zero_init_residual", True)),
         "bf16": config.model.dtype == "bfloat16", "compile": bool(compile_model),
         "head_layers": config.head.num_layers, "head_hidden": config.head.hidden_dim, "head_out": config.head.out_dim,
         "temperature": config.loss.temperature, "lr": config.optim.lr, "weight_decay": config.optim.weight_decay,
@@ -78,9 +79,10 @@ def run_subprocess(config, images, steps, warmup, compile_model=False, max_image
 
 
 def network(torch, torchvision, spec):
-    """Returns torchvision's ResNet (fc removed, CIFAR stem if asked) followed by the projection MLP."""
+    """Returns torchvision's ResNet (fc removed, CIFAR stem if asked, each block's last BatchNorm scale at 0
+    if the config's is) followed by the projection MLP."""
     nn = torch.nn
-    backbone = getattr(torchvision.models, spec["arch"])()
+    backbone = getattr(torchvision.models, spec["arch"])(zero_init_residual=spec.get("zero_init_residual", False))
     if spec["cifar_stem"]:
         backbone.conv1 = nn.Conv2d(3, backbone.conv1.out_channels, 3, 1, 1, bias=False)
         backbone.maxpool = nn.Identity()

@@ -200,6 +200,16 @@ def test_pytorch_simclr_step_runs_on_the_same_images():
         assert 0.0 < r["final_loss"] < np.log(15) + 1.0
     spec = bench_torch.spec_from_config(config, "x.npy", 1, 1)
     assert spec["jitter"] == pytest.approx([0.4, 0.4, 0.4, 0.1]) and spec["scale"] == pytest.approx([0.3, 1.0])
+    # The torchvision network starts its blocks' last BatchNorm scales as the config's ResNet does.
+    import torch  # pylint: disable=import-outside-toplevel
+    import torchvision  # pylint: disable=import-outside-toplevel
+    for zero in (True, False):
+        spec = bench_torch.spec_from_config(
+            config_lib.load_config("configs/simclr.py:cifar10", [f"model.zero_init_residual={zero}"]), "x.npy", 1, 1)
+        net = bench_torch.network(torch, torchvision, spec)
+        assert spec["zero_init_residual"] is zero
+        assert float(net[0].layer1[0].bn2.weight.abs().max()) == (0.0 if zero else 1.0)
+        assert float(net[0].layer1[0].bn1.weight.min()) == 1.0
 
 
 def test_missing_torch_is_a_clear_error(monkeypatch):

@@ -366,7 +366,7 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
         "configs/byol.py:cifar10", "configs/swav.py:cifar10", "configs/simclr.py:cifar10"]
     assert lines[0].startswith("bench ") and "--steps 100" in lines[0]
     assert lines[2].startswith("train ") and "--config.num_epochs=50" in lines[2]
-    assert "--workdir runs/simclr_e50_cifar10" in lines[2]
+    assert "--workdir runs/simclr_e50_ours_cifar10" in lines[2] and "zero_init" not in lines[2]
     res = tmp_path / "runs" / "device_session"
     assert sorted(p.name for p in res.glob("*.done")) == ["bench_r18_byol.done", "simclr_e50_ours.done"]
     assert "bench_r18_swav exit 1" in first.stdout
@@ -381,6 +381,12 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
     skipped = session("30", "bench_r18_moco_v2")
     assert "bench_r18_moco_v2 skipped: 30s left, it needs 60s" in skipped.stdout
     assert len(calls.read_text().splitlines()) == 7
+
+    variant = session("200", "simclr_e50_ours_lightly")  # lightly's recipe details on our trainer
+    argv = calls.read_text().splitlines()[-1].split()
+    assert "--workdir" in argv and argv[argv.index("--workdir") + 1] == "runs/simclr_e50_ours_lightly_cifar10"
+    assert {"--config.model.zero_init_residual=false", "--config.optim.warmup_epochs=0",
+            "--config.optim.exclude_bias_and_norm=false", "--config.num_epochs=50"} <= set(argv)
 
     unknown = session("100", "bench_r18_nothing_like_it", "no_such_step")
     assert unknown.returncode == 2 and "unknown step no_such_step" in unknown.stderr

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from ssl_jax import config as config_lib
+from ssl_jax.methods import common
 from ssl_jax.models import LinearClassifier, MLPHead, get_backbone
 from ssl_jax.models.resnet import BasicBlock, BottleneckBlock, conv_kernel_init
 
@@ -191,6 +193,15 @@ def test_eval_uses_running_stats():
     np.testing.assert_allclose(apply(model, updated, x[:1], train=False), eval_out[:1], rtol=1e-5, atol=1e-6)
     # Fresh running stats (mean 0, var 1) give a different answer than the batch statistics.
     assert not np.allclose(apply(model, variables, x, train=False), train_out, atol=1e-3)
+
+
+def test_zero_init_residual_can_be_switched_off_from_the_config():
+    x = jnp.zeros((1, 8, 8, 3))
+    for zero, want in ((True, 0.0), (False, 1.0)):
+        config = config_lib.load_config("configs/simclr.py:smoke", [f"model.zero_init_residual={zero}"])
+        params = init(common.backbone(config), RNG, x, train=False)["params"]
+        np.testing.assert_array_equal(params["layer1_0"]["bn2"]["scale"], want)
+        np.testing.assert_array_equal(params["layer1_0"]["bn1"]["scale"], 1.0)
 
 
 def test_zero_init_residual_blocks_start_as_shortcut():

@@ -163,13 +163,15 @@ _ARCHS = {
 
 
 def get_backbone(name: str, *, width_multiplier: int = 1, cifar_stem: bool = False, dtype: Any = jnp.float32,
-                 bn_axis_name: str | None = None, remat: bool = False) -> tuple[ResNet, int]:
+                 bn_axis_name: str | None = None, remat: bool = False,
+                 zero_init_residual: bool = True) -> tuple[ResNet, int]:
     """Returns (ResNet module, feature dimension D) for an architecture name such as 'resnet50'.
 
-    remat=True rematerializes every residual block in the backward pass (see ResNet.remat).
+    remat=True rematerializes every residual block in the backward pass (see ResNet.remat);
+    zero_init_residual=False starts every BatchNorm scale at 1, as torchvision's default.
     """
     if name not in _ARCHS:
         raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(_ARCHS)}.")
     model = ResNet(**_ARCHS[name], width_multiplier=width_multiplier, cifar_stem=cifar_stem, dtype=dtype,
-                   bn_axis_name=bn_axis_name, remat=remat)
+                   bn_axis_name=bn_axis_name, remat=remat, zero_init_residual=zero_init_residual)
     return model, model.feature_dim
