@@ -71,7 +71,9 @@ for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do ALL+=("tab
 # (the same 50-epoch recipe in ssl_jax and in plain PyTorch on the same archive; then ours with lightly's
 # recipe details, and ours in float32), then ResNet-50 speed, then the other methods' 200-epoch runs (about
 # 5 to 9 minutes each on the H100: one per call).
-TODO=(simclr_e50_ours simclr_e50_torch simclr_e50_ours_lightly simclr_e50_ours_f32 bench_r50_simclr
+# The PyTorch run goes first: about 7.5 min (its DataLoader ran 5,889 img/s on 2026-11-23), so it fits only at
+# the start of a call.
+TODO=(simclr_e50_torch simclr_e50_ours simclr_e50_ours_lightly simclr_e50_ours_f32 bench_r50_simclr
       bench_jpeg_r50_simclr)
 for m in "${R18_METHODS[@]}"; do TODO+=("bench_r50_$m"); done
 TODO+=(bench_r18_simclr_torch_compile)
@@ -123,7 +125,7 @@ for s in "${STEPS[@]}"; do
         --config.num_epochs=50 --config.data.path="$DATA" --no-progress ${variant[@]+"${variant[@]}"} \
         ${X[@]+"${X[@]}"} ;;
     simclr_e50_torch)
-      run_step "$s" 500 python3 benchmarks/torch_simclr_reference.py --out "$RES/simclr_e50_torch.jsonl" \
+      run_step "$s" 520 python3 benchmarks/torch_simclr_reference.py --out "$RES/simclr_e50_torch.jsonl" \
         --epochs 50 --archive "$DATA" ${X[@]+"${X[@]}"} ;;
     bench_r18_*)
       run_step "$s" 60 $PY bench --config "configs/${s#bench_r18_}.py:$P18" --config.data.path="$DATA" \
