@@ -65,16 +65,16 @@ ALL=(bench_r18_simclr table_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r18_$m"); done
 ALL+=(bench_r50_simclr bench_jpeg_r50_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r50_$m"); done
-ALL+=(bench_r18_simclr_torch_compile simclr_e50_ours simclr_e50_torch simclr_e50_ours_lightly simclr_e50_ours_f32)
+ALL+=(bench_r18_simclr_torch_compile simclr_e50_ours simclr_e50_torch simclr_e50_knn_f32 simclr_e50_ours_lightly
+      simclr_e50_ours_f32)
 for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do ALL+=("table_$m"); done
 # The default: what is not measured yet, most wanted first. Why SimCLR's kNN is 8 points under lightly's
-# (the same 50-epoch recipe in ssl_jax and in plain PyTorch on the same archive; then ours with lightly's
-# recipe details, and ours in float32), then ResNet-50 speed, then the other methods' 200-epoch runs (about
-# 5 to 9 minutes each on the H100: one per call).
-# The PyTorch run goes first: about 7.5 min (its DataLoader ran 5,889 img/s on 2026-11-23), so it fits only at
-# the start of a call.
-TODO=(simclr_e50_torch simclr_e50_ours simclr_e50_ours_lightly simclr_e50_ours_f32 bench_r50_simclr
-      bench_jpeg_r50_simclr)
+# (the same 50-epoch recipe in ssl_jax and in plain PyTorch on the same archive; our run's kNN with float32
+# features; then ours with lightly's recipe details, and ours in float32), then ResNet-50 speed, then the
+# other methods' 200-epoch runs (about 5 to 9 minutes each on the H100: one per call). The PyTorch run goes
+# first: about 7.5 min (its DataLoader ran 5,889 img/s on 2026-11-23), so it fits only at the start of a call.
+TODO=(simclr_e50_torch simclr_e50_ours simclr_e50_knn_f32 simclr_e50_ours_lightly simclr_e50_ours_f32
+      bench_r50_simclr bench_jpeg_r50_simclr)
 for m in "${R18_METHODS[@]}"; do TODO+=("bench_r50_$m"); done
 TODO+=(bench_r18_simclr_torch_compile)
 for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do TODO+=("table_$m"); done
@@ -124,6 +124,11 @@ for s in "${STEPS[@]}"; do
       run_step "$s" 150 $PY train --config "configs/simclr.py:$P18" --workdir "runs/${s}_$P18" \
         --config.num_epochs=50 --config.data.path="$DATA" --no-progress ${variant[@]+"${variant[@]}"} \
         ${X[@]+"${X[@]}"} ;;
+    simclr_e50_knn_f32)  # the bf16-trained run's kNN again, features computed in float32
+      if [[ -d "runs/simclr_e50_ours_$P18" ]]; then
+        run_step "$s" 30 $PY eval --workdir "runs/simclr_e50_ours_$P18" --protocol knn --config.model.dtype=float32 \
+          --no-progress
+      fi ;;
     simclr_e50_torch)
       run_step "$s" 520 python3 benchmarks/torch_simclr_reference.py --out "$RES/simclr_e50_torch.jsonl" \
         --epochs 50 --archive "$DATA" ${X[@]+"${X[@]}"} ;;
