@@ -63,7 +63,7 @@ R18_METHODS=(moco_v2 byol simsiam swav barlow_twins)
 # Every step, in the order of the first GPU session (2026-11-23), which did the first two calls' worth.
 ALL=(bench_r18_simclr table_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r18_$m"); done
-ALL+=(bench_r50_simclr bench_jpeg_r50_simclr)
+ALL+=(bench_r50_simclr bench_r50_simclr_b4096 bench_jpeg_r50_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r50_$m"); done
 ALL+=(bench_r18_simclr_torch_compile simclr_e50_ours simclr_e50_torch simclr_e50_knn_f32 simclr_e50_ours_lightly
       simclr_e50_ours_f32)
@@ -74,7 +74,7 @@ for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do ALL+=("tab
 # other methods' 200-epoch runs (about 5 to 9 minutes each on the H100: one per call). The PyTorch run goes
 # first: about 7.5 min (its DataLoader ran 5,889 img/s on 2026-11-23), so it fits only at the start of a call.
 TODO=(simclr_e50_torch simclr_e50_ours simclr_e50_knn_f32 simclr_e50_ours_lightly simclr_e50_ours_f32
-      bench_r50_simclr bench_jpeg_r50_simclr)
+      bench_r50_simclr bench_r50_simclr_b4096 bench_jpeg_r50_simclr)
 for m in "${R18_METHODS[@]}"; do TODO+=("bench_r50_$m"); done
 TODO+=(bench_r18_simclr_torch_compile)
 for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do TODO+=("table_$m"); done
@@ -135,6 +135,11 @@ for s in "${STEPS[@]}"; do
     bench_r18_*)
       run_step "$s" 60 $PY bench --config "configs/${s#bench_r18_}.py:$P18" --config.data.path="$DATA" \
         --steps 100 --no-progress ${X[@]+"${X[@]}"} ;;
+    bench_r50_simclr_b4096)  # the issue's batch on one GPU: two chunks of 2048 (gradient accumulation) and remat
+      run_step "$s" 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $PY bench --config "configs/simclr.py:$P50" \
+        --config.data.name=synthetic --config.data.num_examples=4096 --config.data.num_classes=1000 \
+        --config.data.resident=true --config.batch_size=4096 --config.grad_accum_steps=2 --config.model.remat=true \
+        --modes synthetic --steps 5 --warmup 1 --no-progress ${X[@]+"${X[@]}"} ;;
     bench_r50_*)
       run_step "$s" 90 "$0" _bench_r50 "${s#bench_r50_}" ;;
     bench_jpeg_r50_simclr)

@@ -174,7 +174,8 @@ def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=Fal
         "flops": {"analytic_per_step": model_flops, "analytic_per_image": model_flops / config.batch_size,
                   "percent_of_peak_uses": "analytic", "peak_tflops_per_device": peak},
         "method": config.method, "model": config.model.name, "remat": bool(config.model.get("remat", False)),
-        "dtype": config.model.dtype, "batch_size": config.batch_size, "image_shape": list(source.images.shape[1:]),
+        "dtype": config.model.dtype, "batch_size": config.batch_size, "grad_accum_steps": config.grad_accum_steps,
+        "image_shape": list(source.images.shape[1:]),
         "steps_per_epoch": setup_for(False).steps_per_epoch, "steps": steps, "warmup": warmup,
         "devices": n_dev, "device_kind": kind, "jax": jax.__version__,
     })
@@ -193,7 +194,7 @@ def markdown_rows(report):
     """Returns BENCHMARKS.md table rows for `report` (with its `command` and `date`, which the CLI adds): the
     method's row, then PyTorch's row if it ran.
 
-    Method row: | model / image px / batch | synthetic img/s | resident img/s | host img/s | epoch s (resident
+    Method row: | model / image px / batch (and "in K chunks" with gradient accumulation) | synthetic img/s | resident img/s | host img/s | epoch s (resident
     way, else host) | peak device memory GiB | command | device | date |. PyTorch row: | PyTorch eager or
     + torch.compile | random views img/s | DataLoader img/s | command | device | date |. A way that did not
     run, or memory the backend does not report, is "-".
@@ -204,7 +205,9 @@ def markdown_rows(report):
     way = next(m for m in ("resident", "host", "synthetic") if m in modes)  # bench runs at least one
     peaks = [r["peak_bytes_in_use"] for r in modes.values() if r["peak_bytes_in_use"] is not None]
     device = f"{report['devices']} x {report['device_kind']}"
-    rows = [f"| {report['model']} / {size} / {report['batch_size']} | {img['synthetic']} | {img['resident']} | "
+    chunks = report.get("grad_accum_steps", 1)
+    batch = f"{report['batch_size']}" + (f" in {chunks} chunks" if chunks > 1 else "")
+    rows = [f"| {report['model']} / {size} / {batch} | {img['synthetic']} | {img['resident']} | "
             f"{img['host']} | {_num(modes[way]['epoch_s'])} | "
             f"{_gib(max(peaks)) + ' GiB' if peaks else '-'} | `{command}` | {device} | {date} |"]
     torch = report.get("torch")

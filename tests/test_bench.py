@@ -181,6 +181,13 @@ def test_cli_bench_times_three_modes_each_compiled_once(monkeypatch, caplog, cap
     assert cells[8] == report["date"] and len(report["date"]) == 10
 
 
+def test_bench_reports_gradient_accumulation():
+    report = bench.bench(_smoke("grad_accum_steps=2"), steps=1, warmup=0, modes=("synthetic",))
+    assert report["grad_accum_steps"] == 2 and report["modes"]["synthetic"]["finite"]
+    row = bench.markdown_rows({**report, "command": "c", "date": "d"})[0]
+    assert row.startswith("| tiny / 16x16 / 32 in 2 chunks | ")
+
+
 def test_bench_mode_errors():
     with pytest.raises(ValueError, match="unknown bench modes"):
         bench.bench(_smoke(), modes=("fast",))
@@ -208,8 +215,8 @@ def test_pytorch_simclr_step_runs_on_the_same_images():
             config_lib.load_config("configs/simclr.py:cifar10", [f"model.zero_init_residual={zero}"]), "x.npy", 1, 1)
         net = bench_torch.network(torch, torchvision, spec)
         assert spec["zero_init_residual"] is zero
-        assert float(net[0].layer1[0].bn2.weight.abs().max()) == (0.0 if zero else 1.0)
-        assert float(net[0].layer1[0].bn1.weight.min()) == 1.0
+        assert float(net[0].layer1[0].bn2.weight.detach().abs().max()) == (0.0 if zero else 1.0)
+        assert float(net[0].layer1[0].bn1.weight.detach().min()) == 1.0
 
 
 def test_missing_torch_is_a_clear_error(monkeypatch):
