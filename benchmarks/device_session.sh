@@ -27,15 +27,16 @@ P18=${PRESET_R18:-cifar10}
 P50=${PRESET_R50:-imagenet}
 read -ra X <<< "${EXTRA:-}"
 read -ra R50B <<< "${R50_BATCHES:-512 1024 2048}"
+# ResNet-50 rows: synthetic 256 px images held on the device, so that all three ways run
+R50_DATA=(--config.data.name=synthetic --config.data.num_classes=1000 --config.data.resident=true)
 mkdir -p "$RES"
 
 if [[ "${1:-}" == _bench_r50 ]]; then  # batches in the order of R50_BATCHES until one fails; 0 if any ran
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
   ran=1
   for b in "${R50B[@]}"; do
-    $PY bench --config "configs/$2.py:$P50" --config.data.name=synthetic --config.data.num_examples=2048 \
-      --config.data.num_classes=1000 --config.data.resident=true --config.batch_size="$b" \
-      --config.model.remat=true --steps 20 --no-progress ${X[@]+"${X[@]}"} ||
+    $PY bench --config "configs/$2.py:$P50" "${R50_DATA[@]}" --config.data.num_examples=2048 \
+      --config.batch_size="$b" --config.model.remat=true --steps 20 --no-progress ${X[@]+"${X[@]}"} ||
       { echo "device_session: batch $b did not run" >&2; break; }
     ran=0
   done
@@ -107,11 +108,8 @@ for s in "${STEPS[@]}"; do
     table_*)
       # method_table.sh keeps its own time: it stops the training cleanly (checkpoint) and exits 3.
       m=${s#table_}; protocols=linear; [[ $m == simclr ]] && protocols=linear,linear_full,semi1,semi10
-      t=$(( $(left) - 20 ))
-      if [[ ! -e "$RES/$s.done" ]] && ((t >= 60)); then
-        run_step "$s" 60 env SSL_JAX="$PY" launch/method_table.sh --methods "$m" --preset "$P18" \
-          --protocols "$protocols" --time-limit "$t" --config.data.path="$DATA" ${X[@]+"${X[@]}"}
-      fi ;;
+      run_step "$s" 80 env SSL_JAX="$PY" launch/method_table.sh --methods "$m" --preset "$P18" \
+        --protocols "$protocols" --time-limit "$(( $(left) - 20 ))" --config.data.path="$DATA" ${X[@]+"${X[@]}"} ;;
     simclr_e50_ours*)
       # the variants switch the recipe details in which lightly's benchmark differs from our preset, or bf16
       case "$s" in
@@ -137,8 +135,8 @@ for s in "${STEPS[@]}"; do
         --steps 100 --no-progress ${X[@]+"${X[@]}"} ;;
     bench_r50_simclr_b4096)  # the issue's batch on one GPU: two chunks of 2048 (gradient accumulation) and remat
       run_step "$s" 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $PY bench --config "configs/simclr.py:$P50" \
-        --config.data.name=synthetic --config.data.num_examples=4096 --config.data.num_classes=1000 \
-        --config.data.resident=true --config.batch_size=4096 --config.grad_accum_steps=2 --config.model.remat=true \
+        "${R50_DATA[@]}" --config.data.num_examples=4096 --config.batch_size=4096 --config.grad_accum_steps=2 \
+        --config.model.remat=true \
         --modes synthetic --steps 5 --warmup 1 --no-progress ${X[@]+"${X[@]}"} ;;
     bench_r50_*)
       run_step "$s" 90 "$0" _bench_r50 "${s#bench_r50_}" ;;

@@ -5,7 +5,7 @@ Everything a recipe decides comes from the same config (`--config.KEY=VALUE` ove
 torchvision ResNet with the CIFAR stem and the config's MLP head (`ssl_jax.bench_torch`, the `--torch`
 baseline of `ssl-jax bench`), NT-Xent at the config's temperature, bf16 autocast and channels_last when the
 config computes in bf16, SGD with momentum, the learning rate scaled with the batch, linear warm-up then
-cosine decay per step (as `ssl_jax.optim.make_schedule`), weight decay on every parameter or, as ssl_jax by
+cosine decay per step (`ssl_jax.optim.make_schedule` itself), weight decay on every parameter or, as ssl_jax by
 default (`optim.exclude_bias_and_norm`), not on biases and BatchNorm parameters; torchvision.transforms.v2
 augmentation with the config's parameters in a DataLoader with one worker per CPU core. kNN (k and
 temperature from the config) on backbone features, computed by ssl_jax's own evaluator on the CPU, before
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from ssl_jax import bench_torch, config as config_lib, data  # noqa: E402
+from ssl_jax import bench_torch, config as config_lib, data, optim  # noqa: E402
 from ssl_jax.evaluators import knn  # noqa: E402
 
 
@@ -55,14 +55,6 @@ def parse(argv):
             p.error(f"unknown argument {a} (overrides are --config.KEY=VALUE)")
         overrides.append(a[len("--config."):])
     return args, overrides
-
-
-def lr_at(step, peak, warmup_steps, total_steps, end_factor):
-    """ssl_jax.optim.make_schedule: linear warm-up from 0, then cosine decay to end_factor * peak."""
-    if step < warmup_steps:
-        return peak * step / warmup_steps
-    t = min(step - warmup_steps, total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return peak * (end_factor + (1 - end_factor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def main(argv):
@@ -95,9 +87,8 @@ def main(argv):
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}], lr=0.0, momentum=cfg.optim.momentum)
     steps_per_epoch = args.steps_per_epoch or len(loader)
-    total = steps_per_epoch * epochs
-    peak = cfg.optim.lr * {"linear": cfg.batch_size / 256, "sqrt": math.sqrt(cfg.batch_size / 256),
-                           "none": 1.0}[cfg.optim.lr_scaling]
+    schedule = optim.make_schedule(cfg.optim, cfg.batch_size, steps_per_epoch, epochs)  # ssl_jax's own
+    peak = optim.scaled_learning_rate(cfg.optim.lr, cfg.batch_size, cfg.optim.lr_scaling)
     warmup = int(round(steps_per_epoch * cfg.optim.warmup_epochs))
     mean = torch.tensor(spec["mean"], device=device)[:, None, None]
     std = torch.tensor(spec["std"], device=device)[:, None, None]
@@ -144,7 +135,7 @@ def main(argv):
                 batches = iter(loader)
                 v1, v2 = next(batches)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, peak, warmup, total, cfg.optim.end_lr_factor)
+                g["lr"] = float(schedule(step))
             x = torch.cat([v.to(device, non_blocking=True) for v in (v1, v2)]).contiguous(
                 memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"]):

@@ -194,8 +194,9 @@ def markdown_rows(report):
     """Returns BENCHMARKS.md table rows for `report` (with its `command` and `date`, which the CLI adds): the
     method's row, then PyTorch's row if it ran.
 
-    Method row: | model / image px / batch (and "in K chunks" with gradient accumulation) | synthetic img/s | resident img/s | host img/s | epoch s (resident
-    way, else host) | peak device memory GiB | command | device | date |. PyTorch row: | PyTorch eager or
+    Method row: | model / image px / batch (and "in K chunks" with gradient accumulation) | synthetic img/s |
+    resident img/s | host img/s | epoch s (resident way, else host) | peak device memory GiB | command | device |
+    date |. PyTorch row: | PyTorch eager or
     + torch.compile | random views img/s | DataLoader img/s | command | device | date |. A way that did not
     run, or memory the backend does not report, is "-".
     """

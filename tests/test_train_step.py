@@ -24,15 +24,16 @@ def _run_steps(config, source, devices, steps=2):
         state, metrics = setup.step_fn(state, setup.dataset, batch)
         history.append(jax.device_get(metrics))
         states.append(jax.device_get(state))
-    return setup, before, states[-1], history, states
+    return setup, before, states, history
 
 
 def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument
     assert jax.device_count() == 8
     source = _source()
     config = _config()
-    _, before1, after1, hist1, states1 = _run_steps(config, source, jax.devices()[:1])
-    setup8, before8, after8, hist8, states8 = _run_steps(config, source, jax.devices())
+    _, before1, states1, hist1 = _run_steps(config, source, jax.devices()[:1])
+    setup8, before8, states8, hist8 = _run_steps(config, source, jax.devices())
+    after1, after8 = states1[-1], states8[-1]
     assert setup8.mesh.devices.size == 8
     jax.tree.map(np.testing.assert_array_equal, before1, before8)  # same init
     for m1, m8 in zip(hist1, hist8):
@@ -57,8 +58,8 @@ def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-arg
 
 def test_unsynchronized_batchnorm_uses_per_device_statistics():
     source = _source()
-    _, _, synced, hist_sync, _ = _run_steps(_config(), source, jax.devices(), steps=1)
-    _, _, local, hist_local, _ = _run_steps(_config("model.sync_bn=false"), source, jax.devices(), steps=1)
+    _, _, (synced,), hist_sync = _run_steps(_config(), source, jax.devices(), steps=1)
+    _, _, (local,), hist_local = _run_steps(_config("model.sync_bn=false"), source, jax.devices(), steps=1)
     # Per-device batches of 2 normalise differently from the global batch: a different loss, still finite,
     # and running statistics averaged over devices so the replicated state stays identical everywhere.
     assert np.isfinite(hist_local[0]["loss"]) and abs(hist_local[0]["loss"] - hist_sync[0]["loss"]) > 1e-3
@@ -68,7 +69,8 @@ def test_unsynchronized_batchnorm_uses_per_device_statistics():
 
 def test_step_compiles_once_and_metrics_are_complete():
     source = _source()
-    setup, _, after, hist, _ = _run_steps(_config(), source, None, steps=3)
+    setup, _, states, hist = _run_steps(_config(), source, None, steps=3)
+    after = states[-1]
     assert setup.step_fn._cache_size() == 1  # pylint: disable=protected-access
     assert int(after["step"]) == 3
     assert {"loss", "lr", "grad_norm", "param_norm", "probe_loss", "probe_top1"} <= set(hist[-1])
