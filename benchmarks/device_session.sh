@@ -11,10 +11,12 @@
 # environment:
 #   PRESET_R18 (default cifar10), PRESET_R50 (default imagenet), DATA (default .data/cifar10-jpeg.tar.gz),
 #   SSL_JAX (default "python3 -m ssl_jax"), EXTRA (overrides appended to every bench and training command),
-#   R50_BATCHES (default "512 1024 2048": tried in this order until one fails, so the last row printed is the
-#   largest batch that fits; a first try at 2048 printed nothing in 540 s on 2026-11-23, and BENCHMARKS.md
-#   says why 4096 needs gradient accumulation; the ResNet-50 steps let JAX take 94% of the device memory,
-#   XLA_PYTHON_CLIENT_MEM_FRACTION=0.94, instead of 75%),
+#   R50_BATCHES (default "512": the batches tried, in this order until one fails, so the last row printed is
+#   the largest that ran; on 2026-11-23 SimCLR compiled in 64 s at 512, 205 s at 1024 and had not finished
+#   compiling 2048 after 250 s, so larger batches are worth their device time only on a long call;
+#   BENCHMARKS.md says why 4096 needs gradient accumulation; the ResNet-50 steps let JAX take 94% of the
+#   device memory, XLA_PYTHON_CLIENT_MEM_FRACTION=0.94, instead of 75%),
+#   R50_REMAT (default true: the ResNet-50 rows' config.model.remat; step bench_r50_simclr_noremat sets false),
 #   JPEG_NUM (default 8192: generated 500 x 375 JPEGs for the streamed ResNet-50 step).
 # Each step's stdout and stderr go to runs/device_session/STEP.out / STEP.err, one line per step to
 # runs/device_session/log; `collect OUTDIR` packs them and the trained runs' records into OUTDIR/results.tgz.
@@ -26,8 +28,12 @@ DATA=${DATA:-.data/cifar10-jpeg.tar.gz}
 P18=${PRESET_R18:-cifar10}
 P50=${PRESET_R50:-imagenet}
 read -ra X <<< "${EXTRA:-}"
-read -ra R50B <<< "${R50_BATCHES:-512 1024 2048}"
+read -ra R50B <<< "${R50_BATCHES:-512}"
 # ResNet-50 rows: synthetic 256 px images held on the device, so that all three ways run
+# The SimCLR cifar10 preset's recipe details before 2026-11-23 (10 warm-up epochs, no weight decay on biases
+# and BatchNorm, zero-init residual BatchNorm): the 50-epoch experiment's baseline, in ours and in PyTorch
+EARLIER=(--config.model.zero_init_residual=true --config.optim.warmup_epochs=10
+         --config.optim.exclude_bias_and_norm=true)
 R50_DATA=(--config.data.name=synthetic --config.data.num_classes=1000 --config.data.resident=true)
 mkdir -p "$RES"
 
@@ -36,7 +42,7 @@ if [[ "${1:-}" == _bench_r50 ]]; then  # batches in the order of R50_BATCHES unt
   ran=1
   for b in "${R50B[@]}"; do
     $PY bench --config "configs/$2.py:$P50" "${R50_DATA[@]}" --config.data.num_examples=2048 \
-      --config.batch_size="$b" --config.model.remat=true --steps 20 --no-progress ${X[@]+"${X[@]}"} ||
+      --config.batch_size="$b" --config.model.remat="${R50_REMAT:-true}" --steps 20 --no-progress ${X[@]+"${X[@]}"} ||
       { echo "device_session: batch $b did not run" >&2; break; }
     ran=0
   done
@@ -64,21 +70,20 @@ R18_METHODS=(moco_v2 byol simsiam swav barlow_twins)
 # Every step, in the order of the first GPU session (2026-11-23), which did the first two calls' worth.
 ALL=(bench_r18_simclr table_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r18_$m"); done
-ALL+=(bench_r50_simclr bench_r50_simclr_b4096 bench_jpeg_r50_simclr)
+ALL+=(bench_r50_simclr bench_r50_simclr_noremat bench_r50_simclr_b4096 bench_jpeg_r50_simclr)
 for m in "${R18_METHODS[@]}"; do ALL+=("bench_r50_$m"); done
 ALL+=(bench_r18_simclr_torch_compile simclr_e50_ours simclr_e50_torch simclr_e50_knn_f32 simclr_e50_ours_lightly
       simclr_e50_ours_f32)
 for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do ALL+=("table_$m"); done
-# The default: what is not measured yet, most wanted first. Why SimCLR's kNN is 8 points under lightly's
-# (the same 50-epoch recipe in ssl_jax and in plain PyTorch on the same archive; our run's kNN with float32
-# features; then ours with lightly's recipe details, and ours in float32), then ResNet-50 speed, then the
-# other methods' 200-epoch runs (about 5 to 9 minutes each on the H100: one per call). The PyTorch run goes
-# first: about 7.5 min (its DataLoader ran 5,889 img/s on 2026-11-23), so it fits only at the start of a call.
-TODO=(simclr_e50_torch simclr_e50_ours simclr_e50_knn_f32 simclr_e50_ours_lightly simclr_e50_ours_f32
-      bench_r50_simclr bench_r50_simclr_b4096 bench_jpeg_r50_simclr)
-for m in "${R18_METHODS[@]}"; do TODO+=("bench_r50_$m"); done
-TODO+=(bench_r18_simclr_torch_compile)
-for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do TODO+=("table_$m"); done
+# The default: what is not measured yet, most wanted first (the second GPU session, 2026-11-23, measured the
+# SimCLR 50-epoch experiment, SimSiam's 200 epochs, ResNet-50 SimCLR at 512 and 1024, MoCo v2 at 512 and the
+# torch.compile row). First the SimCLR cifar10 preset's 200 epochs with lightly's recipe details, its
+# default since that session (the issue's kNN target; about 6.5 min), then ResNet-50 without
+# rematerialisation, batch 4096 and the JPEG step, the other methods' ResNet-50 rows, and the other methods'
+# 200-epoch runs (about 5 to 9 minutes each on the H100: one per call).
+TODO=(table_simclr bench_r50_simclr_noremat bench_r50_simclr_b4096 bench_jpeg_r50_simclr)
+for m in byol simsiam swav barlow_twins; do TODO+=("bench_r50_$m"); done
+for m in byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do TODO+=("table_$m"); done
 (($#)) && STEPS=("$@") || STEPS=("${TODO[@]}")
 
 # name, the least seconds worth starting it with, command
@@ -113,10 +118,10 @@ for s in "${STEPS[@]}"; do
     simclr_e50_ours*)
       # the variants switch the recipe details in which lightly's benchmark differs from our preset, or bf16
       case "$s" in
-        simclr_e50_ours) variant=() ;;
+        simclr_e50_ours) variant=("${EARLIER[@]}") ;;
         simclr_e50_ours_lightly) variant=(--config.model.zero_init_residual=false --config.optim.warmup_epochs=0
                                           --config.optim.exclude_bias_and_norm=false) ;;
-        simclr_e50_ours_f32) variant=(--config.model.dtype=float32) ;;
+        simclr_e50_ours_f32) variant=("${EARLIER[@]}" --config.model.dtype=float32) ;;
         *) echo "device_session: unknown step $s (steps: ${ALL[*]})" >&2; exit 2 ;;
       esac
       run_step "$s" 150 $PY train --config "configs/simclr.py:$P18" --workdir "runs/${s}_$P18" \
@@ -129,7 +134,7 @@ for s in "${STEPS[@]}"; do
       fi ;;
     simclr_e50_torch)
       run_step "$s" 520 python3 benchmarks/torch_simclr_reference.py --out "$RES/simclr_e50_torch.jsonl" \
-        --epochs 50 --archive "$DATA" ${X[@]+"${X[@]}"} ;;
+        --epochs 50 --archive "$DATA" "${EARLIER[@]}" ${X[@]+"${X[@]}"} ;;
     bench_r18_*)
       run_step "$s" 60 $PY bench --config "configs/${s#bench_r18_}.py:$P18" --config.data.path="$DATA" \
         --steps 100 --no-progress ${X[@]+"${X[@]}"} ;;
@@ -138,6 +143,8 @@ for s in "${STEPS[@]}"; do
         "${R50_DATA[@]}" --config.data.num_examples=4096 --config.batch_size=4096 --config.grad_accum_steps=2 \
         --config.model.remat=true \
         --modes synthetic --steps 5 --warmup 1 --no-progress ${X[@]+"${X[@]}"} ;;
+    bench_r50_simclr_noremat)  # remat recomputes the forward: what it costs where the batch fits without it
+      run_step "$s" 90 env R50_REMAT=false "$0" _bench_r50 simclr ;;
     bench_r50_*)
       run_step "$s" 90 "$0" _bench_r50 "${s#bench_r50_}" ;;
     bench_jpeg_r50_simclr)

@@ -5,7 +5,11 @@ Run (CIFAR-10 from the ImageFolder archive; drop `data.path` to get CIFAR-10 fro
   ssl-jax train --config configs/simsiam.py:cifar10 --workdir runs/simsiam \
       --config.data.path=../shared/data/cifar10-jpeg.tar.gz
 
-Results: not yet measured on a GPU.
+Results:
+  cifar10 (ResNet-18, batch 512, 200 epochs): kNN top-1 74.4% (top-5 98.8%), linear top-1 79.3% (fast path);
+    5 min 34 s of training on one H100 80GB HBM3 (2026-11-23, `launch/method_table.sh --methods simsiam
+    --config.data.path=...` on the JPEG archive; records in benchmarks/runs/simsiam_cifar10/). lightly
+    publishes 76.4% kNN for this recipe on CIFAR-10's PNGs.
 
 Recipe notes. imagenet is the official recipe (facebookresearch/simsiam main_simsiam.py, README): ResNet-50,
 batch 512, 100 epochs, SGD momentum 0.9 with lr 0.05 x batch/256, cosine decay, no warm-up, weight decay 1e-4

@@ -366,7 +366,10 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
         "configs/byol.py:cifar10", "configs/swav.py:cifar10", "configs/simclr.py:cifar10"]
     assert lines[0].startswith("bench ") and "--steps 100" in lines[0]
     assert lines[2].startswith("train ") and "--config.num_epochs=50" in lines[2]
-    assert "--workdir runs/simclr_e50_ours_cifar10" in lines[2] and "zero_init" not in lines[2]
+    assert "--workdir runs/simclr_e50_ours_cifar10" in lines[2]
+    # the 50-epoch baseline is the preset's recipe before 2026-11-23, spelled out now that the preset changed
+    assert {"--config.model.zero_init_residual=true", "--config.optim.warmup_epochs=10",
+            "--config.optim.exclude_bias_and_norm=true"} <= set(lines[2].split())
     res = tmp_path / "runs" / "device_session"
     assert sorted(p.name for p in res.glob("*.done")) == ["bench_r18_byol.done", "simclr_e50_ours.done"]
     assert "bench_r18_swav exit 1" in first.stdout
@@ -374,13 +377,20 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
     again = session("200", *steps)  # only the failed one runs again
     assert again.returncode == 0 and calls.read_text().splitlines()[3:] == [lines[1]]
 
+    env["R50_BATCHES"] = "512 1024 2048"
     short = session("100", "bench_r50_simclr")  # needs 90 s: runs; a budget of 30 s does not
+    del env["R50_BATCHES"]
     assert "bench_r50_simclr exit 0" in short.stdout
     r50 = calls.read_text().splitlines()[4:]
     assert len(r50) == 3 and [a.split("--config.batch_size=")[1].split()[0] for a in r50] == ["512", "1024", "2048"]
+    assert all("--config.model.remat=true" in a for a in r50)
+    noremat = session("100", "bench_r50_simclr_noremat")  # the default batches: 512 only
+    assert "bench_r50_simclr_noremat exit 0" in noremat.stdout
+    r50 = calls.read_text().splitlines()[7:]
+    assert len(r50) == 1 and "--config.batch_size=512" in r50[0] and "--config.model.remat=false" in r50[0]
     skipped = session("30", "bench_r18_moco_v2")
     assert "bench_r18_moco_v2 skipped: 30s left, it needs 60s" in skipped.stdout
-    assert len(calls.read_text().splitlines()) == 7
+    assert len(calls.read_text().splitlines()) == 8
 
     variant = session("200", "simclr_e50_ours_lightly")  # lightly's recipe details on our trainer
     argv = calls.read_text().splitlines()[-1].split()
