@@ -1,10 +1,12 @@
 """FLOP counts of a training step and the accelerators' peak: what `ssl-jax bench` divides by.
 
 Two counts, because each is wrong in its own way:
-  analytic: the conv and dense multiply-accumulates of the method's forward pass (backbone, heads, target
-      network, the loss's similarity matrices), read off the traced jaxpr's shapes, x 2 FLOPs per MAC x 3 for
-      forward + backward (the usual model-FLOPs convention; slightly high for a target network, which has no
-      backward). Independent of the backend, so the same step gives the same count on every device.
+  analytic: the conv and dense multiply-accumulates of the method's loss and its gradient, x 2 FLOPs per MAC,
+      read off the shapes of the traced jaxpr of jax.value_and_grad(loss) w.r.t. the trained parameters, with
+      rematerialization off: the model FLOPs of the step. A trained layer costs about 3 forward passes
+      (forward, gradient w.r.t. its input, w.r.t. its weights), a target network (MoCo's key encoder, BYOL's
+      target) one, and the first convolution no input gradient. Independent of the backend, so the same step
+      gives the same count on every device.
   xla: XLA's cost analysis of the compiled per-device program x the device count: everything the program
       executes (augmentation, BatchNorm, optimizer, the real backward), as XLA's cost model sees it.
 `ssl-jax bench` reports both and computes the fraction of peak from the analytic count.
@@ -74,7 +76,10 @@ def matmul_flops(jaxpr):
         elif name == "conv_general_dilated":
             rhs_shape = eqn.invars[1].aval.shape
             out_features = rhs_shape[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += 2 * out_size * math.prod(rhs_shape) // out_features
+            # A strided conv's input gradient is a conv over the cotangent dilated by the strides
+            # (lhs_dilation): only 1 / prod(lhs_dilation) of its window positions meet a non-zero.
+            dilation = math.prod(eqn.params.get("lhs_dilation") or (1,))
+            total += 2 * out_size * math.prod(rhs_shape) // out_features // dilation
         elif name == "cond":
             total += max(matmul_flops(b) for b in eqn.params["branches"])
         else:
@@ -88,7 +93,7 @@ def matmul_flops(jaxpr):
 
 
 def analytic_step_flops(method, config, image_shape):
-    """Returns the model FLOPs of one training step at config.batch_size: 3 x the forward's conv/dense FLOPs.
+    """Returns the model FLOPs of one training step at config.batch_size: the loss's and its gradient's.
 
     image_shape: (H, W, C) of the stored uint8 images. Traces shapes only (no compilation, no device memory).
     """
@@ -101,10 +106,15 @@ def analytic_step_flops(method, config, image_shape):
     views = jax.eval_shape(lambda k, x: method.views(k, x, config), keys, images)
     progress = {"step": jnp.zeros((), jnp.int32), "steps_per_epoch": 1, "total_steps": 1}
 
-    def forward(params, batch_stats, extras, views, rng):
-        return method.loss(params, batch_stats, extras, views, rng, progress, config=config, axis_name=None)
+    plain = config.copy_and_resolve_references()  # remat's recomputed forward is not model FLOPs
+    if "model" in plain and "remat" in plain.model:
+        plain.model.remat = False
 
-    return 3 * matmul_flops(jax.make_jaxpr(forward)(params, batch_stats, extras, views, key))
+    def forward_backward(params, batch_stats, extras, views, rng):
+        return jax.value_and_grad(lambda p: method.loss(p, batch_stats, extras, views, rng, progress,
+                                                        config=plain, axis_name=None), has_aux=True)(params)
+
+    return matmul_flops(jax.make_jaxpr(forward_backward)(params, batch_stats, extras, views, key))
 
 
 def xla_flops(compiled, num_devices):

@@ -83,16 +83,36 @@ def test_resnet50_forward_macs_match_torchvision():
     assert abs(macs + 2048 * 1000 - 4.09e9) < 0.005e9
 
 
-def test_analytic_step_flops_is_three_forwards_of_both_views():
+def test_analytic_step_flops_is_forward_and_backward_of_both_views():
     config = _smoke()
     step = flops.analytic_step_flops(simclr, config, (16, 16, 3))
     b, d = config.batch_size, config.head.out_dim
-    backbone = _conv_macs(16, 3, 3, 8) + 2 * _conv_macs(16, 3, 8, 8) + _conv_macs(16, 3, 8, 16, 2) \
+    stem = _conv_macs(16, 3, 3, 8)
+    backbone = stem + 2 * _conv_macs(16, 3, 8, 8) + _conv_macs(16, 3, 8, 16, 2) \
         + _conv_macs(8, 3, 16, 16) + _conv_macs(16, 1, 8, 16, 2)
     head = 16 * config.head.hidden_dim + config.head.hidden_dim * d
-    probe_free = 3 * 2 * 2 * b * (backbone + head)  # both views through backbone and head, x 2 x 3
-    # The rest is NT-Xent's similarity matmuls: a few (2B x 2B x d) products at most.
-    assert probe_free < step <= probe_free + 3 * 2 * 4 * (2 * b) ** 2 * d
+    # Both views through backbone and head: forward, weight gradient and input gradient (x 3), but no input
+    # gradient for the stem, whose input is the augmented image; x 2 FLOPs per MAC.
+    model = 2 * 2 * b * (3 * (backbone + head) - stem)
+    # The rest is NT-Xent's similarity matmuls and their gradients: a few (2B x 2B x d) products at most.
+    assert model < step <= model + 3 * 2 * 4 * (2 * b) ** 2 * d
+    # Rematerialization recomputes the forward: hardware work, not model FLOPs, so the count ignores it.
+    assert flops.analytic_step_flops(simclr, _smoke("model.remat=true"), (16, 16, 3)) == step
+
+
+def test_analytic_step_flops_charges_a_target_network_its_forward_only():
+    """MoCo's key encoder runs forward only: an asymmetric step is one trained pass (3 forwards) + one key
+    forward, about 2/3 of SimCLR's two trained passes; the symmetric loss does both directions, twice that."""
+    from ssl_jax.methods import moco
+
+    def count(*overrides):
+        c = config_lib.load_config("configs/moco_v2.py:smoke", ["batch_size=32", *overrides])
+        return flops.analytic_step_flops(moco, c, (16, 16, 3))
+
+    asym, sym = count("moco.symmetric=false"), count("moco.symmetric=true")
+    assert sym == pytest.approx(2 * asym, rel=0.01)
+    simclr_step = flops.analytic_step_flops(simclr, _smoke(), (16, 16, 3))
+    assert asym / simclr_step == pytest.approx(2 / 3, rel=0.05)
 
 
 def test_xla_flops_reads_dict_or_list_cost_analysis():
