@@ -388,9 +388,13 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
     assert "bench_r50_simclr_noremat exit 0" in noremat.stdout
     r50 = calls.read_text().splitlines()[7:]
     assert len(r50) == 1 and "--config.batch_size=512" in r50[0] and "--config.model.remat=false" in r50[0]
+    assert "remat_policy" not in r50[0]
+    assert "exit 0" in session("100", "bench_r50_simclr_remat_convs").stdout
+    policy = calls.read_text().splitlines()[8].split()
+    assert {"--config.model.remat=true", "--config.model.remat_policy=convs", "--config.batch_size=512"} <= set(policy)
     skipped = session("30", "bench_r18_moco_v2")
     assert "bench_r18_moco_v2 skipped: 30s left, it needs 60s" in skipped.stdout
-    assert len(calls.read_text().splitlines()) == 8
+    assert len(calls.read_text().splitlines()) == 9
 
     variant = session("200", "simclr_e50_ours_lightly")  # lightly's recipe details on our trainer
     argv = calls.read_text().splitlines()[-1].split()

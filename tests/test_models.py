@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ssl_jax import config as config_lib
+from ssl_jax import config as config_lib, flops
 from ssl_jax.methods import common
 from ssl_jax.models import LinearClassifier, MLPHead, get_backbone
 from ssl_jax.models.resnet import BasicBlock, BottleneckBlock, conv_kernel_init
@@ -344,3 +344,35 @@ def test_remat_gives_the_same_outputs_statistics_and_gradients():
     for got, want in zip(jax.tree.leaves((s1, g1)), jax.tree.leaves((s0, g0))):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g0)) > 1e-3  # gradients are not all zero
+
+
+def test_remat_policy_convs_keeps_the_convolutions_and_recomputes_only_the_rest():
+    # "convs" keeps every convolution's output: same numbers as the plain network, and its backward does no
+    # convolution beyond the plain one's, while "block" recomputes each block's forward convolutions.
+    x = normal((4, 16, 16, 3))
+    plain, _ = get_backbone("tiny", cifar_stem=True)
+    variables = init(plain, RNG, x, train=False)
+
+    def run(model):
+        def loss(params):
+            out, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                     mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(out)), state
+        fn = jax.value_and_grad(loss, has_aux=True)
+        return jax.jit(fn)(variables["params"]), flops.matmul_flops(jax.make_jaxpr(fn)(variables["params"]))
+
+    (want, plain_flops) = run(plain)
+    (got, convs_flops) = run(get_backbone("tiny", cifar_stem=True, remat=True, remat_policy="convs")[0])
+    (_, block_flops) = run(get_backbone("tiny", cifar_stem=True, remat=True, remat_policy="block")[0])
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    assert convs_flops == plain_flops < block_flops
+    with pytest.raises(ValueError, match="remat_policy 'dots'"):
+        bad, _ = get_backbone("tiny", cifar_stem=True, remat=True, remat_policy="dots")
+        init(bad, RNG, x, train=False)
+
+
+def test_remat_policy_comes_from_the_config():
+    config = config_lib.load_config("configs/simclr.py:imagenet", ["model.remat=true", "model.remat_policy=convs"])
+    module = common.backbone(config)
+    assert (module.remat, module.remat_policy) == (True, "convs")

@@ -24,7 +24,8 @@ def backbone(config, axis_name=None):
     module, _ = models.get_backbone(
         config.model.name, width_multiplier=config.model.width_multiplier, cifar_stem=config.model.cifar_stem,
         dtype=compute_dtype(config), bn_axis_name=bn_axis(config, axis_name),
-        remat=config.model.get("remat", False), zero_init_residual=config.model.get("zero_init_residual", True))
+        remat=config.model.get("remat", False), remat_policy=config.model.get("remat_policy", "block"),
+        zero_init_residual=config.model.get("zero_init_residual", True))
     return module
 
 

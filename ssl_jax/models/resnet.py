@@ -11,7 +11,9 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"); JAX's "normal" is untruncated too.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -25,6 +27,15 @@ def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Returns torchvision's symmetric padding ((p, p), (p, p)) for an odd kernel size."""
     p = kernel_size // 2
     return ((p, p), (p, p))
+
+
+def _saved(y):
+    """Names a convolution's output "conv": the values remat_policy="convs" keeps (identity otherwise)."""
+    return checkpoint_name(y, "conv")
+
+
+# What a rematerialized residual block stores for its backward pass (ResNet.remat_policy).
+REMAT_POLICIES = {"block": None, "convs": jax.checkpoint_policies.save_only_these_names("conv")}
 
 
 class BasicBlock(nn.Module):
@@ -41,9 +52,9 @@ class BasicBlock(nn.Module):
         """Returns the block output, B x H/strides x W/strides x filters."""
         last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         s = (self.strides, self.strides)
-        y = self.conv(self.filters, (3, 3), s, padding=_pad(3), name="conv1")(x_BxHxWxC)
+        y = _saved(self.conv(self.filters, (3, 3), s, padding=_pad(3), name="conv1")(x_BxHxWxC))
         y = nn.relu(self.norm(use_running_average=not train, name="bn1")(y))
-        y = self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y)
+        y = _saved(self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y))
         y = self.norm(use_running_average=not train, scale_init=last_scale_init, name="bn2")(y)
         shortcut = _shortcut(self, x_BxHxWxC, self.filters * self.expansion, train)
         return nn.relu(y + shortcut)
@@ -62,12 +73,12 @@ class BottleneckBlock(nn.Module):
     def __call__(self, x_BxHxWxC, train: bool):
         """Returns the block output, B x H/strides x W/strides x 4*filters."""
         last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = self.conv(self.filters, (1, 1), padding=((0, 0), (0, 0)), name="conv1")(x_BxHxWxC)
+        y = _saved(self.conv(self.filters, (1, 1), padding=((0, 0), (0, 0)), name="conv1")(x_BxHxWxC))
         y = nn.relu(self.norm(use_running_average=not train, name="bn1")(y))
         s = (self.strides, self.strides)
-        y = self.conv(self.filters, (3, 3), s, padding=_pad(3), name="conv2")(y)
+        y = _saved(self.conv(self.filters, (3, 3), s, padding=_pad(3), name="conv2")(y))
         y = nn.relu(self.norm(use_running_average=not train, name="bn2")(y))
-        y = self.conv(self.filters * self.expansion, (1, 1), padding=((0, 0), (0, 0)), name="conv3")(y)
+        y = _saved(self.conv(self.filters * self.expansion, (1, 1), padding=((0, 0), (0, 0)), name="conv3")(y))
         y = self.norm(use_running_average=not train, scale_init=last_scale_init, name="bn3")(y)
         shortcut = _shortcut(self, x_BxHxWxC, self.filters * self.expansion, train)
         return nn.relu(y + shortcut)
@@ -78,7 +89,7 @@ def _shortcut(block: nn.Module, x_BxHxWxC, out_channels: int, train: bool):
     if block.strides == 1 and x_BxHxWxC.shape[-1] == out_channels:
         return x_BxHxWxC
     s = (block.strides, block.strides)
-    x = block.conv(out_channels, (1, 1), s, padding=((0, 0), (0, 0)), name="downsample_conv")(x_BxHxWxC)
+    x = _saved(block.conv(out_channels, (1, 1), s, padding=((0, 0), (0, 0)), name="downsample_conv")(x_BxHxWxC))
     return block.norm(use_running_average=not train, name="downsample_bn")(x)
 
 
@@ -99,8 +110,11 @@ class ResNet(nn.Module):
         bn_axis_name: mesh axis over which BatchNorm averages its batch statistics (None: local batch).
         zero_init_residual: start each block's last BN scale at 0 so the block starts as its shortcut.
         remat: recompute each residual block's activations in the backward pass instead of storing them
-            (nn.remat): only block inputs are kept, activation memory traded for about one extra forward
-            pass of compute (large ResNet-50 / 224 batches on one GPU); numerics are unchanged.
+            (nn.remat), for large ResNet-50 / 224 batches on one GPU; numerics are unchanged.
+        remat_policy: what a rematerialized block keeps (REMAT_POLICIES): "block" only its input, activation
+            memory traded for about one extra forward pass of compute; "convs" its convolutions' outputs too,
+            so the backward recomputes only BatchNorm and ReLU (elementwise work, no convolution) and the
+            memory saved is what those would have stored.
     """
     stage_sizes: Sequence[int]
     block: str = "basic"
@@ -113,6 +127,7 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     zero_init_residual: bool = True
     remat: bool = False
+    remat_policy: str = "block"
 
     @property
     def feature_dim(self) -> int:
@@ -139,8 +154,10 @@ class ResNet(nn.Module):
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
 
         block_cls = BLOCKS[self.block]
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"Unknown remat_policy {self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}.")
         if self.remat:  # argument 2 of __call__(self, x, train) is the Python bool `train`: static
-            block_cls = nn.remat(block_cls, static_argnums=(2,))
+            block_cls = nn.remat(block_cls, static_argnums=(2,), policy=REMAT_POLICIES[self.remat_policy])
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
@@ -163,15 +180,17 @@ _ARCHS = {
 
 
 def get_backbone(name: str, *, width_multiplier: int = 1, cifar_stem: bool = False, dtype: Any = jnp.float32,
-                 bn_axis_name: str | None = None, remat: bool = False,
+                 bn_axis_name: str | None = None, remat: bool = False, remat_policy: str = "block",
                  zero_init_residual: bool = True) -> tuple[ResNet, int]:
     """Returns (ResNet module, feature dimension D) for an architecture name such as 'resnet50'.
 
-    remat=True rematerializes every residual block in the backward pass (see ResNet.remat);
+    remat=True rematerializes every residual block in the backward pass, keeping what remat_policy says (see
+    ResNet.remat, ResNet.remat_policy);
     zero_init_residual=False starts every BatchNorm scale at 1, as torchvision's default.
     """
     if name not in _ARCHS:
         raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(_ARCHS)}.")
     model = ResNet(**_ARCHS[name], width_multiplier=width_multiplier, cifar_stem=cifar_stem, dtype=dtype,
-                   bn_axis_name=bn_axis_name, remat=remat, zero_init_residual=zero_init_residual)
+                   bn_axis_name=bn_axis_name, remat=remat, remat_policy=remat_policy,
+                   zero_init_residual=zero_init_residual)
     return model, model.feature_dim
