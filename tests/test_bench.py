@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ssl_jax import bench, bench_torch, cli, config as config_lib, flops, models, train
-from ssl_jax.methods import simclr
+from ssl_jax.methods import moco, simclr
 
 HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "torchvision"))
 
@@ -103,8 +103,6 @@ def test_analytic_step_flops_is_forward_and_backward_of_both_views():
 def test_analytic_step_flops_charges_a_target_network_its_forward_only():
     """MoCo's key encoder runs forward only: an asymmetric step is one trained pass (3 forwards) + one key
     forward, about 2/3 of SimCLR's two trained passes; the symmetric loss does both directions, twice that."""
-    from ssl_jax.methods import moco
-
     def count(*overrides):
         c = config_lib.load_config("configs/moco_v2.py:smoke", ["batch_size=32", *overrides])
         return flops.analytic_step_flops(moco, c, (16, 16, 3))

@@ -318,6 +318,16 @@ def test_unknown_backbone_raises():
         get_backbone("resnet7")
 
 
+def _loss_and_grads(model, variables, x):
+    """Returns (((loss, (out, batch_stats)), grads), jaxpr) of a scalar loss of `model`'s training forward."""
+    def loss(params):
+        out, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                 mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(out)), (out, state)
+    fn = jax.value_and_grad(loss, has_aux=True)
+    return jax.jit(fn)(variables["params"]), jax.make_jaxpr(fn)(variables["params"])
+
+
 def test_remat_gives_the_same_outputs_statistics_and_gradients():
     # nn.remat only changes what the backward pass stores, so everything must match the plain network;
     # the rematerialized backward really is different code (the block's forward runs twice in it).
@@ -327,18 +337,9 @@ def test_remat_gives_the_same_outputs_statistics_and_gradients():
     variables = init(plain, RNG, x, train=False)
     assert jax.tree.structure(init(remat, RNG, x, train=False)) == jax.tree.structure(variables)
 
-    def loss_and_grads(model):
-        def loss(params):
-            out, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                     mutable=["batch_stats"])
-            return jnp.sum(jnp.sin(out)), (out, state)
-        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-        jaxpr = str(jax.make_jaxpr(fn)(variables["params"]))
-        return fn(variables["params"]), jaxpr
-
-    ((v0, (o0, s0)), g0), jaxpr_plain = loss_and_grads(plain)
-    ((v1, (o1, s1)), g1), jaxpr_remat = loss_and_grads(remat)
-    assert "remat" in jaxpr_remat and "remat" not in jaxpr_plain
+    ((v0, (o0, s0)), g0), jaxpr_plain = _loss_and_grads(plain, variables, x)
+    ((v1, (o1, s1)), g1), jaxpr_remat = _loss_and_grads(remat, variables, x)
+    assert "remat" in str(jaxpr_remat) and "remat" not in str(jaxpr_plain)
     np.testing.assert_allclose(o1, o0, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
     for got, want in zip(jax.tree.leaves((s1, g1)), jax.tree.leaves((s0, g0))):
@@ -352,20 +353,14 @@ def test_remat_policy_convs_keeps_the_convolutions_and_recomputes_only_the_rest(
     x = normal((4, 16, 16, 3))
     plain, _ = get_backbone("tiny", cifar_stem=True)
     variables = init(plain, RNG, x, train=False)
-
-    def run(model):
-        def loss(params):
-            out, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                     mutable=["batch_stats"])
-            return jnp.sum(jnp.sin(out)), state
-        fn = jax.value_and_grad(loss, has_aux=True)
-        return jax.jit(fn)(variables["params"]), flops.matmul_flops(jax.make_jaxpr(fn)(variables["params"]))
-
-    (want, plain_flops) = run(plain)
-    (got, convs_flops) = run(get_backbone("tiny", cifar_stem=True, remat=True, remat_policy="convs")[0])
-    (_, block_flops) = run(get_backbone("tiny", cifar_stem=True, remat=True, remat_policy="block")[0])
+    want, jaxpr_plain = _loss_and_grads(plain, variables, x)
+    got, jaxpr_convs = _loss_and_grads(get_backbone("tiny", cifar_stem=True, remat=True, remat_policy="convs")[0],
+                                       variables, x)
+    _, jaxpr_block = _loss_and_grads(get_backbone("tiny", cifar_stem=True, remat=True, remat_policy="block")[0],
+                                     variables, x)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    plain_flops, convs_flops, block_flops = map(flops.matmul_flops, (jaxpr_plain, jaxpr_convs, jaxpr_block))
     assert convs_flops == plain_flops < block_flops
     with pytest.raises(ValueError, match="remat_policy 'dots'"):
         bad, _ = get_backbone("tiny", cifar_stem=True, remat=True, remat_policy="dots")
