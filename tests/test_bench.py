@@ -128,6 +128,21 @@ def test_xla_flops_reads_dict_or_list_cost_analysis():
     assert flops.xla_flops(compiled, 1) == pytest.approx(2 * 8 * 4 * 2, rel=0.5)
 
 
+def test_step_memory_bytes_is_none_where_the_backend_has_no_memory_analysis():
+    class Missing:  # a backend that does not implement it, or has no such method
+        def memory_analysis(self):
+            raise NotImplementedError
+
+    class Empty:
+        def memory_analysis(self):
+            return None
+
+    assert flops.step_memory_bytes(Missing()) is None and flops.step_memory_bytes(object()) is None
+    assert flops.step_memory_bytes(Empty()) is None
+    compiled = jax.jit(lambda a: a * 2).lower(jnp.ones((256, 256))).compile()
+    assert flops.step_memory_bytes(compiled) >= 256 * 256 * 4  # at least the argument (or output)
+
+
 # ------------------------------------------------------------------------------ no recompilation, and bench
 def test_training_traces_and_compiles_the_step_once(tmp_path, monkeypatch, caplog):
     # Two epochs with a checkpoint and a kNN monitor run after each: the step is traced and compiled once.
