@@ -12,15 +12,17 @@ Results: not yet measured on a GPU (see BENCHMARKS.md).
 What v2 changes, following the paper and the official tf2 code (model.py ProjectionHead, run.py flags):
 - A 3-layer projection head: two hidden Dense -> BN -> ReLU layers as wide as the backbone output
   (head.hidden_dim = 0 means "the backbone's feature width", so width/depth overrides keep it right), then
-  Dense -> BN to 128-d. The official output BN has a learnable scale and no bias; models.MLPHead's output
-  BN has neither (a per-dimension scale before the L2 normalisation of NT-Xent; a difference to keep in mind).
+  Dense -> BN to 128-d, that output BN with a learnable scale and no bias as in the official code
+  (head.last_bn_scale).
 - Fine-tuning starts from the head's first hidden layer: head.finetune_layer = 1 (ft_proj_selector = 1);
   simclr.finetune_features returns that representation. Linear evaluation and kNN still read the backbone.
-- Bigger ResNets. The paper's best is ResNet-152 3x with selective kernels (not implemented here); its
-  best without them is ResNet-152 at width 3 or 2. The imagenet preset keeps ResNet-50 (1x): the size every
-  other imagenet preset of this library uses, trainable on one 8-GPU host, and where the paper finds the
-  3-layer head helps most. For the big model:
-      --config.model.name=resnet152 --config.model.width_multiplier=2
+- Bigger ResNets, with selective kernels (model.sk_ratio, ssl_jax/models/resnet.py: the official tf2
+  SK_Conv2D with a ResNet-D stem and shortcuts; the released "sk1" models use 0.0625, bottleneck ResNets
+  only). The paper's best is ResNet-152 3x SK (795M parameters; tests/test_models.py checks ours against
+  the paper's counts). The imagenet preset keeps ResNet-50 (1x, no SK): the size every other imagenet
+  preset of this library uses, trainable on one 8-GPU host, and where the paper finds the 3-layer head
+  helps most. For the paper's biggest model:
+      --config.model.name=resnet152 --config.model.width_multiplier=3 --config.model.sk_ratio=0.0625
 - Not implemented: the MoCo-style memory buffer (64K, EMA 0.999), worth about 1% in the paper.
 
 imagenet: the paper's pretraining recipe: batch 4096, 800 epochs, LARS with peak lr 0.1 x sqrt(B) (6.4 at

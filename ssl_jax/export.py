@@ -18,8 +18,9 @@ feed images: architecture, feature dimension, input size, normalization mean/std
       model.load_state_dict(torch.load(path), strict=True)
       model.eval()
 
-  torchvision builds only width_multiplier=1 ResNets (its wide_resnet50_2 widens the bottleneck only);
-  for wider ones the names still follow torchvision but the model must be built by hand.
+  torchvision builds only width_multiplier=1 ResNets (its wide_resnet50_2 widens the bottleneck only) and
+  none with selective kernels (model.sk_ratio); for those the names still follow torchvision's pattern
+  (`layer2.0.sk_reduce.weight`, stem `conv1b`) but the model must be built by hand.
 """
 import json
 import os
@@ -203,13 +204,15 @@ def from_torch_state_dict(state_dict):
 def describe(config, step, params, fmt):
     """Returns the sidecar dict: architecture, feature dim, input size and normalization, method, step."""
     m = config.model
-    _, dim = models.get_backbone(m.name, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem)
-    torchvision_arch = m.name if m.name in TORCHVISION_ARCHS and m.width_multiplier == 1 else None
+    _, dim = models.backbone_from_config(m)
+    plain = m.width_multiplier == 1 and not m.get("sk_ratio", 0.0)  # torchvision has no SK or ResNet-D
+    torchvision_arch = m.name if m.name in TORCHVISION_ARCHS and plain else None
     size = config.augment.crop_size
     info = {
         "format": fmt, "method": config.method, "step": step,
         "model": {"name": m.name, "width_multiplier": m.width_multiplier, "cifar_stem": bool(m.cifar_stem),
-                  "feature_dim": dim, "torchvision_arch": torchvision_arch},
+                  "sk_ratio": float(m.get("sk_ratio", 0.0)), "feature_dim": dim,
+                  "torchvision_arch": torchvision_arch},
         "input": {"size": size, "channels": int(np.shape(params["conv1"]["kernel"])[2]),
                   "layout": "NCHW" if fmt == "torch" else "NHWC", "mean": list(config.augment.mean),
                   "std": list(config.augment.std)},

@@ -70,8 +70,8 @@ def test_flat_formats_round_trip_exactly_with_a_sidecar(run, fmt):
     assert len(keys) == len(jax.tree.leaves(params)) + len(jax.tree.leaves(batch_stats))
     info = json.load(open(path + ".json"))
     assert info["format"] == fmt and info["method"] == "simclr" and info["step"] == STEP
-    assert info["model"] == {"name": "tiny", "width_multiplier": 1, "cifar_stem": True, "feature_dim": 16,
-                             "torchvision_arch": None}
+    assert info["model"] == {"name": "tiny", "width_multiplier": 1, "cifar_stem": True, "sk_ratio": 0.0,
+                             "feature_dim": 16, "torchvision_arch": None}
     assert info["input"]["size"] == 16 and info["input"]["channels"] == 3 and info["input"]["layout"] == "NHWC"
     np.testing.assert_allclose(info["input"]["mean"], config.augment.mean)
     np.testing.assert_allclose(info["input"]["std"], config.augment.std)
@@ -201,3 +201,25 @@ def test_torchvision_resnet18_reproduces_the_jax_features(tmp_path, cifar_stem):
     back_params, back_stats = export.load_backbone(path)  # .pt back into flax trees, exactly
     _assert_trees_equal(back_params, params)
     _assert_trees_equal(back_stats, stats)
+
+
+def test_sk_resnet_exports_under_torchvision_style_names_and_says_it_has_no_torchvision_model():
+    model, _ = models.get_backbone("resnet50", sk_ratio=0.0625)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    rs = np.random.RandomState(0)
+    params, stats = (jax.tree.map(lambda s: rs.standard_normal(s.shape).astype(s.dtype), shapes[k])
+                     for k in ("params", "batch_stats"))
+    state_dict = export.torch_state_dict(params, stats)
+    assert state_dict["conv1b.weight"].shape == (32, 32, 3, 3) and state_dict["layer1.0.conv2.weight"].shape == (
+        128, 64, 3, 3)  # the two streams' 3x3 conv has 2 x 64 outputs
+    assert state_dict["layer3.5.sk_expand.weight"].shape == (512, 32, 1, 1)
+    assert state_dict["layer4.2.sk_bn.running_var"].shape == (32,)
+    back_params, back_stats = export.from_torch_state_dict(state_dict)
+    _assert_trees_equal(back_params, params)
+    _assert_trees_equal(back_stats, stats)
+    config = config_lib.load_config("configs/simclr_v2.py:imagenet", ["model.sk_ratio=0.0625"])
+    info = export.describe(config, 7, params, "torch")
+    assert info["model"]["torchvision_arch"] is None and info["model"]["sk_ratio"] == 0.0625
+    assert "<build by hand>" in info["torch_setup"] and info["input"]["channels"] == 3
+    config.model.sk_ratio = 0.0
+    assert export.describe(config, 7, params, "torch")["model"]["torchvision_arch"] == "resnet50"

@@ -371,3 +371,97 @@ def test_remat_policy_comes_from_the_config():
     config = config_lib.load_config("configs/simclr.py:imagenet", ["model.remat=true", "model.remat_policy=convs"])
     module = common.backbone(config)
     assert (module.remat, module.remat_policy) == (True, "convs")
+
+
+# ----------------------------------------------------------------------------------------------
+# Selective kernels (SimCLR v2's SK ResNets, model.sk_ratio).
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,width,sk0_m,sk1_m", [
+    ("resnet50", 1, 24, 35), ("resnet50", 2, 94, 140), ("resnet101", 1, 43, 65), ("resnet152", 1, 58, 89),
+    ("resnet152", 3, None, 795)])
+def test_sk_resnet_param_counts_match_the_simclr_v2_paper(name, width, sk0_m, sk1_m):
+    """SimCLR v2 (Chen et al. 2020b) Table 1's parameter counts in millions, SK0 / SK1 (sk_ratio 0.0625)."""
+    for sk_ratio, want in ((0.0, sk0_m), (0.0625, sk1_m)):
+        if want is not None:
+            model, _ = get_backbone(name, width_multiplier=width, sk_ratio=sk_ratio)
+            assert round(param_count(abstract_init(model, 64)["params"]) / 1e6) == want, (name, width, sk_ratio)
+
+
+def _np_conv(x_BxHxWxC, k_HxWxIxO, stride, pad):
+    """float64 NumPy convolution, NHWC x HWIO, symmetric zero padding `pad`."""
+    x = np.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    kh, kw = k_HxWxIxO.shape[:2]
+    ho, wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], ho, wo, k_HxWxIxO.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+            out += patch @ k_HxWxIxO[i, j]
+    return out
+
+
+def _np_bn_train(x, p, eps=1e-5):
+    """BatchNorm in training mode over every axis but the last (biased variance), float64."""
+    axes = tuple(range(x.ndim - 1))
+    return (x - x.mean(axes)) / np.sqrt(x.var(axes) + eps) * p["scale"] + p["bias"]
+
+
+def _np_resnet_d_pool(x, stride):
+    """The official tf2 ResNet-D shortcut pool, written out window by window."""
+    b, h, w, c = x.shape
+    if stride == 2:  # FixedPadding(2): one zero row/column at the end, then VALID 2x2 windows (zeros counted)
+        x = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return np.stack([np.stack([x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean((1, 2)) for j in range(-(-w // 2))], 1)
+                         for i in range(-(-h // 2))], 1)
+    # SAME 2x2 windows at stride 1: a window past the edge averages only what it holds
+    return np.stack([np.stack([x[:, i:i + 2, j:j + 2].mean((1, 2)) for j in range(w)], 1) for i in range(h)], 1)
+
+
+@pytest.mark.parametrize("strides,size", [(1, 4), (2, 5)])
+def test_selective_kernel_bottleneck_matches_numpy(strides, size):
+    """The whole SK bottleneck in training mode against a float64 NumPy version of the official tf2 block."""
+    f, ratio = 4, 0.5
+    block = BottleneckBlock(filters=f, strides=strides, sk_ratio=ratio, sk_min_dim=3, zero_init_residual=False)
+    x = normal((3, size, size, 6), seed=1)
+    v = init(block, RNG, x, train=False)
+    rs = np.random.default_rng(2)  # random parameters everywhere, so that no term can hide behind an init
+    params = jax.tree.map(lambda a: (rs.standard_normal(a.shape) * 0.5 + (a.ndim == 1)).astype(np.float32),
+                          v["params"])
+    assert params["sk_reduce"]["kernel"].shape == (1, 1, f, 3)  # max(int(4 * 0.5), 3) mixing channels
+    assert params["conv2"]["kernel"].shape == (3, 3, f, 2 * f) and params["sk_expand"]["kernel"].shape == (1, 1, 3, 2 * f)
+    out, _ = apply(block, {"params": params, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x64, relu = x.astype(np.float64), lambda a: np.maximum(a, 0.0)
+    y = relu(_np_bn_train(_np_conv(x64, p["conv1"]["kernel"], 1, 0), p["bn1"]))
+    t = relu(_np_bn_train(_np_conv(y, p["conv2"]["kernel"], strides, 1), p["bn2"]))
+    s1, s2 = t[..., :f], t[..., f:]
+    g = relu(_np_bn_train((s1 + s2).mean((1, 2)) @ p["sk_reduce"]["kernel"][0, 0], p["sk_bn"]))
+    a = g @ p["sk_expand"]["kernel"][0, 0]
+    w1 = 1.0 / (1.0 + np.exp(a[:, f:] - a[:, :f]))  # softmax over the two streams, weight of the first
+    u = w1[:, None, None, :] * s1 + (1.0 - w1[:, None, None, :]) * s2
+    main = _np_bn_train(_np_conv(u, p["conv3"]["kernel"], 1, 0), p["bn3"])
+    short = _np_bn_train(_np_conv(_np_resnet_d_pool(x64, strides), p["downsample_conv"]["kernel"], 1, 0),
+                         p["downsample_bn"])
+    want = relu(main + short)
+    assert out.shape == want.shape == (3, -(-size // strides), -(-size // strides), 4 * f)
+    np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-4)
+
+
+def test_sk_resnet_has_a_resnet_d_stem_and_comes_from_the_config():
+    config = config_lib.load_config("configs/simclr_v2.py:smoke", [
+        "model.name=resnet50", "model.cifar_stem=false", "model.sk_ratio=0.0625"])
+    model = common.backbone(config)
+    assert model.sk_ratio == 0.0625 and common.feature_dim(config) == 2048
+    params = abstract_init(model, 64)["params"]
+    assert [params[n]["kernel"].shape for n in ("conv1", "conv1b", "conv1c")] == [
+        (3, 3, 3, 32), (3, 3, 32, 32), (3, 3, 32, 64)]
+    assert params["layer2_0"]["downsample_conv"]["kernel"].shape == (1, 1, 256, 512)
+    assert params["layer4_2"]["sk_reduce"]["kernel"].shape == (1, 1, 512, 32)  # max(512 * 0.0625, 32)
+
+
+@pytest.mark.parametrize("name,sk_ratio", [("resnet18", 0.0625), ("resnet50", -0.5)])
+def test_sk_needs_a_bottleneck_resnet_and_a_positive_ratio(name, sk_ratio):
+    model, _ = get_backbone(name, sk_ratio=sk_ratio)
+    with pytest.raises(ValueError, match="sk_ratio"):
+        abstract_init(model, 32)

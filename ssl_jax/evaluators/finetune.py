@@ -49,9 +49,7 @@ def head_layers(config, params) -> int:
 
 def _networks(config, num_classes, layers, hidden_width, standardize):
     """Returns (backbone, norm or None, classifier) modules; no BN axis names (global arrays under jit)."""
-    backbone, feature_dim = models.get_backbone(
-        config.model.name, width_multiplier=config.model.width_multiplier, cifar_stem=config.model.cifar_stem,
-        dtype=jnp.dtype(config.model.dtype))
+    backbone, feature_dim = models.backbone_from_config(config.model, dtype=jnp.dtype(config.model.dtype))
     use_bn = bool(config.head.get("use_bn", True)) if "head" in config else True
     classifier = models.MLPHead(hidden_dims=(hidden_width,) * layers, out_dim=num_classes, use_bn=use_bn)
     norm = nn.BatchNorm(use_scale=False, use_bias=False, momentum=0.9, epsilon=1e-5) if standardize else None

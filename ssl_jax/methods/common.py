@@ -21,18 +21,14 @@ def bn_axis(config, axis_name):
 
 def backbone(config, axis_name=None):
     """Returns the flax backbone of config.model, BatchNorm synchronized over `axis_name` when sync_bn."""
-    module, _ = models.get_backbone(
-        config.model.name, width_multiplier=config.model.width_multiplier, cifar_stem=config.model.cifar_stem,
-        dtype=compute_dtype(config), bn_axis_name=bn_axis(config, axis_name),
-        remat=config.model.get("remat", False), remat_policy=config.model.get("remat_policy", "block"),
-        zero_init_residual=config.model.get("zero_init_residual", True))
+    module, _ = models.backbone_from_config(
+        config.model, dtype=compute_dtype(config), bn_axis_name=bn_axis(config, axis_name))
     return module
 
 
 def feature_dim(config):
     """Returns the backbone's representation size."""
-    return models.get_backbone(config.model.name, width_multiplier=config.model.width_multiplier,
-                               cifar_stem=config.model.cifar_stem)[1]
+    return models.backbone_from_config(config.model)[1]
 
 
 def encode(params, batch_stats, images, config):

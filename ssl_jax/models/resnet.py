@@ -6,6 +6,14 @@ is batch_stats `bn1/var`, and so on. Numerics follow torchvision too: symmetric 
 (Flax's "SAME" pads stride-2 convs asymmetrically), the stride in the bottleneck's 3x3 conv (ResNet
 v1.5), bias-free convs, kaiming-normal fan-out init. One known difference: Flax updates the running
 variance with the biased batch variance, torchvision with the unbiased one.
+
+Selective kernels (ResNet.sk_ratio > 0, SimCLR v2's "SK" ResNets) follow the official SimCLR tf2 code
+(resnet.py SK_Conv2D) rather than the SKNet paper: each bottleneck's 3x3 conv becomes two 3x3 streams (one
+conv with twice the filters, split in halves, each stream through BN + ReLU), mixed per channel by a softmax
+over the streams of weights computed from their globally pooled sum (1x1 conv to max(filters * sk_ratio,
+32) channels, BN, ReLU, 1x1 conv back to two x filters). With SK the net is also a ResNet-D, as there: the
+7x7 stem becomes three 3x3 convs (widths w/2, w/2, w; the first strided), and projection shortcuts average-
+pool 2x2 (with the block's stride) before a stride-1 1x1 conv. Such a net has no torchvision counterpart.
 """
 import functools
 from typing import Any, Callable, Sequence
@@ -61,12 +69,18 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    """1x1 -> 3x3 (strided, v1.5) -> 1x1 convs with a shortcut; output width 4 * `filters`."""
+    """1x1 -> 3x3 (strided, v1.5) -> 1x1 convs with a shortcut; output width 4 * `filters`.
+
+    sk_ratio > 0 makes the 3x3 conv a selective kernel (`_selective_kernel`) and the projection shortcut
+    ResNet-D's (module docstring).
+    """
     filters: int
     strides: int = 1
     conv: Callable[..., nn.Module] = _default_conv
     norm: Callable[..., nn.Module] = _default_norm
     zero_init_residual: bool = True
+    sk_ratio: float = 0.0
+    sk_min_dim: int = 32
     expansion = 4
 
     @nn.compact
@@ -75,22 +89,64 @@ class BottleneckBlock(nn.Module):
         last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = _saved(self.conv(self.filters, (1, 1), padding=((0, 0), (0, 0)), name="conv1")(x_BxHxWxC))
         y = nn.relu(self.norm(use_running_average=not train, name="bn1")(y))
-        s = (self.strides, self.strides)
-        y = _saved(self.conv(self.filters, (3, 3), s, padding=_pad(3), name="conv2")(y))
-        y = nn.relu(self.norm(use_running_average=not train, name="bn2")(y))
+        if self.sk_ratio > 0:
+            y = _selective_kernel(self, y, train)
+        else:
+            s = (self.strides, self.strides)
+            y = _saved(self.conv(self.filters, (3, 3), s, padding=_pad(3), name="conv2")(y))
+            y = nn.relu(self.norm(use_running_average=not train, name="bn2")(y))
         y = _saved(self.conv(self.filters * self.expansion, (1, 1), padding=((0, 0), (0, 0)), name="conv3")(y))
         y = self.norm(use_running_average=not train, scale_init=last_scale_init, name="bn3")(y)
         shortcut = _shortcut(self, x_BxHxWxC, self.filters * self.expansion, train)
         return nn.relu(y + shortcut)
 
 
+def _selective_kernel(block: nn.Module, x_BxHxWxC, train: bool):
+    """Returns the selective-kernel 3x3 stage of a bottleneck, B x H/strides x W/strides x block.filters.
+
+    Two 3x3 streams from one conv with 2 x filters outputs (conv2, bn2, ReLU; channels [:f] and [f:]),
+    mixed per channel by softmax-over-streams weights from their pooled sum (sk_reduce, sk_bn, ReLU,
+    sk_expand): the official SimCLR tf2 SK_Conv2D.
+    """
+    f, s = block.filters, (block.strides, block.strides)
+    y = _saved(block.conv(2 * f, (3, 3), s, padding=_pad(3), name="conv2")(x_BxHxWxC))
+    y = nn.relu(block.norm(use_running_average=not train, name="bn2")(y))
+    streams_2xBxHxWxF = jnp.stack([y[..., :f], y[..., f:]])
+    pooled_Bx1x1xF = jnp.mean(streams_2xBxHxWxF.sum(axis=0), axis=(1, 2), keepdims=True)
+    mid = max(int(f * block.sk_ratio), block.sk_min_dim)
+    g = block.conv(mid, (1, 1), padding=((0, 0), (0, 0)), name="sk_reduce")(pooled_Bx1x1xF)
+    g = nn.relu(block.norm(use_running_average=not train, name="sk_bn")(g))
+    logits = block.conv(2 * f, (1, 1), padding=((0, 0), (0, 0)), name="sk_expand")(g)
+    # The softmax over the two streams in float32; the weighted sum back in the compute dtype.
+    logits_2xBx1x1xF = jnp.stack([logits[..., :f], logits[..., f:]]).astype(jnp.float32)
+    mixing = jax.nn.softmax(logits_2xBx1x1xF, axis=0).astype(y.dtype)
+    return jnp.sum(streams_2xBxHxWxF * mixing, axis=0)
+
+
 def _shortcut(block: nn.Module, x_BxHxWxC, out_channels: int, train: bool):
-    """Returns the identity, or a strided 1x1 conv + BN (torchvision's `downsample`) when shapes change."""
+    """Returns the identity, or a strided 1x1 conv + BN (torchvision's `downsample`) when shapes change.
+
+    For a ResNet-D (block.sk_ratio > 0, as in the official SimCLR tf2 code) the projection is a 2x2 average
+    pool with the block's stride, then a stride-1 1x1 conv + BN. Strided: zero-padded at the end to an even
+    size, pool windows not overlapping; stride 1: windows of 2x2 ending past the edge average what they hold.
+    """
     if block.strides == 1 and x_BxHxWxC.shape[-1] == out_channels:
         return x_BxHxWxC
     s = (block.strides, block.strides)
+    if getattr(block, "sk_ratio", 0.0) > 0:
+        x_BxHxWxC = _resnet_d_pool(x_BxHxWxC, block.strides)
+        s = (1, 1)
     x = _saved(block.conv(out_channels, (1, 1), s, padding=((0, 0), (0, 0)), name="downsample_conv")(x_BxHxWxC))
     return block.norm(use_running_average=not train, name="downsample_bn")(x)
+
+
+def _resnet_d_pool(x_BxHxWxC, strides: int):
+    """Returns ResNet-D's shortcut pool: 2x2 average with stride `strides` (official tf2 padding)."""
+    if strides == 1:  # TF's SAME pooling of a 2x2 window: one row/column past the end, not counted
+        return nn.avg_pool(x_BxHxWxC, (2, 2), strides=(1, 1), padding=((0, 1), (0, 1)), count_include_pad=False)
+    # TF's FixedPadding(2) then VALID: pads one zero row/column at the end, which an odd size's last window counts.
+    x = jnp.pad(x_BxHxWxC, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return nn.avg_pool(x, (2, 2), strides=(strides, strides), padding="VALID")
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
@@ -115,6 +171,8 @@ class ResNet(nn.Module):
             memory traded for about one extra forward pass of compute; "convs" its convolutions' outputs too,
             so the backward recomputes only BatchNorm and ReLU (elementwise work, no convolution) and the
             memory saved is what those would have stored.
+        sk_ratio: > 0 gives SimCLR v2's selective-kernel ResNet-D (module docstring; the released "sk1"
+            checkpoints use 0.0625); bottleneck blocks only. sk_min_dim: the smallest SK mixing width.
     """
     stage_sizes: Sequence[int]
     block: str = "basic"
@@ -128,6 +186,8 @@ class ResNet(nn.Module):
     zero_init_residual: bool = True
     remat: bool = False
     remat_policy: str = "block"
+    sk_ratio: float = 0.0
+    sk_min_dim: int = 32
 
     @property
     def feature_dim(self) -> int:
@@ -146,10 +206,19 @@ class ResNet(nn.Module):
             nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
             param_dtype=jnp.float32, axis_name=self.bn_axis_name)
         width = self.base_width * self.width_multiplier
+        if self.sk_ratio < 0 or (self.sk_ratio > 0 and self.block != "bottleneck"):
+            raise ValueError(f"sk_ratio={self.sk_ratio}: selective kernels need a bottleneck ResNet (resnet50, "
+                             f"resnet101, resnet152) and sk_ratio > 0 (SimCLR v2's sk1: 0.0625), or 0 for none.")
 
-        k, s = (3, 1) if self.cifar_stem else (7, 2)
-        x = conv(width, (k, k), (s, s), padding=_pad(k), name="conv1")(jnp.asarray(x_BxHxWxC, self.dtype))
-        x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
+        x = jnp.asarray(x_BxHxWxC, self.dtype)
+        if self.sk_ratio > 0 and not self.cifar_stem:  # ResNet-D stem: three 3x3 convs, the first strided
+            for name, w, s in (("1", width // 2, 2), ("1b", width // 2, 1), ("1c", width, 1)):
+                x = conv(w, (3, 3), (s, s), padding=_pad(3), name=f"conv{name}")(x)
+                x = nn.relu(norm(use_running_average=not train, name=f"bn{name}")(x))
+        else:
+            k, s = (3, 1) if self.cifar_stem else (7, 2)
+            x = conv(width, (k, k), (s, s), padding=_pad(k), name="conv1")(x)
+            x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
         if not self.cifar_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
 
@@ -158,12 +227,13 @@ class ResNet(nn.Module):
             raise ValueError(f"Unknown remat_policy {self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}.")
         if self.remat:  # argument 2 of __call__(self, x, train) is the Python bool `train`: static
             block_cls = nn.remat(block_cls, static_argnums=(2,), policy=REMAT_POLICIES[self.remat_policy])
+        sk = dict(sk_ratio=self.sk_ratio, sk_min_dim=self.sk_min_dim) if self.sk_ratio > 0 else {}
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = block_cls(
                     filters=width * 2 ** i, strides=strides, conv=conv, norm=norm,
-                    zero_init_residual=self.zero_init_residual, name=f"layer{i + 1}_{j}")(x, train)
+                    zero_init_residual=self.zero_init_residual, name=f"layer{i + 1}_{j}", **sk)(x, train)
         # Pool in float32: the features feed losses and evaluators.
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -181,16 +251,28 @@ _ARCHS = {
 
 def get_backbone(name: str, *, width_multiplier: int = 1, cifar_stem: bool = False, dtype: Any = jnp.float32,
                  bn_axis_name: str | None = None, remat: bool = False, remat_policy: str = "block",
-                 zero_init_residual: bool = True) -> tuple[ResNet, int]:
+                 zero_init_residual: bool = True, sk_ratio: float = 0.0) -> tuple[ResNet, int]:
     """Returns (ResNet module, feature dimension D) for an architecture name such as 'resnet50'.
 
     remat=True rematerializes every residual block in the backward pass, keeping what remat_policy says (see
     ResNet.remat, ResNet.remat_policy);
-    zero_init_residual=False starts every BatchNorm scale at 1, as torchvision's default.
+    zero_init_residual=False starts every BatchNorm scale at 1, as torchvision's default;
+    sk_ratio > 0: selective kernels and ResNet-D (ResNet.sk_ratio).
     """
     if name not in _ARCHS:
         raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(_ARCHS)}.")
     model = ResNet(**_ARCHS[name], width_multiplier=width_multiplier, cifar_stem=cifar_stem, dtype=dtype,
                    bn_axis_name=bn_axis_name, remat=remat, remat_policy=remat_policy,
-                   zero_init_residual=zero_init_residual)
+                   zero_init_residual=zero_init_residual, sk_ratio=sk_ratio)
     return model, model.feature_dim
+
+
+def backbone_from_config(model_config, *, dtype: Any = jnp.float32,
+                         bn_axis_name: str | None = None) -> tuple[ResNet, int]:
+    """Returns (ResNet module, D) for a run's config.model (name, width_multiplier, cifar_stem, remat,
+    remat_policy, zero_init_residual, sk_ratio), in compute `dtype` with BatchNorm over `bn_axis_name`."""
+    m = model_config
+    return get_backbone(m.name, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem, dtype=dtype,
+                        bn_axis_name=bn_axis_name, remat=m.get("remat", False),
+                        remat_policy=m.get("remat_policy", "block"),
+                        zero_init_residual=m.get("zero_init_residual", True), sk_ratio=m.get("sk_ratio", 0.0))
