@@ -41,10 +41,11 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
     from ssl_jax import augment, augment_ops  # pylint: disable=import-outside-toplevel  (parent only)
     if config.method != "simclr":
         raise ValueError(f"--torch times the SimCLR step; got method {config.method!r} (use configs/simclr.py)")
-    if config.model.name not in TORCHVISION_RESNETS or config.model.width_multiplier != 1:
+    sk_ratio = config.model.get("sk_ratio", 0.0)
+    if config.model.name not in TORCHVISION_RESNETS or config.model.width_multiplier != 1 or sk_ratio:
         raise ValueError(f"--torch builds a torchvision ResNet: model.name must be one of "
-                         f"{', '.join(TORCHVISION_RESNETS)} with model.width_multiplier=1, got "
-                         f"{config.model.name!r} x {config.model.width_multiplier}")
+                         f"{', '.join(TORCHVISION_RESNETS)} with model.width_multiplier=1 and model.sk_ratio=0, "
+                         f"got {config.model.name!r} x {config.model.width_multiplier}, sk_ratio {sk_ratio:g}")
     view = augment.spec_from_config(config.augment)
     return {
         "images": images_path, "steps": steps, "warmup": warmup, "batch_size": config.batch_size,

@@ -82,8 +82,9 @@ def _epochs(run):
 
 def _backbone(config):
     model = config.get("model", {})
-    name, width = model.get("name", MISSING), model.get("width_multiplier", 1)
-    return name if width == 1 else f"{name} ({width:g}x)"
+    name, width, sk = model.get("name", MISSING), model.get("width_multiplier", 1), model.get("sk_ratio", 0.0)
+    variants = ([] if width == 1 else [f"{width:g}x"]) + ([f"SK {sk:g}"] if sk else [])
+    return f"{name} ({', '.join(variants)})" if variants else name
 
 
 def _device(starts):

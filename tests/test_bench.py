@@ -261,3 +261,6 @@ def test_missing_torch_is_a_clear_error(monkeypatch):
         bench_torch.spec_from_config(config_lib.load_config("configs/byol.py:smoke"), "x.npy", 1, 1)
     with pytest.raises(ValueError, match=r"torchvision ResNet: model.name must be one of resnet18, .* got 'tiny' x 1"):
         bench_torch.spec_from_config(_smoke(), "x.npy", 1, 1)  # the smoke preset's tiny network
+    with pytest.raises(ValueError, match=r"model.sk_ratio=0, got 'resnet50' x 1, sk_ratio 0.0625"):
+        bench_torch.spec_from_config(config_lib.load_config(
+            "configs/simclr.py:imagenet", ["model.sk_ratio=0.0625"]), "x.npy", 1, 1)  # torchvision has no SK

@@ -428,7 +428,8 @@ def test_selective_kernel_bottleneck_matches_numpy(strides, size):
     params = jax.tree.map(lambda a: (rs.standard_normal(a.shape) * 0.5 + (a.ndim == 1)).astype(np.float32),
                           v["params"])
     assert params["sk_reduce"]["kernel"].shape == (1, 1, f, 3)  # max(int(4 * 0.5), 3) mixing channels
-    assert params["conv2"]["kernel"].shape == (3, 3, f, 2 * f) and params["sk_expand"]["kernel"].shape == (1, 1, 3, 2 * f)
+    assert params["conv2"]["kernel"].shape == (3, 3, f, 2 * f)
+    assert params["sk_expand"]["kernel"].shape == (1, 1, 3, 2 * f)
     out, _ = apply(block, {"params": params, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)

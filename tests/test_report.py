@@ -60,7 +60,8 @@ def runs(tmp_path):
     records_b = [_train(5, 10, 2.0, 0.1, 1800.0), _train(10, 10, "nan", 0.2, 3600.0),  # non-finite: logged as text
                  _train(15, 10, 1.5, 0.3, 3725.4), {"step": 15, "epoch": 1.5, "semi10_top1": 0.40}]
     _write_run(b, {"method": "byol", "num_epochs": 100, "batch_size": 4096,
-                   "model": {"name": "resnet50", "width_multiplier": 2}, "data": {"name": "imagenet"}},
+                   "model": {"name": "resnet50", "width_multiplier": 2, "sk_ratio": 0.0625},
+                   "data": {"name": "imagenet"}},
                records_b, [{"started": "2025-04-05T23:59:59+02:00", "start_step": 0, "devices": 32,
                             "device_kind": "TPU v4", "processes": 4, "jax_version": "0.10.2"}])
     return a, b
@@ -92,7 +93,7 @@ def test_table_rows_are_exact_and_newest_evaluation_wins(runs, tmp_path):
          "kNN top-1": "62.5", "linear top-1": "71.2", "linear full top-1": DASH, "semi 1% top-1": DASH,
          "semi 10% top-1": DASH, "wall time": "1:00:00", "device": "NVIDIA H100 x1",
          "started (UTC)": "2025-03-01 10:00"},
-        {"run": "byol_r50x2", "method": "byol", "backbone": "resnet50 (2x)", "epochs": "1.5/100",
+        {"run": "byol_r50x2", "method": "byol", "backbone": "resnet50 (2x, SK 0.0625)", "epochs": "1.5/100",
          "batch": "4096", "kNN top-1": DASH, "linear top-1": DASH, "linear full top-1": DASH,
          "semi 1% top-1": DASH, "semi 10% top-1": "40.0", "wall time": "1:02:05",
          "device": "TPU v4 x32 (4 processes)", "started (UTC)": "2025-04-05 21:59"}]
