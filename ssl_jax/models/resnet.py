@@ -97,7 +97,7 @@ class BottleneckBlock(nn.Module):
             y = nn.relu(self.norm(use_running_average=not train, name="bn2")(y))
         y = _saved(self.conv(self.filters * self.expansion, (1, 1), padding=((0, 0), (0, 0)), name="conv3")(y))
         y = self.norm(use_running_average=not train, scale_init=last_scale_init, name="bn3")(y)
-        shortcut = _shortcut(self, x_BxHxWxC, self.filters * self.expansion, train)
+        shortcut = _shortcut(self, x_BxHxWxC, self.filters * self.expansion, train, resnet_d=self.sk_ratio > 0)
         return nn.relu(y + shortcut)
 
 
@@ -111,29 +111,29 @@ def _selective_kernel(block: nn.Module, x_BxHxWxC, train: bool):
     f, s = block.filters, (block.strides, block.strides)
     y = _saved(block.conv(2 * f, (3, 3), s, padding=_pad(3), name="conv2")(x_BxHxWxC))
     y = nn.relu(block.norm(use_running_average=not train, name="bn2")(y))
-    streams_2xBxHxWxF = jnp.stack([y[..., :f], y[..., f:]])
-    pooled_Bx1x1xF = jnp.mean(streams_2xBxHxWxF.sum(axis=0), axis=(1, 2), keepdims=True)
+    stream1, stream2 = y[..., :f], y[..., f:]
+    pooled_Bx1x1xF = jnp.mean(stream1 + stream2, axis=(1, 2), keepdims=True)
     mid = max(int(f * block.sk_ratio), block.sk_min_dim)
     g = block.conv(mid, (1, 1), padding=((0, 0), (0, 0)), name="sk_reduce")(pooled_Bx1x1xF)
     g = nn.relu(block.norm(use_running_average=not train, name="sk_bn")(g))
     logits = block.conv(2 * f, (1, 1), padding=((0, 0), (0, 0)), name="sk_expand")(g)
-    # The softmax over the two streams in float32; the weighted sum back in the compute dtype.
+    # The softmax over the two streams in float32 (B x 1 x 1 x F each); the weighted sum in the compute dtype.
     logits_2xBx1x1xF = jnp.stack([logits[..., :f], logits[..., f:]]).astype(jnp.float32)
     mixing = jax.nn.softmax(logits_2xBx1x1xF, axis=0).astype(y.dtype)
-    return jnp.sum(streams_2xBxHxWxF * mixing, axis=0)
+    return stream1 * mixing[0] + stream2 * mixing[1]
 
 
-def _shortcut(block: nn.Module, x_BxHxWxC, out_channels: int, train: bool):
+def _shortcut(block: nn.Module, x_BxHxWxC, out_channels: int, train: bool, resnet_d: bool = False):
     """Returns the identity, or a strided 1x1 conv + BN (torchvision's `downsample`) when shapes change.
 
-    For a ResNet-D (block.sk_ratio > 0, as in the official SimCLR tf2 code) the projection is a 2x2 average
+    For a ResNet-D (resnet_d: an SK bottleneck, as in the official SimCLR tf2 code) the projection is a 2x2 average
     pool with the block's stride, then a stride-1 1x1 conv + BN. Strided: zero-padded at the end to an even
     size, pool windows not overlapping; stride 1: windows of 2x2 ending past the edge average what they hold.
     """
     if block.strides == 1 and x_BxHxWxC.shape[-1] == out_channels:
         return x_BxHxWxC
     s = (block.strides, block.strides)
-    if getattr(block, "sk_ratio", 0.0) > 0:
+    if resnet_d:
         x_BxHxWxC = _resnet_d_pool(x_BxHxWxC, block.strides)
         s = (1, 1)
     x = _saved(block.conv(out_channels, (1, 1), s, padding=((0, 0), (0, 0)), name="downsample_conv")(x_BxHxWxC))
