@@ -235,6 +235,23 @@ def test_codes_carry_no_gradient():
     assert np.abs(g_method["prototypes"]["kernel"]).max() > 1e-5
 
 
+def test_prototypes_get_the_full_gradient_not_its_tangent_projection():
+    # Official SwAV renormalises the prototypes in place and then uses the raw weights, so their gradient
+    # is d loss / d W; differentiating through the normalisation would remove each column's radial part.
+    config = _config("swav.queue_length=0", "swav.num_small_crops=0")
+    progress = {"step": jnp.int32(5), "steps_per_epoch": 1, "total_steps": 10}  # after the freeze
+    params, _ = _init()
+    z = losses.l2_normalize(jax.random.normal(jax.random.PRNGKey(3), (16, config.head.out_dim)))
+    codes = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(4), (16, config.swav.num_prototypes)), axis=1)
+    loss_of = lambda w: jnp.sum(jax.nn.log_softmax(z @ w / 0.1, axis=1) * codes)  # noqa: E731
+    ours = jax.grad(lambda p: loss_of(swav.prototype_matrix(p, progress, config)))(params)["prototypes"]["kernel"]
+    w = np.asarray(params["prototypes"]["kernel"])  # unit columns, as after every project_params
+    full = np.asarray(jax.grad(loss_of)(jnp.asarray(w)))
+    np.testing.assert_allclose(ours, full, rtol=1e-5, atol=1e-7)
+    radial_P = np.sum(full * w, axis=0)  # the part a gradient through the norm would have removed
+    assert np.abs(radial_P).max() > 1e-3
+
+
 def test_project_params_renormalises_prototype_columns():
     config = _config()
     params, _ = _init()

@@ -16,8 +16,8 @@ src/multicropdataset.py):
     official forward does. The projection head runs once on the features of all crops together.
   - Prototypes: the official loop copies W / ||W|| into the layer before every forward. Here the trainer
     calls `project_params` after every optimizer update (the optional post-update hook of the method
-    contract), and the forward normalises as well (`prototype_matrix`), so the scores are the official ones
-    and the optimizer sees unit-norm weights, as it does there.
+    contract), and the forward divides by the columns' norms as constants (`prototype_matrix`), so the scores
+    and the gradient are the official ones and the optimizer sees unit-norm weights, as it does there.
   - Frozen prototypes: for the first freeze_prototypes_epochs x steps_per_epoch steps (official: 313
     iterations, one ImageNet epoch at batch 4096) the prototypes enter the loss through stop_gradient, so
     their gradient is exactly zero. The official code drops the gradient (`p.grad = None`), so the optimizer
@@ -122,7 +122,12 @@ def prototype_matrix(params, progress, config):
     n_frozen = freeze_steps(config, progress["steps_per_epoch"])
     if n_frozen > 0:
         kernel = jnp.where(progress["step"] < n_frozen, jax.lax.stop_gradient(kernel), kernel)
-    return losses.l2_normalize(kernel.astype(jnp.float32), axis=0)
+    kernel = kernel.astype(jnp.float32)
+    # Divided by its norm as a constant: the scores are those of unit columns, and the gradient is the full
+    # gradient w.r.t. the columns, as official SwAV's (it renormalises in place, then uses the raw weights),
+    # not its projection onto the sphere's tangent plane that differentiating through the norm would give.
+    norm_1xP = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=0, keepdims=True))
+    return kernel / jax.lax.stop_gradient(jnp.maximum(norm_1xP, 1e-12))
 
 
 def _embed(params, batch_stats, views, config, axis_name):
