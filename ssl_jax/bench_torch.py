@@ -51,6 +51,7 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
         "images": images_path, "steps": steps, "warmup": warmup, "batch_size": config.batch_size,
         "arch": config.model.name, "cifar_stem": bool(config.model.cifar_stem),
         "zero_init_residual": bool(config.model.get("zero_init_residual", True)),
+        "conv_init": config.model.get("conv_init", "torchvision"),
         "bf16": config.model.dtype == "bfloat16", "compile": bool(compile_model),
         "head_layers": config.head.num_layers, "head_hidden": config.head.hidden_dim, "head_out": config.head.out_dim,
         "temperature": config.loss.temperature, "lr": config.optim.lr, "weight_decay": config.optim.weight_decay,
@@ -81,12 +82,17 @@ def run_subprocess(config, images, steps, warmup, compile_model=False, max_image
 
 def network(torch, torchvision, spec):
     """Returns torchvision's ResNet (fc removed, CIFAR stem if asked, each block's last BatchNorm scale at 0
-    if the config's is) followed by the projection MLP."""
+    if the config's is, convs re-initialised with nn.Conv2d's default for conv_init "pytorch") followed by the
+    projection MLP."""
     nn = torch.nn
     backbone = getattr(torchvision.models, spec["arch"])(zero_init_residual=spec.get("zero_init_residual", False))
     if spec["cifar_stem"]:
         backbone.conv1 = nn.Conv2d(3, backbone.conv1.out_channels, 3, 1, 1, bias=False)
         backbone.maxpool = nn.Identity()
+    if spec.get("conv_init", "torchvision") == "pytorch":
+        for module in backbone.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
     width, backbone.fc = backbone.fc.in_features, nn.Identity()
     hidden = spec["head_hidden"] or width
     layers, d = [], width

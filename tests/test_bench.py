@@ -250,6 +250,13 @@ def test_pytorch_simclr_step_runs_on_the_same_images():
         assert spec["zero_init_residual"] is zero
         assert float(net[0].layer1[0].bn2.weight.detach().abs().max()) == (0.0 if zero else 1.0)
         assert float(net[0].layer1[0].bn1.weight.detach().min()) == 1.0
+    # conv_init "pytorch": every conv back at nn.Conv2d's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    for conv_init in ("torchvision", "pytorch"):
+        spec = bench_torch.spec_from_config(
+            config_lib.load_config("configs/simclr.py:cifar10", [f"model.conv_init={conv_init}"]), "x.npy", 1, 1)
+        w = bench_torch.network(torch, torchvision, spec)[0].layer1[0].conv1.weight.detach().numpy()
+        bound = 1.0 / np.sqrt(w[0].size)
+        assert bool(np.abs(w).max() <= bound * (1.0 + 1e-6)) is (conv_init == "pytorch")
 
 
 def test_missing_torch_is_a_clear_error(monkeypatch):

@@ -204,6 +204,29 @@ def test_zero_init_residual_can_be_switched_off_from_the_config():
         np.testing.assert_array_equal(params["layer1_0"]["bn1"]["scale"], 1.0)
 
 
+def test_conv_init_follows_torchvision_or_pytorchs_conv2d_default():
+    x = jnp.zeros((1, 32, 32, 3))
+    for conv_init in ("torchvision", "pytorch"):
+        config = config_lib.load_config("configs/simclr.py:cifar10", [f"model.conv_init={conv_init}"])
+        params = init(common.backbone(config), RNG, x, train=False)["params"]
+        kernels = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(w)
+                   for path, w in jax.tree_util.tree_leaves_with_path(params) if w.ndim == 4}
+        assert len(kernels) == 20  # stem, 16 block convs, 3 downsample convs
+        for name, w_HxWxIxO in kernels.items():
+            h, w, fan_in, fan_out = w_HxWxIxO.shape
+            fan_in, fan_out = h * w * fan_in, h * w * fan_out
+            if conv_init == "torchvision":  # kaiming_normal_(mode="fan_out", nonlinearity="relu")
+                want_std = np.sqrt(2.0 / fan_out)
+            else:  # nn.Conv2d.reset_parameters: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                want_std = np.sqrt(1.0 / (3.0 * fan_in))
+                assert np.abs(w_HxWxIxO).max() <= (1.0 + 1e-6) / np.sqrt(fan_in), name
+            tol = 4.0 / np.sqrt(w_HxWxIxO.size)  # a few standard errors of a sample std (relative)
+            assert abs(w_HxWxIxO.std() / want_std - 1.0) < max(tol, 0.02), (name, w_HxWxIxO.std(), want_std)
+    with pytest.raises(ValueError, match="conv_init"):
+        config = config_lib.load_config("configs/simclr.py:smoke", ["model.conv_init=xavier"])
+        init(common.backbone(config), RNG, jnp.zeros((1, 8, 8, 3)), train=False)
+
+
 def test_zero_init_residual_blocks_start_as_shortcut():
     eps = 1e-5
     x = np.maximum(normal((2, 8, 8, 16)), 0.0)  # block inputs follow a ReLU
@@ -296,6 +319,15 @@ def test_mlp_head_last_bn_and_no_bn():
     h = np.maximum(x @ p["dense0"]["kernel"] + p["dense0"]["bias"], 0)
     want = h @ p["dense1"]["kernel"] + p["dense1"]["bias"]
     np.testing.assert_allclose(apply(plain, vp, x, train=True), want, rtol=1e-4, atol=1e-4)
+
+    # Affine output BN (last_bn_scale and last_bn_bias): standardised, then scale * x + bias per feature.
+    affine = MLPHead(hidden_dims=(16,), out_dim=6, last_bn=True, last_bn_scale=True, last_bn_bias=True)
+    va = init(affine, RNG, x, train=False)
+    assert set(va["params"]["bn1"]) == {"scale", "bias"} and set(va["params"]["dense1"]) == {"kernel"}
+    va["params"]["bn1"] = {"scale": jnp.full((6,), 2.0), "bias": jnp.arange(6.0)}
+    out_a, _ = apply(affine, va, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.mean(out_a, 0), np.arange(6.0), atol=1e-4)
+    np.testing.assert_allclose(np.var(out_a, 0), 4.0, rtol=1e-3)
 
     bf16 = MLPHead(hidden_dims=(16,), out_dim=6, last_bn=True, dtype=jnp.bfloat16)
     out16, st16 = apply(bf16, v, x, train=True, mutable=["batch_stats"])

@@ -33,7 +33,9 @@ class MLPHead(nn.Module):
       last_bn: BatchNorm without bias on the output (the output Dense then has no bias), as
         BYOL / SimSiam / MoCo v3 / SimCLR v2 do.
       last_bn_scale: give that output BatchNorm a learnable scale (SimCLR v2's TF head: center=False,
-        scale=True); without it the output BN has neither scale nor bias (SimSiam).
+        scale=True); without it (and without last_bn_bias) the output BN has neither scale nor bias (SimSiam).
+      last_bn_bias: give that output BatchNorm a learnable bias; with last_bn_scale it is an affine
+        BatchNorm1d (lightly's CIFAR-10 SimSiam projector).
       dtype: compute dtype; parameters and BN statistics stay float32, outputs are float32.
       bn_axis_name: mesh axis over which BN averages batch statistics (None: local batch).
       torch_init: initialise the Dense layers as torch.nn.Linear does (see `torch_linear_kernel_init`);
@@ -44,6 +46,7 @@ class MLPHead(nn.Module):
     use_bn: bool = True
     last_bn: bool = False
     last_bn_scale: bool = False
+    last_bn_bias: bool = False
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
@@ -78,7 +81,7 @@ class MLPHead(nn.Module):
         n = len(self.hidden_dims)
         x = self._dense(self.out_dim, not self.last_bn, x.shape[-1], f"dense{n}")(x)
         if self.last_bn:
-            x = self._bn(train, f"bn{n}", scale=self.last_bn_scale, bias=False)(x)
+            x = self._bn(train, f"bn{n}", scale=self.last_bn_scale, bias=self.last_bn_bias)(x)
         out_BxO = x.astype(jnp.float32)
         return (out_BxO, hidden) if return_hidden else out_BxO
 

@@ -25,6 +25,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"); JAX's "normal" is untruncated too.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# ResNet.conv_init: "torchvision" (torchvision.models.resnet's explicit init), or "pytorch" (what nn.Conv2d
+# starts with when nothing re-initialises it: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+# as in lightly's ResNetGenerator). Every conv is followed by BatchNorm, so the init's scale sets the initial
+# effective learning rate (proportional to 1 / ||w||^2): the "pytorch" weights are sqrt(6) times smaller for a
+# 3x3 conv with as many inputs as outputs.
+CONV_INITS = {"torchvision": conv_kernel_init,
+              "pytorch": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")}
 
 # What the blocks use when built on their own; ResNet passes its own (dtype, BN axis, momentum).
 _default_conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
@@ -165,6 +172,7 @@ class ResNet(nn.Module):
         dtype: compute dtype (e.g. jnp.bfloat16); parameters and BatchNorm statistics stay float32.
         bn_axis_name: mesh axis over which BatchNorm averages its batch statistics (None: local batch).
         zero_init_residual: start each block's last BN scale at 0 so the block starts as its shortcut.
+        conv_init: the convolutions' initialisation, a key of CONV_INITS.
         remat: recompute each residual block's activations in the backward pass instead of storing them
             (nn.remat), for large ResNet-50 / 224 batches on one GPU; numerics are unchanged.
         remat_policy: what a rematerialized block keeps (REMAT_POLICIES): "block" only its input, activation
@@ -184,6 +192,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     zero_init_residual: bool = True
+    conv_init: str = "torchvision"
     remat: bool = False
     remat_policy: str = "block"
     sk_ratio: float = 0.0
@@ -200,8 +209,10 @@ class ResNet(nn.Module):
         """Returns pooled features B x feature_dim in float32."""
         if self.block not in BLOCKS:
             raise ValueError(f"Unknown ResNet block {self.block!r}; expected one of {sorted(BLOCKS)}.")
-        conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init)
+        if self.conv_init not in CONV_INITS:
+            raise ValueError(f"Unknown conv_init {self.conv_init!r}; expected one of {sorted(CONV_INITS)}.")
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                                 kernel_init=CONV_INITS[self.conv_init])
         norm = functools.partial(
             nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
             param_dtype=jnp.float32, axis_name=self.bn_axis_name)
@@ -251,28 +262,30 @@ _ARCHS = {
 
 def get_backbone(name: str, *, width_multiplier: int = 1, cifar_stem: bool = False, dtype: Any = jnp.float32,
                  bn_axis_name: str | None = None, remat: bool = False, remat_policy: str = "block",
-                 zero_init_residual: bool = True, sk_ratio: float = 0.0) -> tuple[ResNet, int]:
+                 zero_init_residual: bool = True, sk_ratio: float = 0.0,
+                 conv_init: str = "torchvision") -> tuple[ResNet, int]:
     """Returns (ResNet module, feature dimension D) for an architecture name such as 'resnet50'.
 
     remat=True rematerializes every residual block in the backward pass, keeping what remat_policy says (see
     ResNet.remat, ResNet.remat_policy);
     zero_init_residual=False starts every BatchNorm scale at 1, as torchvision's default;
-    sk_ratio > 0: selective kernels and ResNet-D (ResNet.sk_ratio).
+    sk_ratio > 0: selective kernels and ResNet-D (ResNet.sk_ratio); conv_init: a key of CONV_INITS.
     """
     if name not in _ARCHS:
         raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(_ARCHS)}.")
     model = ResNet(**_ARCHS[name], width_multiplier=width_multiplier, cifar_stem=cifar_stem, dtype=dtype,
                    bn_axis_name=bn_axis_name, remat=remat, remat_policy=remat_policy,
-                   zero_init_residual=zero_init_residual, sk_ratio=sk_ratio)
+                   zero_init_residual=zero_init_residual, sk_ratio=sk_ratio, conv_init=conv_init)
     return model, model.feature_dim
 
 
 def backbone_from_config(model_config, *, dtype: Any = jnp.float32,
                          bn_axis_name: str | None = None) -> tuple[ResNet, int]:
     """Returns (ResNet module, D) for a run's config.model (name, width_multiplier, cifar_stem, remat,
-    remat_policy, zero_init_residual, sk_ratio), in compute `dtype` with BatchNorm over `bn_axis_name`."""
+    remat_policy, zero_init_residual, sk_ratio, conv_init), in compute `dtype` with BatchNorm over `bn_axis_name`."""
     m = model_config
     return get_backbone(m.name, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem, dtype=dtype,
                         bn_axis_name=bn_axis_name, remat=m.get("remat", False),
                         remat_policy=m.get("remat_policy", "block"),
-                        zero_init_residual=m.get("zero_init_residual", True), sk_ratio=m.get("sk_ratio", 0.0))
+                        zero_init_residual=m.get("zero_init_residual", True), sk_ratio=m.get("sk_ratio", 0.0),
+                        conv_init=m.get("conv_init", "torchvision"))
