@@ -12,13 +12,17 @@ ResNet-50, batch 4096, multi-crop 2 x 224 (scale 0.14-1) + 6 x 96 (scale 0.05-0.
 blur p 0.5 on every crop, projection head 2048 -> 128, 3000 prototypes, temperature 0.1, Sinkhorn epsilon 0.05
 with 3 iterations, prototypes frozen for the first epoch (313 iterations), no queue, LARS (eta 1e-3, momentum
 0.9, applied to every parameter as apex's LARC is there) with lr 4.8 = 0.3 x batch/256, final lr 0.0048, weight
-decay 1e-6, 10 warm-up epochs (from 0 here; the official warm-up starts at 0.3). For batch 256 the official
-scripts add a queue of 3840 embeddings from epoch 15: `--config.batch_size=256 --config.swav.queue_length=3840
+decay 1e-6, 10 warm-up epochs (from 0 here; the official warm-up starts at 0.3). The official batch-256 script
+(swav_200ep_bs256_pretrain.sh) has base lr 0.6 without warm-up, final lr 0.0006, prototypes frozen for 5005
+iterations (one epoch) and a queue of 3840 embeddings from epoch 15: `--config.batch_size=256
+--config.optim.lr=0.6 --config.optim.warmup_epochs=0 --config.swav.queue_length=3840
 --config.swav.queue_start_epoch=15` (3840 is a multiple of 256).
-cifar10 follows lightly's cifar10 benchmark (ResNet-18, batch 512, 200 epochs: 512 prototypes, head 512 -> 128,
-large crops of 32 with scale 0.14-1, no blur, Adam lr 1e-3 x batch/128 = 2e-3 x batch/256 with weight decay 1e-6
-and cosine decay without warm-up; solo-learn's cifar swav.yaml also uses two 32-pixel crops) and adds the
-multi-crop of the paper scaled to CIFAR: 6 x 16 crops with scale 0.05-0.14, and the one-epoch prototype freeze.
+cifar10 follows lightly's CIFAR-10 benchmark (`presets.lightly_cifar10`; ResNet-18, batch 512, 200 epochs):
+512 prototypes, head 512 -> 512 -> 128 with BatchNorm, large crops of 32 with scale 0.14-1, colour strength
+0.5, no blur, Adam lr 1e-3 x batch/128 = 2e-3 x batch/256 with weight decay 1e-6 and cosine decay without
+warm-up, no prototype freeze (lightly's default; with Adam, whose step count is shared by every parameter, a
+freeze would also skew the prototypes' first updates after it). To lightly's two crops (solo-learn's CIFAR
+recipe also has two) it adds the multi-crop of the paper scaled to CIFAR: 6 x 16 crops with scale 0.05-0.14.
 Neither library uses small crops on CIFAR-10; their two-crop recipe is `--config.swav.num_small_crops=0`.
 """
 import ml_collections
@@ -38,7 +42,12 @@ def get_config(arg="cifar10"):
     c.augment.update(dict(min_scale=0.14, max_scale=1.0, blur_p=0.0))
     c.optim.update(dict(name="adamw", lr=2e-3, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=0,
                         exclude_bias_and_norm=False))
-    if arg == "imagenet":
+    if arg == "cifar10":  # lightly's SwAV model (docstring), plus the small crops
+        presets.lightly_cifar10(c)
+        c.augment.min_scale = 0.14
+        c.swav.freeze_prototypes_epochs = 0
+        c.optim.update(dict(name="adamw", lr=2e-3, weight_decay=1e-6))
+    elif arg == "imagenet":
         c.head.hidden_dim = 2048
         c.swav.update(dict(num_prototypes=3000, small_crop_size=96))
         c.augment.update(dict(jitter_strength=1.0, blur_p=0.5))

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ssl_jax import config as config_lib
 from ssl_jax.methods import byol
@@ -85,12 +86,45 @@ def test_loss_pairs_views_and_the_target_gets_no_gradient():
     assert max(jax.tree.leaves(moved)) > 0
 
 
+def test_cifar10_preset_takes_lightlys_sgd_steps_for_a_loss_four_times_as_large():
+    # lightly's BYOL: loss 0.5 (-cos - cos), torch SGD lr 0.06 x 512/128, momentum 0.9, weight decay 5e-4,
+    # cosine decay. Ours: (2 - 2 cos) + (2 - 2 cos), 4x its gradient. The preset's optimizer fed 4x a gradient
+    # must move the parameters exactly as torch SGD with lightly's values, written out here in NumPy.
+    from ssl_jax import optim  # pylint: disable=import-outside-toplevel
+    config = config_lib.load_config(f"{CONFIG}:cifar10")
+    steps_per_epoch, epochs = 5, 4
+    tx, _ = optim.make_optimizer(config.optim, config.batch_size, steps_per_epoch, epochs)
+    rs = np.random.RandomState(0)
+    target = {"dense": {"kernel": rs.randn(3, 4), "bias": rs.randn(4)}, "bn": {"scale": rs.randn(4)}}
+    params = jax.tree.map(lambda t: (t + rs.randn(*t.shape)).astype(np.float32), target)
+
+    def lightly_grad(p):  # any smooth loss; the test only needs it to depend on the parameters
+        return jax.tree.map(lambda w, t: (w - t) - 0.3 * np.sin(w), p, target)
+
+    ours, state = params, tx.init(params)
+    ref, velocity = jax.tree.map(np.float64, params), jax.tree.map(np.zeros_like, params)
+    total = steps_per_epoch * epochs
+    for step in range(total):
+        updates, state = tx.update(jax.tree.map(lambda g: 4.0 * g, lightly_grad(ours)), state, ours)
+        ours = jax.tree.map(lambda w, u: w + u, ours, updates)
+        lr = 0.06 * config.batch_size / 128 * 0.5 * (1.0 + math.cos(math.pi * step / total))
+        d_p = jax.tree.map(lambda g, w: g + 5e-4 * w, lightly_grad(ref), ref)
+        velocity = jax.tree.map(lambda v, d: 0.9 * v + d, velocity, d_p)
+        ref = jax.tree.map(lambda w, v: w - lr * v, ref, velocity)
+    _assert_trees_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(params))) > 0.1
+
+
 def test_tau_schedule_and_ema_update_match_numpy():
     total, base = 1000, 0.996
     for step, expected in ((0, base), (total // 2, 1 - (1 - base) / 2), (total, 1.0), (2 * total, 1.0)):
         np.testing.assert_allclose(float(byol.target_tau(step, total, base)), expected, rtol=0, atol=1e-7)
     np.testing.assert_allclose(float(byol.target_tau(137, total, base)),
                                1 - (1 - base) * (math.cos(math.pi * 137 / total) + 1) / 2, atol=1e-7)
+    for step in (0, 137, total, 2 * total):  # lightly's CIFAR-10 schedule: tau_base throughout
+        assert float(byol.target_tau(step, total, 0.99, "constant")) == np.float32(0.99)
+    with pytest.raises(ValueError, match="tau_schedule"):
+        byol.target_tau(0, total, base, "linear")
 
     rs = np.random.RandomState(0)
 

@@ -27,6 +27,33 @@ def test_preset_values_follow_the_issue():
     assert (i.model.zero_init_residual, i.optim.warmup_epochs, i.optim.exclude_bias_and_norm) == (True, 10, True)
 
 
+# What lightly's CIFAR-10 benchmark (27.03.2023) trains each method with, in its own terms: optimizer, lr at
+# batch 512 and weight decay (BYOL: lightly's 0.24 and 5e-4 for its loss, which has 1/4 of our loss's gradient).
+LIGHTLY_OPTIM = {"simclr": ("sgd", 0.24, 5e-4), "byol": ("sgd", 0.24 / 4, 5e-4 * 4), "simsiam": ("sgd", 0.06, 5e-4),
+                 "swav": ("adamw", 4e-3, 1e-6), "barlow_twins": ("sgd", 0.24, 5e-4)}
+
+
+@pytest.mark.parametrize("method", sorted(LIGHTLY_OPTIM))
+def test_cifar10_presets_follow_lightlys_benchmark(method):
+    from ssl_jax import optim  # pylint: disable=import-outside-toplevel
+    c = config_lib.load_config(f"configs/{method}.py:cifar10")
+    assert (c.model.name, c.model.cifar_stem, c.batch_size, c.num_epochs) == ("resnet18", True, 512, 200)
+    assert (c.model.zero_init_residual, c.model.conv_init) == (False, "pytorch")
+    name, lr_512, wd = LIGHTLY_OPTIM[method]
+    assert (c.optim.name, c.optim.weight_decay) == (name, wd)
+    assert optim.scaled_learning_rate(c.optim.lr, c.batch_size, c.optim.lr_scaling) == pytest.approx(lr_512)
+    assert (c.optim.warmup_epochs, c.optim.end_lr_factor, c.optim.exclude_bias_and_norm) == (0, 0.0, False)
+    assert c.optim.fixed_lr_prefixes == () and c.optim.get("bias_lr_factor", 1.0) == 1.0
+    # SimCLRTransform(cj_strength=0.5, gaussian_blur=0), the same for both views; SimSiam's crops from 0.2,
+    # SwAV's from 0.14.
+    assert (c.augment.jitter_strength, c.augment.jitter, c.augment.jitter_p) == (0.5, (), 0.8)
+    assert c.augment.grayscale_p == 0.2
+    assert (c.augment.blur_p, c.augment.solarize_p) == (0.0, 0.0)
+    assert c.augment.min_scale == {"simsiam": 0.2, "swav": 0.14}.get(method, 0.08)
+    second_view = c.get(method, {})
+    assert second_view.get("view2_blur_p", 0.0) == second_view.get("view2_solarize_p", 0.0) == 0.0
+
+
 def test_overrides_are_typed():
     c = config_lib.load_config(f"{SIMCLR}:smoke", [
         "optim.lr=0.5", "num_epochs=7", "data.path=/x/y.tar", "data.resident=false", "augment.mean=(0.1,0.2,0.3)"])

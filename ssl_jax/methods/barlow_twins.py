@@ -3,7 +3,7 @@
 Follows the final official main.py (facebookresearch/barlowtwins); the method contract is the one in simclr.py.
 - Projector: (Dense -> BN -> ReLU) x (num_layers - 1), then Dense; 8192-8192-8192 for ImageNet. The official
   last Linear has no bias and ours has one (models.MLPHead); it is cancelled exactly by the standardisation
-  in the loss, so its gradient is zero and it stays at its initial zeros.
+  in the loss, so its gradient is zero and it keeps its initial values.
 - Each view goes through the network on its own, as the official forward does: BatchNorm normalises each
   view with that view's (global-batch) statistics, and the running statistics are updated twice per step,
   view 1 then view 2, as two torch forward passes do. (SimCLR instead concatenates both views.)
@@ -12,6 +12,11 @@ Follows the final official main.py (facebookresearch/barlowtwins); the method co
   `--scale-loss 0.024` and folded it into the bias/BN learning rate, 0.0048 = 0.2 x 0.024. That is our
   `optim.bias_lr_factor`. The weights' LARS step is normalised by the trust ratio, so the scale only moves
   weight decay relative to the gradient there (the final main.py keeps the same weight decay without it).
+  One official quirk is not copied: its `all_reduce(c)` carries no gradient, so each GPU backpropagates the
+  global loss through its own share of c only, and DDP then averages over the W GPUs: every step takes 1/W
+  of the exact gradient, which ours is. The official run on W GPUs is ours with weight decay x W and
+  bias_lr_factor / W (under LARS a gradient 1/W as large is the same as weight decay x W; biases and BatchNorm
+  are outside LARS and take the raw step).
 - Views: asymmetric, BYOL's recipe as the official Transform: blur with p = 1.0 / 0.1 and solarisation with
   p = 0.0 / 0.2 for view 1 / view 2. config.augment describes view 1; config.barlow_twins.view2_blur_p and
   view2_solarize_p are where view 2 differs (the convention of methods/byol.py).

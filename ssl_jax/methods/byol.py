@@ -15,7 +15,8 @@ Decisions checked against the official JAX code (deepmind-research/byol, byol_ex
     parameters are EMA'd. The running averages are never used in training; they are kept so a target
     network could be evaluated.
   - tau(k) = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 with K the total number of steps (schedules.py);
-    the update after step k uses tau(k).
+    the update after step k uses tau(k). `config.byol.tau_schedule="constant"` keeps tau = tau_base instead
+    (lightly's CIFAR-10 benchmark: 0.99 throughout).
   - The target starts as a copy of the online network, as in the PyTorch ports (lightly, solo-learn). The
     official code initialises it from a different seed and notes no significant difference.
   - The EMA uses the online parameters after this step's update, as the official `_update_fn` does.
@@ -65,8 +66,17 @@ def init(rng, config, sample_images):
     return params, stats, {"target": {name: params[name] for name in TARGET_PARTS}}
 
 
-def target_tau(step, total_steps, tau_base):
-    """Returns the EMA decay tau(step) = 1 - (1 - tau_base) (cos(pi step / total_steps) + 1) / 2, float32."""
+TAU_SCHEDULES = ("constant", "cosine")
+
+
+def target_tau(step, total_steps, tau_base, schedule="cosine"):
+    """Returns the EMA decay at `step`, float32: for schedule "cosine" (BYOL's)
+    tau = 1 - (1 - tau_base) (cos(pi step / total_steps) + 1) / 2, rising from tau_base to 1; for "constant"
+    tau_base."""
+    if schedule not in TAU_SCHEDULES:
+        raise ValueError(f"Unknown byol.tau_schedule {schedule!r}; expected one of {TAU_SCHEDULES}.")
+    if schedule == "constant":
+        return jnp.float32(tau_base)
     k = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps)
     return 1.0 - (1.0 - tau_base) * (jnp.cos(jnp.pi * k / total_steps) + 1.0) / 2.0
 
@@ -121,17 +131,23 @@ def embedding_loss(params, emb, side, extras, rng, progress, *, config, axis_nam
     """Returns the symmetrised BYOL loss (global batch mean), metrics and aux."""
     del params, side, extras, rng
     value = losses.byol_loss(emb["p1"], emb["t2"], axis_name) + losses.byol_loss(emb["p2"], emb["t1"], axis_name)
-    metrics = {"tau": target_tau(progress["step"], progress["total_steps"], config.byol.tau_base)}
+    metrics = {"tau": _tau(progress, config)}
     return value, (metrics, {"features": emb["features"], "embeddings": emb["z1"]})
 
 
 loss = common.composed_loss(embed, embedding_loss)
 
 
+def _tau(progress, config):
+    """Returns the EMA decay of the update after step progress["step"] (config.byol's schedule)."""
+    return target_tau(progress["step"], progress["total_steps"], config.byol.tau_base,
+                      config.byol.get("tau_schedule", "cosine"))
+
+
 def update_extras(params, extras, aux, progress, config):
     """Returns extras with target <- tau * target + (1 - tau) * online (backbone and projector)."""
     del aux
-    tau = target_tau(progress["step"], progress["total_steps"], config.byol.tau_base)
+    tau = _tau(progress, config)
     online = {name: params[name] for name in TARGET_PARTS}
     return {"target": optax.incremental_update(online, extras["target"], step_size=1.0 - tau)}
 

@@ -11,6 +11,7 @@ Checked against the official code (facebookresearch/simsiam, builder.py and main
 through the encoder separately (BatchNorm statistics per view); projector hidden layers are bias-free Linear
 -> BN -> ReLU, its output Linear is bias-free and followed by BN(affine=False); the predictor is bias-free
 Linear -> BN -> ReLU -> Linear with bias. There is no target network and no state outside the optimizer.
+`config.projector.last_bn_affine=True` gives the output BN a scale and a bias (lightly's CIFAR-10 projector).
 """
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,10 @@ def networks(config, axis_name=None):
     dtype = common.compute_dtype(config)
     backbone = common.backbone(config, axis_name)
     proj = config.projector
+    affine = bool(proj.get("last_bn_affine", False))  # official: BatchNorm1d(affine=False); lightly's CIFAR: True
     projector = models.MLPHead(hidden_dims=(proj.hidden_dim,) * (proj.num_layers - 1), out_dim=proj.out_dim,
-                               use_bn=True, last_bn=True, dtype=dtype, bn_axis_name=bn_axis)
+                               use_bn=True, last_bn=True, dtype=dtype, bn_axis_name=bn_axis,
+                               last_bn_scale=affine, last_bn_bias=affine)
     predictor = models.MLPHead(hidden_dims=(config.predictor.hidden_dim,), out_dim=proj.out_dim, use_bn=True,
                                last_bn=False, dtype=dtype, bn_axis_name=bn_axis)
     return {"backbone": backbone, "projector": projector, "predictor": predictor}
