@@ -12,13 +12,21 @@ Results:
 Recipe notes. imagenet is facebookresearch/moco's main_moco.py: ResNet-50, batch 256, SGD lr 0.03 (momentum
 0.9, weight decay 1e-4 on every parameter, as torch's SGD), 200 epochs, a 128-d linear head, K = 65,536,
 m = 0.999, temperature 0.07, asymmetric loss, shuffled BatchNorm over 8 groups (8 GPUs) and per-device
-BatchNorm for the query encoder (DDP without SyncBN), the lr dropped 10x at epochs 120 and 160. One
-deliberate difference: the v1 augmentation is approximated by what ViewSpec expresses: jitter 0.4/0.4/0.4 applied always but hue 0.1
-instead of 0.4, grayscale after the jitter instead of before (crop scale 0.2-1, flip, no blur as in v1).
-cifar10 is MoCo's official CIFAR-10 demo (colab-notebook branch of facebookresearch/moco, kNN 85.3 at 200
-epochs there): ResNet-18 CIFAR stem, linear 128-d head, K = 4,096, m = 0.99, temperature 0.1, symmetric
-loss, BatchNorm split in 8 shuffled groups, SGD lr 0.06 at batch 512 with weight decay 5e-4, cosine, no
-warm-up, SimCLR-style colour jitter 0.4/0.4/0.4/0.1 (p = 0.8), grayscale 0.2, no blur.
+BatchNorm for the query encoder (DDP without SyncBN: model.sync_bn = False, which is the official 8 groups
+of 32 on 8 devices but one group of 256 on one device; moco.query_bn_groups = 8 would give 8 groups on any
+device count), the lr dropped 10x at epochs 120 and 160. One deliberate difference: the v1 augmentation is
+approximated by what ViewSpec expresses: jitter 0.4/0.4/0.4 applied always but hue 0.1 instead of 0.4,
+grayscale after the jitter instead of before (crop scale 0.2-1, flip, no blur as in v1).
+cifar10 is MoCo's official CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb on the
+colab-notebook branch; kNN 85.3 at 200 epochs there), value for value: torchvision's ResNet-18 with a CIFAR
+stem and its init (every BatchNorm scale starting at 1; the colab's replacement 3x3 stem convolution keeps
+nn.Conv2d's default init, ours torchvision's like the rest), linear 128-d head, m = 0.99, temperature 0.1,
+symmetric loss with ONE queue of K = 4,096 for both directions (2 x 512 keys a step), BatchNorm split in 8
+groups for the queries and 8 shuffled groups for the keys (bn_splits = 8), batch 512, cosine without warm-up,
+SimCLR-style colour jitter 0.4/0.4/0.4/0.1 (p = 0.8), grayscale 0.2, no blur, kNN monitor k = 200, temperature
+0.1. The colab SUMS the two directions at SGD lr 0.06, weight decay 5e-4 (every parameter); our loss is their
+mean, and for SGD the sum at (lr, wd) is the mean at (2 lr, wd / 2) (ssl_jax/methods/moco.py), so lr 0.06 per
+256 (0.12 at 512) and weight decay 2.5e-4 here.
 """
 import ml_collections
 
@@ -33,19 +41,24 @@ def get_config(arg="cifar10"):
         num_layers=1, hidden_dim=512, out_dim=128, use_bn=False, last_bn=False))
     c.loss = ml_collections.ConfigDict(dict(temperature=0.1))
     c.moco = ml_collections.ConfigDict(dict(
-        queue_size=4096, momentum=0.99, symmetric=True, shuffle_bn=True, shuffle_groups=8))
-    c.optim.update(dict(lr=0.03, warmup_epochs=0, exclude_bias_and_norm=False))
-    if arg == "imagenet":
+        queue_size=4096, momentum=0.99, symmetric=True, shared_queue=True, shuffle_bn=True, shuffle_groups=8,
+        query_bn_groups=8))
+    c.optim.update(dict(lr=0.06, weight_decay=2.5e-4, warmup_epochs=0, exclude_bias_and_norm=False))
+    if arg == "cifar10":  # the colab's torchvision resnet18: residual BatchNorm scales start at 1
+        c.model.zero_init_residual = False
+    elif arg == "imagenet":
         c.num_epochs, c.batch_size = 200, 256
         c.model.sync_bn = False
         c.augment.update(dict(min_scale=0.2, jitter_strength=0.5, jitter_p=1.0, blur_p=0.0))
         c.head.hidden_dim = 2048
         c.loss.temperature = 0.07
-        c.moco.update(dict(queue_size=65536, momentum=0.999, symmetric=False))
-        c.optim.update(dict(weight_decay=1e-4, step_milestones=(120, 160), step_factor=0.1))
+        c.moco.update(dict(queue_size=65536, momentum=0.999, symmetric=False, shared_queue=False, query_bn_groups=0))
+        c.optim.update(dict(lr=0.03, weight_decay=1e-4, step_milestones=(120, 160), step_factor=0.1))
     elif arg == "smoke":
         c.head.update(dict(hidden_dim=32, out_dim=16))
-        # 3 batches: the pointer wraps, and it is not 0 at the end of the 2-epoch run (resume must restore it).
-        c.moco.update(dict(queue_size=192, symmetric=False, shuffle_groups=4))
+        # The shared queue (v2's smoke runs one per direction) of 3 steps x 2 x 64 keys: the pointer wraps, and
+        # it is not 0 at the end of either epoch (8 steps of 128 keys: 256; 16 steps: 128), so resume must
+        # restore it. 4 BatchNorm groups of 16 for queries and keys on one device, 1 of 8 on 8 devices.
+        c.moco.update(dict(queue_size=384, shuffle_groups=4, query_bn_groups=4))
         c.optim.lr = 0.1
     return c

@@ -30,7 +30,7 @@ def test_preset_values_follow_the_issue():
 # What lightly's CIFAR-10 benchmark (27.03.2023) trains each method with, in its own terms: optimizer, lr at
 # batch 512 and weight decay (BYOL: lightly's 0.24 and 5e-4 for its loss, which has 1/4 of our loss's gradient).
 LIGHTLY_OPTIM = {"simclr": ("sgd", 0.24, 5e-4), "byol": ("sgd", 0.24 / 4, 5e-4 * 4), "simsiam": ("sgd", 0.06, 5e-4),
-                 "swav": ("adamw", 4e-3, 1e-6), "barlow_twins": ("sgd", 0.24, 5e-4)}
+                 "swav": ("adamw", 4e-3, 1e-6), "barlow_twins": ("sgd", 0.24, 5e-4), "moco_v2": ("sgd", 0.24, 5e-4)}
 
 
 @pytest.mark.parametrize("method", sorted(LIGHTLY_OPTIM))
@@ -52,6 +52,20 @@ def test_cifar10_presets_follow_lightlys_benchmark(method):
     assert c.augment.min_scale == {"simsiam": 0.2, "swav": 0.14}.get(method, 0.08)
     second_view = c.get(method, {})
     assert second_view.get("view2_blur_p", 0.0) == second_view.get("view2_solarize_p", 0.0) == 0.0
+    if method == "moco_v2":  # one memory bank of 8,192 for both directions, 8-way split BatchNorm in both encoders
+        assert (c.moco.queue_size, c.moco.symmetric, c.moco.shared_queue) == (8192, True, True)
+        assert (c.moco.shuffle_bn, c.moco.shuffle_groups, c.moco.query_bn_groups) == (True, 8, 8)
+
+
+def test_moco_v1_cifar10_is_the_official_colab_demo_with_the_mean_loss():
+    from ssl_jax import optim  # pylint: disable=import-outside-toplevel
+    c = config_lib.load_config("configs/moco_v1.py:cifar10")
+    assert (c.model.zero_init_residual, c.model.conv_init, c.head.num_layers) == (False, "torchvision", 1)
+    assert (c.moco.queue_size, c.moco.momentum, c.moco.symmetric, c.moco.shared_queue) == (4096, 0.99, True, True)
+    assert (c.moco.shuffle_groups, c.moco.query_bn_groups, c.loss.temperature) == (8, 8, 0.1)
+    # The colab's summed loss at lr 0.06, weight decay 5e-4 = our mean loss at lr 0.12, weight decay 2.5e-4.
+    assert optim.scaled_learning_rate(c.optim.lr, c.batch_size, c.optim.lr_scaling) == pytest.approx(0.12)
+    assert (c.optim.name, c.optim.weight_decay, c.optim.warmup_epochs) == ("sgd", 2.5e-4, 0)
 
 
 def test_overrides_are_typed():
