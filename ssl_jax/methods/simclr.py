@@ -22,9 +22,10 @@ trainer can accumulate gradients exactly (ssl_jax/accumulate.py, config.grad_acc
 
 SimCLR v2 (Chen et al., 2020b) is this file with configs/simclr_v2.py: a deeper head (3 layers, every hidden
 layer as wide as the backbone output: head.hidden_dim = 0, BatchNorm on every layer including the output:
-head.last_bn), bigger ResNets, and fine-tuning from the head's first hidden layer (head.finetune_layer = 1,
-the official code's ft_proj_selector; see finetune_features). Not implemented: selective kernels and the
-MoCo-style memory buffer (the paper credits the buffer with about 1%).
+head.last_bn), bigger ResNets up to ResNet-152 3x with selective kernels (model.sk_ratio, ssl_jax/models/
+resnet.py), and fine-tuning from the head's first hidden layer (head.finetune_layer = 1, the official code's
+ft_proj_selector; see finetune_features). Not implemented: the MoCo-style memory buffer (the paper credits it
+with about 1%).
 """
 import jax
 import jax.numpy as jnp
