@@ -25,7 +25,8 @@ Recipe notes. cifar10 follows the SimCLR paper's CIFAR appendix and lightly's CI
 SGD momentum 0.9, lr 0.24 at batch 512, weight decay 5e-4 on every parameter, cosine decay from the first step,
 colour strength 0.5, no blur; its SimCLR model: 2-layer 512-512-128 projection head with BatchNorm,
 temperature 0.5). imagenet is the paper's: ResNet-50, batch 4096, LARS,
-lr 0.3 x batch/256, weight decay 1e-6, temperature 0.1, 100 epochs, 10 warm-up epochs, blur with p = 0.5.
+lr 0.3 x batch/256, weight decay 1e-6, temperature 0.1, 100 epochs, 10 warm-up epochs, blur with p = 0.5,
+and the official code's loss, the sum of both directions (loss.scale = 2; lightly's is their mean).
 """
 import ml_collections
 
@@ -38,12 +39,13 @@ def get_config(arg="cifar10"):
     c.head = ml_collections.ConfigDict(dict(
         num_layers=2, hidden_dim=512, out_dim=128, use_bn=True, last_bn=False))
     # chunk_size > 0: NT-Xent in blocks of that many columns, never the whole similarity matrix at once.
-    c.loss = ml_collections.ConfigDict(dict(temperature=0.5, chunk_size=0))
+    # scale: the loss is scale x the mean over both directions (2.0: the official code's sum; simclr.py).
+    c.loss = ml_collections.ConfigDict(dict(temperature=0.5, chunk_size=0, scale=1.0))
     if arg == "cifar10":  # lightly's recipe details: +3.3 points of kNN at 50 epochs (docstring)
         presets.lightly_cifar10(c)
     elif arg == "imagenet":
         c.head.update(dict(hidden_dim=2048, out_dim=128))
-        c.loss.temperature = 0.1
+        c.loss.update(dict(temperature=0.1, scale=2.0))
         c.optim.update(dict(name="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=10))
     elif arg == "smoke":
         c.head.update(dict(hidden_dim=32, out_dim=16))

@@ -28,11 +28,15 @@ What v2 changes, following the paper and the official tf2 code (model.py Project
 imagenet: the paper's pretraining recipe: batch 4096, 800 epochs, LARS with peak lr 0.1 x sqrt(B) (6.4 at
 4096; the tf2 README's 0.075 x sqrt(B) is its 100-epoch default), linear warm-up over the first 5% of the
 epochs (40), cosine decay, weight decay 1e-4, global BatchNorm, temperature 0.1, SimCLR's augmentation.
+Both presets train on the official loss, the sum of the two directions (loss.scale = 2.0): with LARS that is
+not a retuned learning rate (ssl_jax/methods/simclr.py).
 cifar10: the official tf2 README's CIFAR-10 command, which already uses this 3-layer head (the tf2 default):
 ResNet-18 (CIFAR stem), batch 512, LARS lr 1.0 x B/256, weight decay 1e-4, temperature 0.5, colour strength
 0.5, no blur, 10 warm-up epochs; 200 epochs here instead of its 1000. To compare heads alone against
-configs/simclr.py:cifar10, override its optimizer: --config.optim.name=sgd --config.optim.lr=0.12
---config.optim.weight_decay=5e-4.
+configs/simclr.py:cifar10, give it that preset's optimizer, initialisation and loss scale (lightly's):
+--config.optim.name=sgd --config.optim.lr=0.12 --config.optim.weight_decay=5e-4 --config.optim.warmup_epochs=0
+--config.optim.exclude_bias_and_norm=false --config.model.zero_init_residual=false
+--config.model.conv_init=pytorch --config.loss.scale=1.0 (tests/test_config.py checks that only the head differs).
 """
 import ml_collections
 
@@ -45,7 +49,8 @@ def get_config(arg="cifar10"):
     c.head = ml_collections.ConfigDict(dict(
         num_layers=3, hidden_dim=0, out_dim=128, use_bn=True, last_bn=True, last_bn_scale=True, finetune_layer=1))
     # chunk_size > 0: NT-Xent in blocks of that many columns, never the whole similarity matrix at once.
-    c.loss = ml_collections.ConfigDict(dict(temperature=0.5, chunk_size=0))
+    # scale 2.0: the official tf2 loss, the sum of both directions (ssl_jax/methods/simclr.py).
+    c.loss = ml_collections.ConfigDict(dict(temperature=0.5, chunk_size=0, scale=2.0))
     c.optim.update(dict(name="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-4, warmup_epochs=10))
     if arg == "imagenet":
         c.num_epochs = 800

@@ -25,6 +25,30 @@ def test_preset_values_follow_the_issue():
         "resnet50", 4096, "lars", 0.3, "linear")
     assert (i.optim.weight_decay, i.loss.temperature, i.num_epochs) == (1e-6, 0.1, 100)
     assert (i.model.zero_init_residual, i.optim.warmup_epochs, i.optim.exclude_bias_and_norm) == (True, 10, True)
+    # The official loss is the sum of both directions (objective.py), lightly's their mean.
+    assert (c.loss.scale, i.loss.scale) == (1.0, 2.0)
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def test_simclr_v2_cifar10_with_its_docstrings_overrides_differs_from_simclr_only_in_the_head():
+    # configs/simclr_v2.py's docstring lists the overrides that leave only the head to compare; keep it true.
+    overrides = ["optim.name=sgd", "optim.lr=0.12", "optim.weight_decay=5e-4", "optim.warmup_epochs=0",
+                 "optim.exclude_bias_and_norm=false", "model.zero_init_residual=false", "model.conv_init=pytorch",
+                 "loss.scale=1.0"]
+    with open("configs/simclr_v2.py", encoding="utf-8") as f:
+        doc = " ".join(f.read().split())
+    assert " ".join(f"--config.{o}" for o in overrides) in doc
+    v1 = _flat(config_lib.load_config(f"{SIMCLR}:cifar10").to_dict())
+    v2 = _flat(config_lib.load_config("configs/simclr_v2.py:cifar10", overrides).to_dict())
+    assert v2["loss.scale"] == 1.0 and config_lib.load_config("configs/simclr_v2.py:cifar10").loss.scale == 2.0
+    assert {k for k in set(v1) | set(v2) if v1.get(k) != v2.get(k)} == {
+        "head.finetune_layer", "head.hidden_dim", "head.last_bn", "head.last_bn_scale", "head.num_layers"}
 
 
 # What lightly's CIFAR-10 benchmark (27.03.2023) trains each method with, in its own terms: optimizer, lr at

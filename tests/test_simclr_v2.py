@@ -106,6 +106,32 @@ def test_presets():
     assert simclr.head_hidden_dim(cifar) == 512
 
 
+def test_loss_scale_two_is_the_official_sum_of_both_directions():
+    # objective.py: loss_a + loss_b, each the batch mean of cross-entropy over [logits_ab, logits_aa - LARGE_NUM].
+    rs = np.random.RandomState(0)
+    z1, z2 = rs.randn(8, 16).astype(np.float32), rs.randn(8, 16).astype(np.float32)
+    t = 0.5
+    h1, h2 = (z / np.linalg.norm(z, axis=1, keepdims=True) for z in (z1.astype(np.float64), z2.astype(np.float64)))
+
+    def direction(a, b):
+        logits = np.concatenate([a @ b.T, a @ a.T - 1e9 * np.eye(8)], axis=1) / t
+        return np.mean(np.log(np.sum(np.exp(logits), axis=1)) - np.diag(logits))
+
+    official = direction(h1, h2) + direction(h2, h1)
+
+    def value(scale, z1, z2):
+        config = _config(f"{V2}:smoke", f"loss.scale={scale}", "loss.temperature=0.5")
+        emb = {"z1": z1, "z2": z2, "features": z1}
+        return simclr.embedding_loss(None, emb, None, None, None, None, config=config, axis_name=None)[0]
+
+    (v1, g1), (v2, g2) = (jax.value_and_grad(lambda a, b, s=s: value(s, a, b), argnums=(0, 1))(z1, z2)
+                          for s in (1.0, 2.0))
+    np.testing.assert_allclose(v2, official, rtol=1e-5)
+    np.testing.assert_allclose(v1, official / 2, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 2 * b, rtol=1e-6), g2, g1)
+    assert _config(f"{V2}:cifar10").loss.scale == _config(f"{V2}:imagenet").loss.scale == 2.0
+
+
 def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument
     config = _config(f"{V2}:smoke", "batch_size=16", "optim.warmup_epochs=0")
     _, after1, after8, hist1, _ = one_and_all_devices(config, _source(),

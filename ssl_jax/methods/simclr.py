@@ -86,11 +86,18 @@ def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_nam
 
 
 def embedding_loss(params, emb, side, extras, rng, progress, *, config, axis_name):
-    """Returns NT-Xent of the two views' projections over the global batch, metrics and aux."""
+    """Returns NT-Xent of the two views' projections over the global batch (times loss.scale), metrics and aux.
+
+    nt_xent is the mean over both directions; the official SimCLR code (v1 and v2, objective.py) trains on
+    loss_a + loss_b, their sum: loss.scale = 2.0 (the presets that follow it). With LARS the two are not
+    interchangeable by retuning: the trust ratio undoes the scale on adapted kernels, except against weight
+    decay (the sum at wd acts as the mean at wd / 2), and biases and BatchNorm parameters, neither adapted
+    nor decayed, step twice as far.
+    """
     del params, side, extras, rng, progress
     z1, z2 = emb["z1"], emb["z2"]
-    value = losses.nt_xent(z1, z2, config.loss.temperature, axis_name=axis_name,
-                           chunk_size=config.loss.get("chunk_size", 0))
+    value = config.loss.get("scale", 1.0) * losses.nt_xent(z1, z2, config.loss.temperature, axis_name=axis_name,
+                                                           chunk_size=config.loss.get("chunk_size", 0))
     metrics = {"contrastive_acc": losses.contrastive_accuracy(z1, z2, axis_name=axis_name)}
     return value, (metrics, {"features": emb["features"], "embeddings": z1})
 
