@@ -14,9 +14,9 @@ Recipe notes. imagenet is facebookresearch/moco's main_moco.py: ResNet-50, batch
 m = 0.999, temperature 0.07, asymmetric loss, shuffled BatchNorm over 8 groups (8 GPUs) and per-device
 BatchNorm for the query encoder (DDP without SyncBN: model.sync_bn = False, which is the official 8 groups
 of 32 on 8 devices but one group of 256 on one device; moco.query_bn_groups = 8 would give 8 groups on any
-device count), the lr dropped 10x at epochs 120 and 160. One deliberate difference: the v1 augmentation is
-approximated by what ViewSpec expresses: jitter 0.4/0.4/0.4 applied always but hue 0.1 instead of 0.4,
-grayscale after the jitter instead of before (crop scale 0.2-1, flip, no blur as in v1).
+device count), the lr dropped 10x at epochs 120 and 160; v1's augmentation: crop scale 0.2-1, grayscale
+p = 0.2 BEFORE the colour jitter (augment.grayscale_first), jitter 0.4/0.4/0.4/0.4 (hue 0.4, not SimCLR's 0.1)
+applied to every image, flip, no blur.
 cifar10 is MoCo's official CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb on the
 colab-notebook branch; kNN 85.3 at 200 epochs there), value for value: torchvision's ResNet-18 with a CIFAR
 stem and its init (every BatchNorm scale starting at 1; the colab's replacement 3x3 stem convolution keeps
@@ -49,7 +49,8 @@ def get_config(arg="cifar10"):
     elif arg == "imagenet":
         c.num_epochs, c.batch_size = 200, 256
         c.model.sync_bn = False
-        c.augment.update(dict(min_scale=0.2, jitter_strength=0.5, jitter_p=1.0, blur_p=0.0))
+        c.augment.update(dict(min_scale=0.2, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grayscale_first=True,
+                              blur_p=0.0))
         c.head.hidden_dim = 2048
         c.loss.temperature = 0.07
         c.moco.update(dict(queue_size=65536, momentum=0.999, symmetric=False, shared_queue=False, query_bn_groups=0))

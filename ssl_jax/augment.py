@@ -59,6 +59,7 @@ class ViewSpec:
     jitter: tuple = ()  # explicit (brightness, contrast, saturation, hue) ranges; overrides jitter_strength
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
+    grayscale_first: bool = False  # grayscale before the colour jitter (MoCo v1's order), not after it
     blur_p: float = 0.0
     blur_sigma: tuple = (0.1, 2.0)
     solarize_p: float = 0.0
@@ -71,6 +72,7 @@ class ViewSpec:
         for name in _TUPLE_FIELDS:
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "grayscale_first", bool(self.grayscale_first))
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
 
 
@@ -97,9 +99,12 @@ def view(key, image, spec):
     if spec.flip_p > 0:
         x = flip_left_right(k_flip, x, spec.flip_p)
     strength = spec.jitter or spec.jitter_strength
+    gray = spec.grayscale_p > 0
+    if gray and spec.grayscale_first:
+        x = random_grayscale(k_gray, x, spec.grayscale_p)
     if spec.jitter_p > 0 and (spec.jitter or spec.jitter_strength > 0):
         x = color_jitter(k_jitter, x, strength, spec.jitter_p)
-    if spec.grayscale_p > 0:
+    if gray and not spec.grayscale_first:
         x = random_grayscale(k_gray, x, spec.grayscale_p)
     if spec.blur_p > 0:
         x = random_gaussian_blur(k_blur, x, spec.blur_p, spec.blur_sigma)
@@ -123,6 +128,7 @@ def spec_from_config(aug_cfg):
         jitter=tuple(aug_cfg.get("jitter", ()) or ()),
         jitter_p=aug_cfg.jitter_p,
         grayscale_p=aug_cfg.grayscale_p,
+        grayscale_first=bool(aug_cfg.get("grayscale_first", False)),
         blur_p=aug_cfg.blur_p,
         solarize_p=aug_cfg.solarize_p,
         mean=tuple(aug_cfg.mean),

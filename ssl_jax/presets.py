@@ -30,7 +30,7 @@ def base(method):
         conv_init="torchvision"))
     c.augment = ml_collections.ConfigDict(dict(
         crop_size=32, min_scale=0.08, max_scale=1.0, flip_p=0.5, jitter_strength=0.5, jitter=(), jitter_p=0.8,
-        grayscale_p=0.2, blur_p=0.0, solarize_p=0.0, mean=CIFAR_MEAN, std=CIFAR_STD))
+        grayscale_p=0.2, grayscale_first=False, blur_p=0.0, solarize_p=0.0, mean=CIFAR_MEAN, std=CIFAR_STD))
     c.optim = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.12, lr_scaling="linear", weight_decay=5e-4, momentum=0.9, nesterov=False,
         warmup_epochs=10, end_lr_factor=0.0, trust_coefficient=0.001, exclude_bias_and_norm=True,
@@ -91,5 +91,5 @@ def lightly_cifar10(c):
     c.optim.update(dict(name="sgd", lr=0.12, lr_scaling="linear", weight_decay=5e-4, momentum=0.9, nesterov=False,
                         warmup_epochs=0, end_lr_factor=0.0, exclude_bias_and_norm=False, fixed_lr_prefixes=()))
     c.augment.update(dict(crop_size=32, min_scale=0.08, max_scale=1.0, flip_p=0.5, jitter_strength=0.5, jitter=(),
-                          jitter_p=0.8, grayscale_p=0.2, blur_p=0.0, solarize_p=0.0))
+                          jitter_p=0.8, grayscale_p=0.2, grayscale_first=False, blur_p=0.0, solarize_p=0.0))
     return c

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from ssl_jax import augment
+from ssl_jax import config as config_lib
 from ssl_jax import augment_ops as ops
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -311,24 +312,46 @@ def test_view_dtype_bfloat16():
     np.testing.assert_allclose(np.asarray(out, np.float32), f32, rtol=1e-2, atol=1e-2)
 
 
-def test_view_matches_manual_pipeline():
-    """view = crop -> flip -> jitter -> grayscale -> blur -> solarize -> normalize, with its key split."""
+@pytest.mark.parametrize("grayscale_first", [False, True])
+def test_view_matches_manual_pipeline(grayscale_first):
+    """view = crop -> flip -> jitter -> grayscale -> blur -> solarize -> normalize, with its key split;
+    grayscale_first (MoCo v1's order): crop -> flip -> grayscale -> jitter -> ..."""
     image = _uint8_images(1, 1, 20, 24)[0]
     key = jax.random.PRNGKey(7)
-    spec = augment.ViewSpec(size=12, blur_p=1.0, solarize_p=1.0, grayscale_p=0.5)
+    spec = augment.ViewSpec(size=12, blur_p=1.0, solarize_p=1.0, grayscale_p=0.5, grayscale_first=grayscale_first)
 
     def manual(key, image):
         k = jax.random.split(key, 6)
         x = ops.random_resized_crop(k[0], image.astype(jnp.float32) / 255, 12, spec.crop_scale)
         x = ops.flip_left_right(k[1], x, spec.flip_p)
+        if grayscale_first:
+            x = ops.random_grayscale(k[3], x, spec.grayscale_p)
         x = ops.color_jitter(k[2], x, spec.jitter_strength, spec.jitter_p)
-        x = ops.random_grayscale(k[3], x, spec.grayscale_p)
+        if not grayscale_first:
+            x = ops.random_grayscale(k[3], x, spec.grayscale_p)
         x = ops.random_gaussian_blur(k[4], x, 1.0)
         return ops.solarize(x)
 
     expect = (np.asarray(jax.jit(manual)(key, image)) - np.array(spec.mean)) / np.array(spec.std)
     out = view_jit(key, image, spec)
     np.testing.assert_allclose(out, expect, atol=1e-5)
+
+
+def test_grayscale_first_makes_the_colour_jitter_act_on_the_gray_image():
+    # Hue alone, always, then grayscale always: after the jitter the gray image of the hue-shifted colours;
+    # before it, the hue shift leaves the gray image as it is (the crop and flip are the same either way).
+    image = _uint8_images(3, 1, 16, 16)[0]
+    spec = augment.ViewSpec(size=16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
+                            jitter=(0.0, 0.0, 0.0, 0.5), jitter_p=1.0, grayscale_p=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)
+    gray = np.asarray(ops.to_grayscale(image.astype(np.float32) / 255))
+    first = np.asarray(view_jit(jax.random.PRNGKey(1), image, dataclasses.replace(spec, grayscale_first=True)))
+    np.testing.assert_allclose(first, gray, atol=1e-5)
+    after = np.asarray(view_jit(jax.random.PRNGKey(1), image, spec))
+    assert np.abs(after - gray).max() > 1e-2
+    c = config_lib.load_config("configs/moco_v1.py:imagenet")
+    v1 = augment.spec_from_config(c.augment)
+    assert (v1.grayscale_first, v1.jitter, v1.jitter_p, v1.grayscale_p, v1.crop_scale) == (
+        True, (0.4, 0.4, 0.4, 0.4), 1.0, 0.2, (0.2, 1.0))
 
 
 def test_view_batch_split_and_sharded_equal_whole_batch(threefry):  # pylint: disable=unused-argument
