@@ -33,10 +33,11 @@ read -ra X <<< "${EXTRA:-}"
 read -ra R50B <<< "${R50_BATCHES:-512}"
 # ResNet-50 rows: synthetic 256 px images held on the device, so that all three ways run
 # The SimCLR cifar10 preset's recipe details before 2026-11-23 (10 warm-up epochs, no weight decay on biases
-# and BatchNorm, zero-init residual BatchNorm, torchvision's convolution init): the 50-epoch experiment's
-# baseline, in ours and in PyTorch
+# and BatchNorm, zero-init residual BatchNorm, torchvision's convolution init, lr set every step): the 50-epoch
+# experiment's baseline, in ours and in PyTorch
 EARLIER=(--config.model.zero_init_residual=true --config.optim.warmup_epochs=10
-         --config.optim.exclude_bias_and_norm=true --config.model.conv_init=torchvision)
+         --config.optim.exclude_bias_and_norm=true --config.model.conv_init=torchvision
+         --config.optim.schedule_per_epoch=false)
 R50_DATA=(--config.data.name=synthetic --config.data.num_classes=1000 --config.data.resident=true)
 mkdir -p "$RES"
 
@@ -128,7 +129,8 @@ for s in "${STEPS[@]}"; do
         simclr_e50_ours) variant=("${EARLIER[@]}") ;;
         simclr_e50_ours_lightly) variant=(--config.model.zero_init_residual=false --config.optim.warmup_epochs=0
                                           --config.optim.exclude_bias_and_norm=false
-                                          --config.model.conv_init=torchvision) ;;
+                                          --config.model.conv_init=torchvision
+                                          --config.optim.schedule_per_epoch=false) ;;
         simclr_e50_ours_f32) variant=("${EARLIER[@]}" --config.model.dtype=float32) ;;
         *) echo "device_session: unknown step $s (steps: ${ALL[*]})" >&2; exit 2 ;;
       esac

@@ -18,15 +18,15 @@ device count), the lr dropped 10x at epochs 120 and 160; v1's augmentation: crop
 p = 0.2 BEFORE the colour jitter (augment.grayscale_first), jitter 0.4/0.4/0.4/0.4 (hue 0.4, not SimCLR's 0.1)
 applied to every image, flip, no blur.
 cifar10 is MoCo's official CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb on the
-colab-notebook branch; kNN 85.3 at 200 epochs there), value for value: torchvision's ResNet-18 with a CIFAR
-stem and its init (every BatchNorm scale starting at 1; the colab's replacement 3x3 stem convolution keeps
-nn.Conv2d's default init, ours torchvision's like the rest), linear 128-d head, m = 0.99, temperature 0.1,
-symmetric loss with ONE queue of K = 4,096 for both directions (2 x 512 keys a step), BatchNorm split in 8
-groups for the queries and 8 shuffled groups for the keys (bn_splits = 8), batch 512, cosine without warm-up,
-SimCLR-style colour jitter 0.4/0.4/0.4/0.1 (p = 0.8), grayscale 0.2, no blur, kNN monitor k = 200, temperature
-0.1. The colab SUMS the two directions at SGD lr 0.06, weight decay 5e-4 (every parameter); our loss is their
-mean, and for SGD the sum at (lr, wd) is the mean at (2 lr, wd / 2) (ssl_jax/methods/moco.py), so lr 0.06 per
-256 (0.12 at 512) and weight decay 2.5e-4 here.
+colab-notebook branch; kNN 85.3 at 200 epochs there), value for value: torchvision's ResNet-18 with a CIFAR stem
+and its init (every BatchNorm scale starting at 1; the colab's replacement 3x3 stem convolution keeps nn.Conv2d's
+default init, ours torchvision's like the rest), linear 128-d head, m = 0.99, temperature 0.1, symmetric loss with
+ONE queue of K = 4,096 for both directions (2 x 512 keys a step), BatchNorm split in 8 groups for the queries and 8
+shuffled groups for the keys (bn_splits = 8), batch 512, cosine without warm-up (set once per epoch), SimCLR-style
+colour jitter 0.4/0.4/0.4/0.1 (p = 0.8), grayscale 0.2, no blur, kNN monitor k = 200, temperature 0.1. The colab
+SUMS the two directions at SGD lr 0.06, weight decay 5e-4 (every parameter); our loss is their mean, and for SGD
+the sum at (lr, wd) is the mean at (2 lr, wd / 2) (ssl_jax/methods/moco.py), so lr 0.06 per 256 (0.12 at 512) and
+weight decay 2.5e-4 here.
 """
 import ml_collections
 
@@ -44,8 +44,9 @@ def get_config(arg="cifar10"):
         queue_size=4096, momentum=0.99, symmetric=True, shared_queue=True, shuffle_bn=True, shuffle_groups=8,
         query_bn_groups=8))
     c.optim.update(dict(lr=0.06, weight_decay=2.5e-4, warmup_epochs=0, exclude_bias_and_norm=False))
-    if arg == "cifar10":  # the colab's torchvision resnet18: residual BatchNorm scales start at 1
+    if arg == "cifar10":  # the colab's torchvision resnet18 (residual BatchNorm scales start at 1), lr set per epoch
         c.model.zero_init_residual = False
+        c.optim.schedule_per_epoch = True
     elif arg == "imagenet":
         c.num_epochs, c.batch_size = 200, 256
         c.model.sync_bn = False

@@ -10,24 +10,23 @@ Results:
   cifar10 (ResNet-18, batch 512, 200 epochs): not yet measured on a GPU (see BENCHMARKS.md).
   smoke: seconds on a CPU.
 
-Recipe notes. imagenet is facebookresearch/moco's main_moco.py with --mlp --aug-plus --cos --moco-t 0.2:
-ResNet-50, batch 256, SGD lr 0.03 (momentum 0.9, weight decay 1e-4 on every parameter, as torch's SGD),
-cosine schedule without warm-up, 200 epochs, head Linear(2048, 2048)-ReLU-Linear(2048, 128) without
-BatchNorm, K = 65,536, m = 0.999, asymmetric loss, shuffled BatchNorm over 8 groups (8 GPUs) and
-per-device BatchNorm for the query encoder (DDP without SyncBN: model.sync_bn = False, which is the
-official 8 groups of 32 on 8 devices but one group of 256 on one device; moco.query_bn_groups = 8 would give
-8 groups on any device count); augmentation: crop scale 0.2-1, jitter 0.4/0.4/0.4/0.1 with p = 0.8,
-grayscale 0.2, Gaussian blur sigma 0.1-2 with p = 0.5, flip.
-cifar10 is lightly's CIFAR-10 benchmark MoCo (docs/source/getting_started/benchmarks/cifar10_benchmark.py,
-the 27.03.2023 table: kNN 0.847 at 200 epochs, batch 512; `presets.lightly_cifar10`): ResNet-18 CIFAR stem
-with nn.Conv2d's init and every BatchNorm scale starting at 1, head 512-512-128,
-m = 0.99, temperature 0.1 (not 0.2), symmetric loss, the mean of the two directions, with ONE memory bank
-of K = 8,192 for both (the table's batch-512 rows raised it from 4,096; 2 x 512 keys a step), BatchNorm
-split in 8 groups for the queries and 8 shuffled groups for the keys (ResNetGenerator(num_splits=8) for
-both encoders), SGD lr 0.06 x 512/128 with weight decay 5e-4 on every parameter, cosine without warm-up,
-SimCLR's CIFAR augmentation (jitter strength 0.5, crop scale 0.08-1) without blur, which does not help on
-32 x 32 images. One difference: lightly's second direction scores against its bank after the first
-direction's keys went in (ssl_jax/methods/moco.py); here both score against the queue before the step.
+Recipe notes. imagenet is facebookresearch/moco's main_moco.py with --mlp --aug-plus --cos --moco-t 0.2: ResNet-50,
+batch 256, SGD lr 0.03 (momentum 0.9, weight decay 1e-4 on every parameter, as torch's SGD), cosine schedule
+without warm-up (set once per epoch), 200 epochs, head Linear(2048, 2048)-ReLU-Linear(2048, 128) without BatchNorm,
+K = 65,536, m = 0.999, asymmetric loss, shuffled BatchNorm over 8 groups (8 GPUs) and per-device BatchNorm for the
+query encoder (DDP without SyncBN: model.sync_bn = False, which is the official 8 groups of 32 on 8 devices but one
+group of 256 on one device; moco.query_bn_groups = 8 would give 8 groups on any device count); augmentation: crop
+scale 0.2-1, jitter 0.4/0.4/0.4/0.1 with p = 0.8, grayscale 0.2, Gaussian blur sigma 0.1-2 with p = 0.5, flip.
+cifar10 is lightly's CIFAR-10 benchmark MoCo (docs/source/getting_started/benchmarks/cifar10_benchmark.py, the
+27.03.2023 table: kNN 0.847 at 200 epochs, batch 512; `presets.lightly_cifar10`): ResNet-18 CIFAR stem with
+nn.Conv2d's init and every BatchNorm scale starting at 1, head 512-512-128, m = 0.99, temperature 0.1 (not 0.2),
+symmetric loss, the mean of the two directions, with ONE memory bank of K = 8,192 for both (the table's batch-512
+rows raised it from 4,096; 2 x 512 keys a step), BatchNorm split in 8 groups for the queries and 8 shuffled groups
+for the keys (ResNetGenerator(num_splits=8) for both encoders), SGD lr 0.06 x 512/128 with weight decay 5e-4 on
+every parameter, cosine without warm-up, SimCLR's CIFAR augmentation (jitter strength 0.5, crop scale 0.08-1)
+without blur, which does not help on 32 x 32 images. One difference: lightly's second direction scores against its
+bank after the first direction's keys went in (ssl_jax/methods/moco.py); here both score against the queue before
+the step.
 """
 import ml_collections
 
@@ -53,7 +52,7 @@ def get_config(arg="cifar10"):
         c.head.hidden_dim = 2048
         c.loss.temperature = 0.2
         c.moco.update(dict(queue_size=65536, momentum=0.999, symmetric=False, shared_queue=False, query_bn_groups=0))
-        c.optim.update(dict(lr=0.03, weight_decay=1e-4))
+        c.optim.update(dict(lr=0.03, weight_decay=1e-4, schedule_per_epoch=True))  # main_moco.py: lr set per epoch
     elif arg == "smoke":
         c.head.update(dict(hidden_dim=32, out_dim=16))
         # One queue per direction (v1's smoke runs the shared one) of 3 batches: the pointer wraps, and it is not

@@ -36,7 +36,8 @@ ResNet-18 (CIFAR stem), batch 512, LARS lr 1.0 x B/256, weight decay 1e-4, tempe
 configs/simclr.py:cifar10, give it that preset's optimizer, initialisation and loss scale (lightly's):
 --config.optim.name=sgd --config.optim.lr=0.12 --config.optim.weight_decay=5e-4 --config.optim.warmup_epochs=0
 --config.optim.exclude_bias_and_norm=false --config.model.zero_init_residual=false
---config.model.conv_init=pytorch --config.loss.scale=1.0 (tests/test_config.py checks that only the head differs).
+--config.model.conv_init=pytorch --config.optim.schedule_per_epoch=true --config.loss.scale=1.0
+(tests/test_config.py checks that only the head differs).
 """
 import ml_collections
 

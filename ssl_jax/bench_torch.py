@@ -52,6 +52,7 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
         "arch": config.model.name, "cifar_stem": bool(config.model.cifar_stem),
         "zero_init_residual": bool(config.model.get("zero_init_residual", True)),
         "conv_init": config.model.get("conv_init", "torchvision"),
+        "stem_relu": bool(config.model.get("stem_relu", True)),
         "bf16": config.model.dtype == "bfloat16", "compile": bool(compile_model),
         "head_layers": config.head.num_layers, "head_hidden": config.head.hidden_dim, "head_out": config.head.out_dim,
         "temperature": config.loss.temperature, "lr": config.optim.lr, "weight_decay": config.optim.weight_decay,
@@ -82,13 +83,15 @@ def run_subprocess(config, images, steps, warmup, compile_model=False, max_image
 
 def network(torch, torchvision, spec):
     """Returns torchvision's ResNet (fc removed, CIFAR stem if asked, each block's last BatchNorm scale at 0
-    if the config's is, convs re-initialised with nn.Conv2d's default for conv_init "pytorch") followed by the
-    projection MLP."""
+    if the config's is, convs re-initialised with nn.Conv2d's default for conv_init "pytorch", no stem ReLU for
+    stem_relu False) followed by the projection MLP."""
     nn = torch.nn
     backbone = getattr(torchvision.models, spec["arch"])(zero_init_residual=spec.get("zero_init_residual", False))
     if spec["cifar_stem"]:
         backbone.conv1 = nn.Conv2d(3, backbone.conv1.out_channels, 3, 1, 1, bias=False)
         backbone.maxpool = nn.Identity()
+    if not spec.get("stem_relu", True):  # torchvision applies `relu` in the stem only
+        backbone.relu = nn.Identity()
     if spec.get("conv_init", "torchvision") == "pytorch":
         for module in backbone.modules():
             if isinstance(module, nn.Conv2d):

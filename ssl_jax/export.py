@@ -211,7 +211,8 @@ def describe(config, step, params, fmt):
     info = {
         "format": fmt, "method": config.method, "step": step,
         "model": {"name": m.name, "width_multiplier": m.width_multiplier, "cifar_stem": bool(m.cifar_stem),
-                  "sk_ratio": float(m.get("sk_ratio", 0.0)), "feature_dim": dim,
+                  "sk_ratio": float(m.get("sk_ratio", 0.0)), "stem_relu": bool(m.get("stem_relu", True)),
+                  "feature_dim": dim,
                   "torchvision_arch": torchvision_arch},
         "input": {"size": size, "channels": int(np.shape(params["conv1"]["kernel"])[2]),
                   "layout": "NCHW" if fmt == "torch" else "NHWC", "mean": list(config.augment.mean),
@@ -224,6 +225,8 @@ def describe(config, step, params, fmt):
         _, _, c_in, c_out = np.shape(params["conv1"]["kernel"])
         stem = (f"; model.conv1 = torch.nn.Conv2d({c_in}, {c_out}, 3, 1, 1, bias=False); "
                 "model.maxpool = torch.nn.Identity()") if m.cifar_stem else ""
+        # torchvision's ResNet uses its `relu` module in the stem only (each block has its own)
+        stem += "" if m.get("stem_relu", True) else "; model.relu = torch.nn.Identity()"
         info["torch_setup"] = (f"model = torchvision.models.{torchvision_arch or '<build by hand>'}(); "
                                f"model.fc = torch.nn.Identity(){stem}; "
                                "model.load_state_dict(torch.load(path), strict=True); model.eval()")

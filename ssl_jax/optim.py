@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adamw", "lamb", "lars", "sgd")
@@ -53,7 +54,19 @@ def make_schedule(optim_cfg, batch_size: int, steps_per_epoch: int, num_epochs: 
 
     The schedule reaches its end value at step `steps_per_epoch * num_epochs`, the count after the
     last update (the last update itself uses the value one step before), as in SimCLR.
+
+    With `schedule_per_epoch`, the lr only changes at epoch boundaries: every step of epoch e takes the value
+    at that epoch's first step, as torch code that steps its scheduler (or sets the lr) once per epoch does:
+    CosineAnnealingLR(optimizer, num_epochs) gives lr(e) = peak x (1 + cos(pi e / num_epochs)) / 2.
     """
+    schedule = _step_schedule(optim_cfg, batch_size, steps_per_epoch, num_epochs)
+    if not optim_cfg.get("schedule_per_epoch", False):
+        return schedule
+    return lambda step: schedule((jnp.asarray(step) // steps_per_epoch) * steps_per_epoch)
+
+
+def _step_schedule(optim_cfg, batch_size: int, steps_per_epoch: int, num_epochs: float) -> optax.Schedule:
+    """Returns make_schedule's schedule, its lr changing every step."""
     peak = scaled_learning_rate(optim_cfg["lr"], batch_size, optim_cfg.get("lr_scaling", "linear"))
     total_steps = int(round(steps_per_epoch * num_epochs))
     warmup_steps = int(round(steps_per_epoch * optim_cfg.get("warmup_epochs", 0)))

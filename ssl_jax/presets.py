@@ -27,14 +27,14 @@ def base(method):
     c.model = ml_collections.ConfigDict(dict(
         name="resnet18", width_multiplier=1, cifar_stem=True, dtype="bfloat16", sync_bn=True,
         remat=False, remat_policy="block", zero_init_residual=True, sk_ratio=0.0,
-        conv_init="torchvision"))
+        conv_init="torchvision", stem_relu=True))
     c.augment = ml_collections.ConfigDict(dict(
         crop_size=32, min_scale=0.08, max_scale=1.0, flip_p=0.5, jitter_strength=0.5, jitter=(), jitter_p=0.8,
         grayscale_p=0.2, grayscale_first=False, blur_p=0.0, solarize_p=0.0, mean=CIFAR_MEAN, std=CIFAR_STD))
     c.optim = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.12, lr_scaling="linear", weight_decay=5e-4, momentum=0.9, nesterov=False,
         warmup_epochs=10, end_lr_factor=0.0, trust_coefficient=0.001, exclude_bias_and_norm=True,
-        fixed_lr_prefixes=(), bias_lr_factor=1.0, step_milestones=(), step_factor=0.1))
+        fixed_lr_prefixes=(), bias_lr_factor=1.0, step_milestones=(), step_factor=0.1, schedule_per_epoch=False))
     c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=10, keep=2))
     c.eval = ml_collections.ConfigDict(dict(
         knn_every_epochs=10, knn_k=200, knn_temperature=0.1, knn_train_examples=0, batch_size=1024,
@@ -79,17 +79,19 @@ def lightly_cifar10(c):
     - Backbone: its ResNetGenerator("resnet-18") has no init code, so the convolutions keep nn.Conv2d's
       default (U(+-1/sqrt(fan_in)), `model.conv_init="pytorch"`) and every BatchNorm scale starts at 1.
     - Optimizer: torch SGD, momentum 0.9, lr 0.06 x batch/128 (= 0.12 x batch/256 here), weight decay 5e-4
-      on every parameter, cosine decay to 0 without warm-up.
+      on every parameter, cosine decay to 0 without warm-up, stepped once per epoch (CosineAnnealingLR over
+      the epochs: `optim.schedule_per_epoch`).
     - Views: SimCLRTransform(input_size=32, cj_strength=0.5, gaussian_blur=0.0): crop scale (0.08, 1), flip,
       colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, no blur, no solarisation.
     A method's config then sets where its lightly model differs (heads, loss, optimizer, views). Not
     reproduced: its stem has no ReLU (the backbone is nn.Sequential over the ResNet's children, which drops
-    the functional F.relu after bn1), it steps the cosine schedule once per epoch, it trains in float32 on
+    the functional F.relu after bn1; `model.stem_relu=false` builds that network), it trains in float32 on
     CIFAR-10's PNGs and reports the best kNN over its per-epoch evaluations.
     """
     c.model.update(dict(zero_init_residual=False, conv_init="pytorch"))
     c.optim.update(dict(name="sgd", lr=0.12, lr_scaling="linear", weight_decay=5e-4, momentum=0.9, nesterov=False,
-                        warmup_epochs=0, end_lr_factor=0.0, exclude_bias_and_norm=False, fixed_lr_prefixes=()))
+                        warmup_epochs=0, end_lr_factor=0.0, exclude_bias_and_norm=False, fixed_lr_prefixes=(),
+                        schedule_per_epoch=True))
     c.augment.update(dict(crop_size=32, min_scale=0.08, max_scale=1.0, flip_p=0.5, jitter_strength=0.5, jitter=(),
                           jitter_p=0.8, grayscale_p=0.2, grayscale_first=False, blur_p=0.0, solarize_p=0.0))
     return c

@@ -257,6 +257,12 @@ def test_pytorch_simclr_step_runs_on_the_same_images():
         w = bench_torch.network(torch, torchvision, spec)[0].layer1[0].conv1.weight.detach().numpy()
         bound = 1.0 / np.sqrt(w[0].size)
         assert bool(np.abs(w).max() <= bound * (1.0 + 1e-6)) is (conv_init == "pytorch")
+    # stem_relu false: torchvision's `relu` module (used by the stem only) becomes the identity.
+    for stem_relu in (True, False):
+        spec = bench_torch.spec_from_config(
+            config_lib.load_config("configs/simclr.py:cifar10", [f"model.stem_relu={stem_relu}"]), "x.npy", 1, 1)
+        relu = bench_torch.network(torch, torchvision, spec)[0].relu
+        assert isinstance(relu, torch.nn.Identity if not stem_relu else torch.nn.ReLU)
 
 
 def test_missing_torch_is_a_clear_error(monkeypatch):

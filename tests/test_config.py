@@ -40,7 +40,7 @@ def test_simclr_v2_cifar10_with_its_docstrings_overrides_differs_from_simclr_onl
     # configs/simclr_v2.py's docstring lists the overrides that leave only the head to compare; keep it true.
     overrides = ["optim.name=sgd", "optim.lr=0.12", "optim.weight_decay=5e-4", "optim.warmup_epochs=0",
                  "optim.exclude_bias_and_norm=false", "model.zero_init_residual=false", "model.conv_init=pytorch",
-                 "loss.scale=1.0"]
+                 "optim.schedule_per_epoch=true", "loss.scale=1.0"]
     with open("configs/simclr_v2.py", encoding="utf-8") as f:
         doc = " ".join(f.read().split())
     assert " ".join(f"--config.{o}" for o in overrides) in doc
@@ -68,6 +68,8 @@ def test_cifar10_presets_follow_lightlys_benchmark(method):
     assert optim.scaled_learning_rate(c.optim.lr, c.batch_size, c.optim.lr_scaling) == pytest.approx(lr_512)
     assert (c.optim.warmup_epochs, c.optim.end_lr_factor, c.optim.exclude_bias_and_norm) == (0, 0.0, False)
     assert c.optim.fixed_lr_prefixes == () and c.optim.get("bias_lr_factor", 1.0) == 1.0
+    # CosineAnnealingLR stepped once per epoch; the stem keeps its ReLU (lightly's drops it: model.stem_relu).
+    assert c.optim.schedule_per_epoch and c.model.stem_relu
     # SimCLRTransform(cj_strength=0.5, gaussian_blur=0), the same for both views; SimSiam's crops from 0.2,
     # SwAV's from 0.14.
     assert (c.augment.jitter_strength, c.augment.jitter, c.augment.jitter_p) == (0.5, (), 0.8)
@@ -89,7 +91,8 @@ def test_moco_v1_cifar10_is_the_official_colab_demo_with_the_mean_loss():
     assert (c.moco.shuffle_groups, c.moco.query_bn_groups, c.loss.temperature) == (8, 8, 0.1)
     # The colab's summed loss at lr 0.06, weight decay 5e-4 = our mean loss at lr 0.12, weight decay 2.5e-4.
     assert optim.scaled_learning_rate(c.optim.lr, c.batch_size, c.optim.lr_scaling) == pytest.approx(0.12)
-    assert (c.optim.name, c.optim.weight_decay, c.optim.warmup_epochs) == ("sgd", 2.5e-4, 0)
+    assert (c.optim.name, c.optim.weight_decay, c.optim.warmup_epochs, c.optim.schedule_per_epoch) == (
+        "sgd", 2.5e-4, 0, True)  # the colab sets the cosine lr at the start of each epoch
 
 
 def test_overrides_are_typed():

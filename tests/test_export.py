@@ -71,7 +71,7 @@ def test_flat_formats_round_trip_exactly_with_a_sidecar(run, fmt):
     info = json.load(open(path + ".json"))
     assert info["format"] == fmt and info["method"] == "simclr" and info["step"] == STEP
     assert info["model"] == {"name": "tiny", "width_multiplier": 1, "cifar_stem": True, "sk_ratio": 0.0,
-                             "feature_dim": 16, "torchvision_arch": None}
+                             "stem_relu": True, "feature_dim": 16, "torchvision_arch": None}
     assert info["input"]["size"] == 16 and info["input"]["channels"] == 3 and info["input"]["layout"] == "NHWC"
     np.testing.assert_allclose(info["input"]["mean"], config.augment.mean)
     np.testing.assert_allclose(info["input"]["std"], config.augment.std)
@@ -103,9 +103,9 @@ def test_clear_errors(run, tmp_path, monkeypatch):
     assert isinstance(e.value, ValueError)  # the CLI reports ValueErrors as one line, no traceback
 
 
-def _random_backbone(name, cifar_stem, rs):
+def _random_backbone(name, cifar_stem, rs, stem_relu=True):
     """Returns (module, params, batch_stats) shaped like `name`, every leaf random (numpy, no compute)."""
-    model, _ = models.get_backbone(name, cifar_stem=cifar_stem)
+    model, _ = models.get_backbone(name, cifar_stem=cifar_stem, stem_relu=stem_relu)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
     leaf = lambda s: rs.standard_normal(s.shape).astype(s.dtype)  # noqa: E731
     return model, jax.tree.map(leaf, shapes["params"]), jax.tree.map(leaf, shapes["batch_stats"])
@@ -145,10 +145,10 @@ def test_torch_names_shapes_and_dtypes_equal_torchvision(name):
         k: (v.shape, f"torch.{v.dtype}") for k, v in exported.items()}
 
 
-def _trained_resnet18(cifar_stem, images_BxHxWx3):
+def _trained_resnet18(cifar_stem, images_BxHxWx3, stem_relu=True):
     """Returns (module, params, batch_stats): random BN affine, running statistics from a few train passes."""
     rs = np.random.RandomState(1)
-    model, params, _ = _random_backbone("resnet18", cifar_stem, rs)
+    model, params, _ = _random_backbone("resnet18", cifar_stem, rs, stem_relu)
     variables = model.init(jax.random.PRNGKey(0), images_BxHxWx3[:1], train=False)
     # Random BN scale/bias (zero-init residual scales would hide the residual branches), He-init convs.
     params = jax.tree.map_with_path(
@@ -172,13 +172,14 @@ def _trained_resnet18(cifar_stem, images_BxHxWx3):
     return model, jax.device_get(params), stats
 
 
-@pytest.mark.parametrize("cifar_stem", [False, True], ids=["imagenet_stem", "cifar_stem"])
-def test_torchvision_resnet18_reproduces_the_jax_features(tmp_path, cifar_stem):
+@pytest.mark.parametrize("cifar_stem, stem_relu", [(False, True), (True, True), (True, False)],
+                         ids=["imagenet_stem", "cifar_stem", "cifar_stem_without_relu"])
+def test_torchvision_resnet18_reproduces_the_jax_features(tmp_path, cifar_stem, stem_relu):
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     size = 32 if cifar_stem else 64
     images = np.random.RandomState(2).standard_normal((4, size, size, 3)).astype(np.float32)
-    model, params, stats = _trained_resnet18(cifar_stem, images)
+    model, params, stats = _trained_resnet18(cifar_stem, images, stem_relu)
     assert np.abs(stats["bn1"]["mean"]).max() > 0.01 and np.abs(stats["bn1"]["var"] - 1).max() > 0.01
     features_jax = np.asarray(model.apply({"params": params, "batch_stats": stats}, images, train=False))
 
@@ -189,13 +190,16 @@ def test_torchvision_resnet18_reproduces_the_jax_features(tmp_path, cifar_stem):
     if cifar_stem:
         net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         net.maxpool = torch.nn.Identity()
+    if not stem_relu:  # as describe()'s torch_setup says
+        net.relu = torch.nn.Identity()
     net.load_state_dict(torch.load(path), strict=True)
     net.eval()
     with torch.no_grad():
         features_torch = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     assert features_torch.shape == features_jax.shape == (4, 512)
     max_abs = float(np.max(np.abs(features_torch - features_jax)))
-    print(f"resnet18 {'cifar' if cifar_stem else 'imagenet'} stem: max |torch - jax| = {max_abs:.3g} "
+    print(f"resnet18 {'cifar' if cifar_stem else 'imagenet'} stem (ReLU {stem_relu}): "
+          f"max |torch - jax| = {max_abs:.3g} "
           f"(features up to {np.abs(features_jax).max():.3g})")
     assert max_abs < 1e-3 and np.abs(features_jax).max() > 0.1
     back_params, back_stats = export.load_backbone(path)  # .pt back into flax trees, exactly
@@ -223,3 +227,12 @@ def test_sk_resnet_exports_under_torchvision_style_names_and_says_it_has_no_torc
     assert "<build by hand>" in info["torch_setup"] and info["input"]["channels"] == 3
     config.model.sk_ratio = 0.0
     assert export.describe(config, 7, params, "torch")["model"]["torchvision_arch"] == "resnet50"
+
+
+def test_sidecar_says_how_to_drop_the_stem_relu_in_torchvision():
+    _, params, _ = _random_backbone("resnet18", True, np.random.RandomState(0))
+    for stem_relu in (True, False):
+        config = config_lib.load_config("configs/simclr.py:cifar10", [f"model.stem_relu={stem_relu}"])
+        info = export.describe(config, 7, params, "torch")
+        assert info["model"]["stem_relu"] is stem_relu and info["model"]["torchvision_arch"] == "resnet18"
+        assert ("model.relu = torch.nn.Identity()" in info["torch_setup"]) is (not stem_relu)

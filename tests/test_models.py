@@ -204,6 +204,21 @@ def test_zero_init_residual_can_be_switched_off_from_the_config():
         np.testing.assert_array_equal(params["layer1_0"]["bn1"]["scale"], 1.0)
 
 
+def test_stem_relu_false_drops_exactly_the_relu_after_the_stem():
+    # Same parameters both ways. Stem BatchNorm bias +10 (scale 1e-3): its output is positive, the ReLU does
+    # nothing, and the two nets agree; as initialised, half the stem's outputs are negative, and they differ.
+    images = np.random.RandomState(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    with_relu, _ = get_backbone("tiny", cifar_stem=True, zero_init_residual=False)
+    without, _ = get_backbone("tiny", cifar_stem=True, zero_init_residual=False, stem_relu=False)
+    variables = with_relu.init(jax.random.PRNGKey(0), images, train=False)
+    positive = dict(variables["params"], bn1={"scale": jnp.full((8,), 1e-3), "bias": jnp.full((8,), 10.0)})
+    outputs = [[np.asarray(m.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=False))
+                for m in (with_relu, without)] for params in (positive, variables["params"])]
+    np.testing.assert_allclose(*outputs[0], rtol=1e-6)
+    assert np.abs(outputs[1][0] - outputs[1][1]).max() > 1e-2 * np.abs(outputs[1][0]).max() > 0
+    assert config_lib.load_config("configs/simclr.py:cifar10").model.stem_relu is True
+
+
 def test_conv_init_follows_torchvision_or_pytorchs_conv2d_default():
     x = jnp.zeros((1, 32, 32, 3))
     for conv_init in ("torchvision", "pytorch"):

@@ -266,6 +266,21 @@ def test_schedule_without_warmup_and_fractional_warmup():
         make_schedule(cfg(lr=0.2, warmup_epochs=3), 256, 4, 3)
 
 
+def test_schedule_per_epoch_holds_each_epochs_first_value():
+    # torch's CosineAnnealingLR(optimizer, T_max=epochs) stepped once per epoch: lr(e) = peak (1 + cos(pi e / E)) / 2.
+    c = cfg(lr=0.2, lr_scaling="none", warmup_epochs=0, schedule_per_epoch=True)
+    schedule, steps = make_schedule(c, 256, 4, 5), make_schedule(cfg(lr=0.2, lr_scaling="none", warmup_epochs=0),
+                                                                  256, 4, 5)
+    values = np.array([schedule(s) for s in range(20)])
+    want = np.repeat([0.2 * (1 + np.cos(np.pi * e / 5)) / 2 for e in range(5)], 4)
+    np.testing.assert_allclose(values, want, rtol=1e-6)
+    np.testing.assert_allclose(values[::4], [steps(s) for s in range(0, 20, 4)], rtol=1e-6)
+    assert float(schedule(jnp.asarray(7, jnp.int32))) == pytest.approx(want[7])  # traced steps too
+    # A warm-up is held per epoch as well: 1 epoch of warm-up gives lr 0 for its 4 steps.
+    warm = make_schedule(cfg(lr=0.2, lr_scaling="none", warmup_epochs=1, schedule_per_epoch=True), 256, 4, 5)
+    assert [float(warm(s)) for s in range(5)] == [0.0, 0.0, 0.0, 0.0, pytest.approx(0.2)]
+
+
 def test_parameter_groups_fixed_lr_and_bias_lr_factor():
     params = {"model": {"backbone": {"conv": {"kernel": jnp.ones((2, 2))}, "bn": {"scale": jnp.ones(2)}},
                         "predictor": {"dense0": {"kernel": jnp.ones((2, 2))}}}}

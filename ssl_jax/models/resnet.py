@@ -193,6 +193,9 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     zero_init_residual: bool = True
     conv_init: str = "torchvision"
+    # False: no ReLU after the stem's last BatchNorm (lightly's CIFAR-10 benchmark network, whose nn.Sequential
+    # over the ResNet's children drops the functional ReLU); torchvision then needs model.relu = Identity.
+    stem_relu: bool = True
     remat: bool = False
     remat_policy: str = "block"
     sk_ratio: float = 0.0
@@ -225,11 +228,13 @@ class ResNet(nn.Module):
         if self.sk_ratio > 0 and not self.cifar_stem:  # ResNet-D stem: three 3x3 convs, the first strided
             for name, w, s in (("1", width // 2, 2), ("1b", width // 2, 1), ("1c", width, 1)):
                 x = conv(w, (3, 3), (s, s), padding=_pad(3), name=f"conv{name}")(x)
-                x = nn.relu(norm(use_running_average=not train, name=f"bn{name}")(x))
+                x = norm(use_running_average=not train, name=f"bn{name}")(x)
+                x = nn.relu(x) if self.stem_relu or name != "1c" else x
         else:
             k, s = (3, 1) if self.cifar_stem else (7, 2)
             x = conv(width, (k, k), (s, s), padding=_pad(k), name="conv1")(x)
-            x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
+            x = norm(use_running_average=not train, name="bn1")(x)
+            x = nn.relu(x) if self.stem_relu else x
         if not self.cifar_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
 
@@ -263,29 +268,33 @@ _ARCHS = {
 def get_backbone(name: str, *, width_multiplier: int = 1, cifar_stem: bool = False, dtype: Any = jnp.float32,
                  bn_axis_name: str | None = None, remat: bool = False, remat_policy: str = "block",
                  zero_init_residual: bool = True, sk_ratio: float = 0.0,
-                 conv_init: str = "torchvision") -> tuple[ResNet, int]:
+                 conv_init: str = "torchvision", stem_relu: bool = True) -> tuple[ResNet, int]:
     """Returns (ResNet module, feature dimension D) for an architecture name such as 'resnet50'.
 
     remat=True rematerializes every residual block in the backward pass, keeping what remat_policy says (see
     ResNet.remat, ResNet.remat_policy);
     zero_init_residual=False starts every BatchNorm scale at 1, as torchvision's default;
-    sk_ratio > 0: selective kernels and ResNet-D (ResNet.sk_ratio); conv_init: a key of CONV_INITS.
+    sk_ratio > 0: selective kernels and ResNet-D (ResNet.sk_ratio); conv_init: a key of CONV_INITS;
+    stem_relu=False: no ReLU after the stem (ResNet.stem_relu).
     """
     if name not in _ARCHS:
         raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(_ARCHS)}.")
     model = ResNet(**_ARCHS[name], width_multiplier=width_multiplier, cifar_stem=cifar_stem, dtype=dtype,
                    bn_axis_name=bn_axis_name, remat=remat, remat_policy=remat_policy,
-                   zero_init_residual=zero_init_residual, sk_ratio=sk_ratio, conv_init=conv_init)
+                   zero_init_residual=zero_init_residual, sk_ratio=sk_ratio, conv_init=conv_init,
+                   stem_relu=stem_relu)
     return model, model.feature_dim
 
 
 def backbone_from_config(model_config, *, dtype: Any = jnp.float32,
                          bn_axis_name: str | None = None) -> tuple[ResNet, int]:
     """Returns (ResNet module, D) for a run's config.model (name, width_multiplier, cifar_stem, remat,
-    remat_policy, zero_init_residual, sk_ratio, conv_init), in compute `dtype` with BatchNorm over `bn_axis_name`."""
+    remat_policy, zero_init_residual, sk_ratio, conv_init, stem_relu), in compute `dtype` with BatchNorm over
+    `bn_axis_name`."""
     m = model_config
     return get_backbone(m.name, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem, dtype=dtype,
                         bn_axis_name=bn_axis_name, remat=m.get("remat", False),
                         remat_policy=m.get("remat_policy", "block"),
                         zero_init_residual=m.get("zero_init_residual", True), sk_ratio=m.get("sk_ratio", 0.0),
-                        conv_init=m.get("conv_init", "torchvision"))
+                        conv_init=m.get("conv_init", "torchvision"),
+                        stem_relu=bool(m.get("stem_relu", True)))
