@@ -42,6 +42,7 @@ def runs(tmp_path):
     a, b = str(tmp_path / "simclr_r18"), str(tmp_path / "byol_r50x2")
     records_a = [_train(s, 10, 6.0 - 0.1 * s, 0.5 * s / 40, 90.0 * s) for s in (5, 10, 15, 20, 25, 30, 35, 40)]
     records_a.insert(2, {"step": 10, "epoch": 1.0, "knn_top1": 0.25, "knn_top5": 0.6})
+    records_a.insert(7, {"step": 30, "epoch": 3.0, "knn_top1": 0.66, "knn_top5": 0.9})  # the best, not the newest
     records_a += [{"step": 40, "epoch": 4.0, "knn_top1": 0.5, "knn_top5": 0.9, "protocol": "knn",
                    "command": KNN_OLD},
                   {"step": 40, "epoch": 4.0, "linear_top1": 0.7123, "linear_top5": 0.95, "protocol": "linear",
@@ -85,16 +86,19 @@ def test_table_rows_are_exact_and_newest_evaluation_wins(runs, tmp_path):
     assert out["runs"] == 2 and out["report"] == str(tmp_path / "out" / "report.md")
     summary, detail, commands = _tables(open(out["report"]).read())
     header, *rows = summary
-    assert header == ["run", "method", "backbone", "epochs", "batch", "kNN top-1", "linear top-1",
+    assert header == ["run", "method", "backbone", "epochs", "batch", "kNN top-1", "best kNN top-1 (epoch)",
+                      "linear top-1",
                       "linear full top-1", "semi 1% top-1", "semi 10% top-1", "wall time", "device",
                       "started (UTC)"]
     assert [dict(zip(header, r)) for r in rows] == [
         {"run": "simclr_r18", "method": "simclr", "backbone": "resnet18", "epochs": "4/4", "batch": "256",
-         "kNN top-1": "62.5", "linear top-1": "71.2", "linear full top-1": DASH, "semi 1% top-1": DASH,
+         "kNN top-1": "62.5", "best kNN top-1 (epoch)": "66.0 (3)",
+         "linear top-1": "71.2", "linear full top-1": DASH, "semi 1% top-1": DASH,
          "semi 10% top-1": DASH, "wall time": "1:00:00", "device": "NVIDIA H100 x1",
          "started (UTC)": "2025-03-01 10:00"},
         {"run": "byol_r50x2", "method": "byol", "backbone": "resnet50 (2x, SK 0.0625)", "epochs": "1.5/100",
-         "batch": "4096", "kNN top-1": DASH, "linear top-1": DASH, "linear full top-1": DASH,
+         "batch": "4096", "kNN top-1": DASH, "best kNN top-1 (epoch)": DASH,
+         "linear top-1": DASH, "linear full top-1": DASH,
          "semi 1% top-1": DASH, "semi 10% top-1": "40.0", "wall time": "1:02:05",
          "device": "TPU v4 x32 (4 processes)", "started (UTC)": "2025-04-05 21:59"}]
     assert detail[0] == ["run", "metric", "value", "epoch"]
@@ -143,8 +147,8 @@ def test_default_out_dir_and_run_without_evaluations_or_runs_jsonl(tmp_path):
     assert out["report"] == os.path.join(workdir, "report", "report.md")
     assert [os.path.basename(p) for p in out["plots"]] == ["loss.png", "lr.png"]  # no kNN data: no empty plot
     text = open(out["report"]).read()
-    assert _tables(text)[0][1] == ["fresh", "moco", "tiny", "2/2", "8", DASH, DASH, DASH, DASH, DASH, "0:00:04",
-                                   DASH, DASH]
+    assert _tables(text)[0][1] == ["fresh", "moco", "tiny", "2/2", "8", DASH, DASH, DASH, DASH, DASH, DASH,
+                                   "0:00:04", DASH, DASH]
     assert "No kNN evaluations logged yet." in text
     assert "## Commands\n\nThe command line of each training" in text and text.rstrip().endswith("None recorded.")
 
