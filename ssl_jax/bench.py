@@ -16,8 +16,10 @@ holds the training set on the device.
 
 Each phase (data, the PyTorch baseline, every mode's compilation and timing) logs one line with the seconds
 since the start on stderr, also under --no-progress: a run that is stopped or runs out of memory shows how
-far it got. Each mode's `compile_s` is in the report.
+far it got. Each mode's `compile_s` is in the report. With `profile_dir` (`--profile DIR`), each mode traces a
+few more steps after its timed ones and reports where the device time went (ssl_jax/profiling.py).
 """
+import os
 import sys
 import time
 
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax import bench_torch, flops, parallel, train
+from ssl_jax import bench_torch, flops, parallel, profiling, train
 from ssl_jax import data as data_lib
 
 MODES = ("synthetic", "resident", "host")
@@ -77,9 +79,10 @@ class _PhaseLog:
         print(f"bench [{time.perf_counter() - self.start:.1f} s]: {message}", file=self.stream, flush=True)
 
 
-def _time_mode(fn, state, next_args, steps, warmup, log=None, mode=""):
+def _time_mode(fn, state, next_args, steps, warmup, log=None, mode="", profile_dir=None, profile_steps=3):
     """Returns (seconds per step, final loss, compiled program, compile seconds) of `fn(state, *next_args())`
-    repeated; `log(message)`, if given, hears when compilation and the timed steps begin and end."""
+    repeated; `log(message)`, if given, hears when compilation and the timed steps begin and end. With
+    `profile_dir`, `profile_steps` more steps run under jax.profiler after the timed ones."""
     log = log or (lambda message: None)
     args = next_args()
     log(f"{mode}: compiling the step")
@@ -100,27 +103,43 @@ def _time_mode(fn, state, next_args, steps, warmup, log=None, mode=""):
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - start) / steps
     log(f"{mode}: {1000 * step_s:.2f} ms per step")
+    if profile_dir:  # after the timing, never during it
+        log(f"{mode}: tracing {profile_steps} more steps into {profile_dir}")
+        jax.profiler.start_trace(profile_dir)
+        try:
+            for _ in range(profile_steps):
+                state, metrics = fn(state, *args)
+                args = next_args()
+            jax.block_until_ready(state)
+        finally:
+            jax.profiler.stop_trace()
     return step_s, loss, compiled, compile_s
 
 
-def _run_mode(mode, setup, state, steps, warmup, log=None):
+def _run_mode(mode, setup, state, steps, warmup, log=None, **profile):
     """Returns (seconds per step, final loss, compiled program, compile seconds) of one mode on `setup`."""
     if mode == "synthetic":
         views, labels = synthetic_inputs(setup)
-        return _time_mode(setup.views_step_fn, state, lambda: (views, labels), steps, warmup, log, mode)
+        return _time_mode(setup.views_step_fn, state, lambda: (views, labels), steps, warmup, log, mode, **profile)
     batches = train.loader(setup, 0)
     try:
         return _time_mode(setup.step_fn, state,
                           lambda: (setup.dataset, parallel.put_batch(next(batches), setup.mesh)), steps, warmup,
-                          log, mode)
+                          log, mode, **profile)
     finally:
         batches.close()
 
 
-def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=False):
-    """Returns the report: {'modes': {mode: timings, FLOPs, memory}, 'flops': ..., 'torch': ... (if torch), ...}."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=False, profile_dir=None,
+          profile_steps=3):
+    """Returns the report: {'modes': {mode: timings, FLOPs, memory}, 'flops': ..., 'torch': ... (if torch), ...}.
+
+    With `profile_dir`, each mode also traces `profile_steps` steps into profile_dir/<mode> after its timed
+    ones, and its report gains `profile` (ssl_jax/profiling.py: busy time, kinds of work, top operations).
+    """
+    if steps < 1 or warmup < 0 or profile_steps < 1:
+        raise ValueError(f"need steps >= 1, warmup >= 0 and profile_steps >= 1, got steps={steps}, "
+                         f"warmup={warmup}, profile_steps={profile_steps}")
     modes = tuple(modes or default_modes(config))
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -154,7 +173,9 @@ def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=Fal
         # Both setups make the same state (data.resident changes only the step): one init program for all modes.
         log(f"{mode}: building the initial state")
         state = train.initial_state(setup_for(False))
-        step_s, loss, compiled, compile_s = _run_mode(mode, setup, state, steps, warmup, log)
+        mode_dir = os.path.join(profile_dir, mode) if profile_dir else None
+        step_s, loss, compiled, compile_s = _run_mode(mode, setup, state, steps, warmup, log,
+                                                      profile_dir=mode_dir, profile_steps=profile_steps)
         xla = flops.xla_flops(compiled, n_dev)
         tflops = model_flops / step_s / 1e12
         results[mode] = {
@@ -164,6 +185,9 @@ def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=Fal
             "xla_tflops": _sig(xla / step_s / 1e12) if xla else None,
             "peak_bytes_in_use": peak_memory_bytes(), "step_bytes": flops.step_memory_bytes(compiled),
             "final_loss": loss, "finite": bool(np.isfinite(loss)), "compile_s": _sig(compile_s, 3)}
+        if mode_dir:
+            results[mode]["profile"] = profiling.summarize_dir(mode_dir, profile_steps)
+            log(profiling.format_summary(results[mode]["profile"], f"{mode} profile: "))
     if "synthetic" in results:
         base_ms = results["synthetic"]["step_ms"]
         for mode in ("resident", "host"):

@@ -52,6 +52,10 @@ def _parser():
     b.add_argument("--torch", action="store_true",
                    help="also time a plain PyTorch SimCLR step on the same images (needs ssl-jax[torch])")
     b.add_argument("--torch-compile", action="store_true", help="with --torch: wrap the PyTorch model in torch.compile")
+    b.add_argument("--profile", default="", metavar="DIR",
+                   help="after each mode's timed steps, trace --profile-steps more with jax.profiler into DIR/<mode> "
+                   "and summarise where the device time goes (report: modes.<mode>.profile)")
+    b.add_argument("--profile-steps", type=int, default=3, help="steps traced per mode with --profile")
     common(b)
     return p
 
@@ -114,7 +118,8 @@ def main(argv=None):
             modes = [m.strip() for m in args.modes.split(",") if m.strip()] or None
             try:
                 report = bench.bench(config, steps=args.steps, warmup=args.warmup, modes=modes, torch=args.torch,
-                                     torch_compile=args.torch_compile)
+                                     torch_compile=args.torch_compile, profile_dir=args.profile or None,
+                                     profile_steps=args.profile_steps)
             except bench_torch.MissingTorchError as e:
                 print(f"ssl-jax bench: error: {e}", file=sys.stderr)
                 return 2

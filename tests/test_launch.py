@@ -392,9 +392,14 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
     assert "exit 0" in session("100", "bench_r50_simclr_remat_convs").stdout
     policy = calls.read_text().splitlines()[8].split()
     assert {"--config.model.remat=true", "--config.model.remat_policy=convs", "--config.batch_size=512"} <= set(policy)
+    assert "exit 0" in session("150", "profile_r50_simclr").stdout
+    profile = calls.read_text().splitlines()[9].split()
+    assert profile[:3] == ["bench", "--config", "configs/simclr.py:imagenet"]
+    assert {"--config.batch_size=512", "--config.model.remat=true", "--modes", "synthetic", "--profile",
+            "runs/device_session/profile_r50_simclr", "--profile-steps", "3"} <= set(profile)
     skipped = session("30", "bench_r18_moco_v2")
     assert "bench_r18_moco_v2 skipped: 30s left, it needs 60s" in skipped.stdout
-    assert len(calls.read_text().splitlines()) == 9
+    assert len(calls.read_text().splitlines()) == 10
 
     variant = session("200", "simclr_e50_ours_lightly")  # lightly's recipe details on our trainer
     argv = calls.read_text().splitlines()[-1].split()
@@ -407,6 +412,12 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
+    trace_dir = res / "profile_r50_simclr" / "synthetic"  # as the real bench writes it: trace and xplane
+    trace_dir.mkdir(parents=True)
+    (trace_dir / "h.trace.json.gz").write_bytes(b"")
+    (trace_dir / "h.xplane.pb").write_bytes(b"")
     assert session("collect", str(out)).returncode == 0
     listing = subprocess.run(["tar", "tzf", str(out / "results.tgz")], capture_output=True, text=True, check=True)
     assert "runs/device_session/log" in listing.stdout.split()
+    assert "runs/device_session/profile_r50_simclr/synthetic/h.trace.json.gz" in listing.stdout.split()
+    assert not any(name.endswith(".xplane.pb") for name in listing.stdout.split())
