@@ -30,7 +30,10 @@ def _run_steps(config, source, devices, steps=2):
 def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument
     assert jax.device_count() == 8
     source = _source()
-    config = _config()
+    # Residual BatchNorm scales start at 1 (as the cifar10 preset's do). Started at 0, some channels sit near
+    # 1e-5 after one step, where float32 summation order (one device or eight, AVX2 or SSE) decides a ReLU:
+    # their second updates then differed by up to 0.4% (SSE4.2) of their size, every other leaf's by 2e-5.
+    config = _config("model.zero_init_residual=false")
     _, before1, states1, hist1 = _run_steps(config, source, jax.devices()[:1])
     setup8, before8, states8, hist8 = _run_steps(config, source, jax.devices())
     after1, after8 = states1[-1], states8[-1]
@@ -44,13 +47,9 @@ def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-arg
                                                                                           before8["params"])
     assert harness.largest(first1) > 1e-4  # the step did move the weights
     harness.assert_trees_close(first8, first1, rtol=1e-4, atol=1e-7)
-    # After two steps, absolute agreement to 1e-5 (the largest update is about 0.06). Not tighter: the
-    # zero-initialised last BatchNorm of a residual block leaves some channels with scale and bias near 1e-5
-    # after one step, where float32 summation order (one device or eight) can decide a ReLU; with the tiny
-    # test network one such channel's BN scale and bias updates differ by 3e-6, every other leaf by under 4e-7
-    # (2026-11-23, jax 0.10.2).
-    harness.assert_trees_close(harness.delta(after8["params"], before8["params"]),
-                               harness.delta(after1["params"], before1["params"]), rtol=1e-4, atol=1e-5)
+    # After two steps every leaf's update agrees to 2e-4 of its largest element (at most 1.7e-5 seen with
+    # XLA's CPU code for AVX2, AVX and SSE4.2, --xla_cpu_max_isa; jax 0.10.2, 2026-11-23).
+    harness.assert_updates_close(after8["params"], after1["params"], before1["params"], rtol=2e-4)
     # Synchronized BatchNorm: statistics of the global batch, whatever the device count.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  after8["batch_stats"], after1["batch_stats"])
