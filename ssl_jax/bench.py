@@ -105,7 +105,11 @@ def _time_mode(fn, state, next_args, steps, warmup, log=None, mode="", profile_d
     log(f"{mode}: {1000 * step_s:.2f} ms per step")
     if profile_dir:  # after the timing, never during it
         log(f"{mode}: tracing {profile_steps} more steps into {profile_dir}")
-        jax.profiler.start_trace(profile_dir)
+        try:
+            jax.profiler.start_trace(profile_dir)
+        except (RuntimeError, ValueError, OSError) as e:  # no profiler here: the timings still stand
+            log(f"{mode}: the profiler did not start ({type(e).__name__}: {e})")
+            return step_s, loss, compiled, compile_s
         try:
             for _ in range(profile_steps):
                 state, metrics = fn(state, *args)
@@ -185,9 +189,13 @@ def bench(config, steps=50, warmup=3, modes=None, torch=False, torch_compile=Fal
             "xla_tflops": _sig(xla / step_s / 1e12) if xla else None,
             "peak_bytes_in_use": peak_memory_bytes(), "step_bytes": flops.step_memory_bytes(compiled),
             "final_loss": loss, "finite": bool(np.isfinite(loss)), "compile_s": _sig(compile_s, 3)}
-        if mode_dir:
-            results[mode]["profile"] = profiling.summarize_dir(mode_dir, profile_steps)
-            log(profiling.format_summary(results[mode]["profile"], f"{mode} profile: "))
+        if mode_dir:  # a trace that cannot be read costs its summary, never the timings above
+            try:
+                results[mode]["profile"] = profiling.summarize_dir(mode_dir, profile_steps)
+                log(profiling.format_summary(results[mode]["profile"], f"{mode} profile: "))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                results[mode]["profile"] = {"error": f"{type(e).__name__}: {e}", "dir": mode_dir}
+                log(f"{mode} profile: not summarised ({type(e).__name__}: {e}); the trace is in {mode_dir}")
     if "synthetic" in results:
         base_ms = results["synthetic"]["step_ms"]
         for mode in ("resident", "host"):

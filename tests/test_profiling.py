@@ -134,6 +134,32 @@ def test_cli_bench_profile_traces_after_the_timed_steps_without_recompiling(tmp_
     assert names["views_step"] == 1  # the traced steps reuse the timed program
 
 
+def test_a_trace_that_cannot_be_summarised_costs_only_the_summary(tmp_path, monkeypatch):
+    def unreadable(log_dir, steps):
+        raise ValueError("the trace holds no device or XLA runtime events to summarise")
+
+    monkeypatch.setattr(profiling, "summarize_dir", unreadable)
+    config = config_lib.load_config("configs/simclr.py:smoke", ["data.num_examples=64", "batch_size=32"])
+    report = bench.bench(config, steps=1, warmup=0, modes=("synthetic",), profile_dir=str(tmp_path), profile_steps=1)
+    r = report["modes"]["synthetic"]
+    assert r["img_per_s"] > 0 and r["finite"]
+    assert r["profile"] == {"error": "ValueError: the trace holds no device or XLA runtime events to summarise",
+                            "dir": str(tmp_path / "synthetic")}
+
+
+def test_a_profiler_that_does_not_start_costs_only_the_summary(tmp_path, monkeypatch, capsys):
+    def busy(log_dir):
+        raise RuntimeError("Profile has already been started. Only one profile may be run at a time.")
+
+    monkeypatch.setattr(jax.profiler, "start_trace", busy)
+    config = config_lib.load_config("configs/simclr.py:smoke", ["data.num_examples=64", "batch_size=32"])
+    report = bench.bench(config, steps=1, warmup=0, modes=("synthetic",), profile_dir=str(tmp_path), profile_steps=1)
+    r = report["modes"]["synthetic"]
+    assert r["img_per_s"] > 0 and r["profile"]["error"].startswith("FileNotFoundError: no *.trace.json.gz under")
+    assert "synthetic: the profiler did not start (RuntimeError: Profile has already been started" in (
+        capsys.readouterr().err)
+
+
 def test_profile_steps_must_be_positive():
     config = config_lib.load_config("configs/simclr.py:smoke")
     with pytest.raises(ValueError, match="profile_steps >= 1"):
