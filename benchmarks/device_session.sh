@@ -39,6 +39,9 @@ EARLIER=(--config.model.zero_init_residual=true --config.optim.warmup_epochs=10
          --config.optim.exclude_bias_and_norm=true --config.model.conv_init=torchvision
          --config.optim.schedule_per_epoch=false)
 R50_DATA=(--config.data.name=synthetic --config.data.num_classes=1000 --config.data.resident=true)
+# the ResNet-50 SimCLR bench with 94% of the device memory for JAX; each step adds its data and batch
+read -ra PY_WORDS <<< "$PY"
+R50_SIMCLR=(env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 "${PY_WORDS[@]}" bench --config "configs/simclr.py:$P50")
 mkdir -p "$RES"
 
 if [[ "${1:-}" == _bench_r50 ]]; then  # batches in the order of R50_BATCHES until one fails; 0 if any ran
@@ -151,14 +154,13 @@ for s in "${STEPS[@]}"; do
       run_step "$s" 60 $PY bench --config "configs/${s#bench_r18_}.py:$P18" --config.data.path="$DATA" \
         --steps 100 --no-progress ${X[@]+"${X[@]}"} ;;
     bench_r50_simclr_b4096)  # the issue's batch on one GPU: two chunks of 2048 (gradient accumulation) and remat
-      run_step "$s" 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $PY bench --config "configs/simclr.py:$P50" \
-        "${R50_DATA[@]}" --config.data.num_examples=4096 --config.batch_size=4096 --config.grad_accum_steps=2 \
-        --config.model.remat=true \
-        --modes synthetic --steps 5 --warmup 1 --no-progress ${X[@]+"${X[@]}"} ;;
+      run_step "$s" 90 "${R50_SIMCLR[@]}" "${R50_DATA[@]}" --config.data.num_examples=4096 --config.batch_size=4096 \
+        --config.grad_accum_steps=2 --config.model.remat=true --modes synthetic --steps 5 --warmup 1 \
+        --no-progress ${X[@]+"${X[@]}"} ;;
     profile_r50_simclr)  # the batch-512 remat step of the table, 3 steps traced: busy time, kinds of work, top ops
-      run_step "$s" 120 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $PY bench --config "configs/simclr.py:$P50" \
-        "${R50_DATA[@]}" --config.data.num_examples=2048 --config.batch_size=512 --config.model.remat=true \
-        --modes synthetic --steps 10 --profile "$RES/$s" --profile-steps 3 --no-progress ${X[@]+"${X[@]}"} ;;
+      run_step "$s" 120 "${R50_SIMCLR[@]}" "${R50_DATA[@]}" --config.data.num_examples=2048 --config.batch_size=512 \
+        --config.model.remat=true --modes synthetic --steps 10 --profile "$RES/$s" --profile-steps 3 \
+        --no-progress ${X[@]+"${X[@]}"} ;;
     bench_r50_simclr_noremat)  # remat recomputes the forward: what it costs where the batch fits without it
       run_step "$s" 90 env R50_REMAT=false "$0" _bench_r50 simclr ;;
     bench_r50_simclr_remat_convs)  # remat that keeps the convolutions' outputs: memory and speed
@@ -173,9 +175,9 @@ for s in "${STEPS[@]}"; do
       # the largest ResNet-50 batch that ran
       b=$(grep -o '"batch_size": [0-9]*' "$RES/bench_r50_simclr.out" 2>/dev/null | grep -o '[0-9]*$' | sort -n |
           tail -1)
-      run_step "$s" 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 $PY bench --config "configs/simclr.py:$P50" \
-        --config.data.path=.jpeg --config.data.stream=true --config.batch_size="${b:-1024}" --config.model.remat=true \
-        --modes synthetic,host --steps 20 --no-progress ${X[@]+"${X[@]}"} ;;
+      run_step "$s" 90 "${R50_SIMCLR[@]}" --config.data.path=.jpeg --config.data.stream=true \
+        --config.batch_size="${b:-1024}" --config.model.remat=true --modes synthetic,host --steps 20 \
+        --no-progress ${X[@]+"${X[@]}"} ;;
     *) echo "device_session: unknown step $s (steps: ${ALL[*]})" >&2; exit 2 ;;
   esac
 done
