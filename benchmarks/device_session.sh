@@ -33,11 +33,12 @@ read -ra X <<< "${EXTRA:-}"
 read -ra R50B <<< "${R50_BATCHES:-512}"
 # ResNet-50 rows: synthetic 256 px images held on the device, so that all three ways run
 # The SimCLR cifar10 preset's recipe details before 2026-11-23 (10 warm-up epochs, no weight decay on biases
-# and BatchNorm, zero-init residual BatchNorm, torchvision's convolution init, lr set every step): the 50-epoch
-# experiment's baseline, in ours and in PyTorch
+# and BatchNorm, zero-init residual BatchNorm, torchvision's convolution init, lr set every step, a BatchNorm
+# head, BatchNorm statistics over both views): the 50-epoch experiment's baseline, in ours and in PyTorch
+BN_HEAD_JOINT=(--config.head.use_bn=true --config.simclr.bn_per_view=false)
 EARLIER=(--config.model.zero_init_residual=true --config.optim.warmup_epochs=10
          --config.optim.exclude_bias_and_norm=true --config.model.conv_init=torchvision
-         --config.optim.schedule_per_epoch=false)
+         --config.optim.schedule_per_epoch=false "${BN_HEAD_JOINT[@]}")
 R50_DATA=(--config.data.name=synthetic --config.data.num_classes=1000 --config.data.resident=true)
 # the ResNet-50 SimCLR bench with 94% of the device memory for JAX; each step adds its data and batch
 read -ra PY_WORDS <<< "$PY"
@@ -88,13 +89,15 @@ for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do ALL+=("tab
 # The default: what is not measured yet, most wanted first (the second GPU session, 2026-11-23, measured the
 # SimCLR 50-epoch experiment, SimSiam's 200 epochs, ResNet-50 SimCLR at 512 and 1024, MoCo v2 at 512 and the
 # torch.compile row). First the SimCLR cifar10 preset's 200 epochs with lightly's recipe details, its
-# default since that session (the issue's kNN target; about 6.5 min), then ResNet-50 without
+# default since that session (the issue's kNN target; about 6.5 min), then its ResNet-18 speed row again
+# (since that session the preset also has lightly's head without BatchNorm and BatchNorm statistics per
+# view, so the row measured then is not the preset's any more), then ResNet-50 without
 # rematerialisation and with the cheaper remat policy, a profile of its step (where the time goes below the
 # 3,500 img/s bar), batch 4096 and the JPEG step, the other methods'
 # ResNet-50 rows, and the other methods' 200-epoch runs (about 5 to 9 minutes each on the H100: one per call;
 # SimSiam's again, its preset having since taken lightly's details: README, "Methods and results").
-TODO=(table_simclr bench_r50_simclr_noremat bench_r50_simclr_remat_convs profile_r50_simclr bench_r50_simclr_b4096
-      bench_jpeg_r50_simclr)
+TODO=(table_simclr bench_r18_simclr bench_r50_simclr_noremat bench_r50_simclr_remat_convs profile_r50_simclr
+      bench_r50_simclr_b4096 bench_jpeg_r50_simclr)
 for m in byol simsiam swav barlow_twins; do TODO+=("bench_r50_$m"); done
 for m in byol moco_v2 swav barlow_twins simsiam simclr_v2 moco_v1; do TODO+=("table_$m"); done
 (($#)) && STEPS=("$@") || STEPS=("${TODO[@]}")
@@ -135,7 +138,7 @@ for s in "${STEPS[@]}"; do
         simclr_e50_ours_lightly) variant=(--config.model.zero_init_residual=false --config.optim.warmup_epochs=0
                                           --config.optim.exclude_bias_and_norm=false
                                           --config.model.conv_init=torchvision
-                                          --config.optim.schedule_per_epoch=false) ;;
+                                          --config.optim.schedule_per_epoch=false "${BN_HEAD_JOINT[@]}") ;;
         simclr_e50_ours_f32) variant=("${EARLIER[@]}" --config.model.dtype=float32) ;;
         *) echo "device_session: unknown step $s (steps: ${ALL[*]})" >&2; exit 2 ;;
       esac

@@ -3,7 +3,8 @@ the same data: is a gap to a published number (lightly's 84.8% kNN at 200 epochs
 
 Everything a recipe decides comes from the same config (`--config.KEY=VALUE` overrides as for `ssl-jax train`):
 torchvision ResNet with the CIFAR stem and the config's MLP head (`ssl_jax.bench_torch`, the `--torch`
-baseline of `ssl-jax bench`), NT-Xent at the config's temperature, bf16 autocast and channels_last when the
+baseline of `ssl-jax bench`), called once per view with `simclr.bn_per_view` (else once on both views),
+NT-Xent at the config's temperature, bf16 autocast and channels_last when the
 config computes in bf16, SGD with momentum, the learning rate scaled with the batch, linear warm-up then
 cosine decay per step (`ssl_jax.optim.make_schedule` itself), weight decay on every parameter or, as ssl_jax by
 default (`optim.exclude_bias_and_norm`), not on biases and BatchNorm parameters; torchvision.transforms.v2
@@ -136,10 +137,8 @@ def main(argv):
                 v1, v2 = next(batches)
             for g in opt.param_groups:
                 g["lr"] = float(schedule(step))
-            x = torch.cat([v.to(device, non_blocking=True) for v in (v1, v2)]).contiguous(
-                memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
-                z = model(x)
+                z = bench_torch.embed(torch, model, spec, device, v1, v2)
             loss = bench_torch.nt_xent(torch, z, spec["temperature"])
             opt.zero_grad(set_to_none=True)
             loss.backward()

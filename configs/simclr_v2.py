@@ -37,7 +37,7 @@ configs/simclr.py:cifar10, give it that preset's optimizer, initialisation and l
 --config.optim.name=sgd --config.optim.lr=0.12 --config.optim.weight_decay=5e-4 --config.optim.warmup_epochs=0
 --config.optim.exclude_bias_and_norm=false --config.model.zero_init_residual=false
 --config.model.conv_init=pytorch --config.optim.schedule_per_epoch=true --config.loss.scale=1.0
-(tests/test_config.py checks that only the head differs).
+--config.simclr.bn_per_view=true (tests/test_config.py checks that only the head differs).
 """
 import ml_collections
 
@@ -52,6 +52,8 @@ def get_config(arg="cifar10"):
     # chunk_size > 0: NT-Xent in blocks of that many columns, never the whole similarity matrix at once.
     # scale 2.0: the official tf2 loss, the sum of both directions (ssl_jax/methods/simclr.py).
     c.loss = ml_collections.ConfigDict(dict(temperature=0.5, chunk_size=0, scale=2.0))
+    # BatchNorm over both views together, as the official code's one call on the concatenated views.
+    c.simclr = ml_collections.ConfigDict(dict(bn_per_view=False))
     c.optim.update(dict(name="lars", lr=1.0, lr_scaling="linear", weight_decay=1e-4, warmup_epochs=10))
     if arg == "imagenet":
         c.num_epochs = 800

@@ -46,6 +46,9 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
         raise ValueError(f"--torch builds a torchvision ResNet: model.name must be one of "
                          f"{', '.join(TORCHVISION_RESNETS)} with model.width_multiplier=1 and model.sk_ratio=0, "
                          f"got {config.model.name!r} x {config.model.width_multiplier}, sk_ratio {sk_ratio:g}")
+    if config.head.get("last_bn", False):
+        raise ValueError("--torch builds SimCLR v1's head (hidden layers, then a Linear output); head.last_bn "
+                         "(SimCLR v2's BatchNorm on the output) has no counterpart there: use configs/simclr.py")
     view = augment.spec_from_config(config.augment)
     return {
         "images": images_path, "steps": steps, "warmup": warmup, "batch_size": config.batch_size,
@@ -55,6 +58,7 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
         "stem_relu": bool(config.model.get("stem_relu", True)),
         "bf16": config.model.dtype == "bfloat16", "compile": bool(compile_model),
         "head_layers": config.head.num_layers, "head_hidden": config.head.hidden_dim, "head_out": config.head.out_dim,
+        "head_bn": bool(config.head.use_bn), "bn_per_view": bool(config.get("simclr", {}).get("bn_per_view", False)),
         "temperature": config.loss.temperature, "lr": config.optim.lr, "weight_decay": config.optim.weight_decay,
         "crop_size": view.size, "scale": list(view.crop_scale), "flip_p": view.flip_p,
         "jitter": list(augment_ops.jitter_ranges(view.jitter or view.jitter_strength)), "jitter_p": view.jitter_p,
@@ -84,7 +88,8 @@ def run_subprocess(config, images, steps, warmup, compile_model=False, max_image
 def network(torch, torchvision, spec):
     """Returns torchvision's ResNet (fc removed, CIFAR stem if asked, each block's last BatchNorm scale at 0
     if the config's is, convs re-initialised with nn.Conv2d's default for conv_init "pytorch", no stem ReLU for
-    stem_relu False) followed by the projection MLP."""
+    stem_relu False) followed by the projection MLP (hidden layers Linear -> BatchNorm -> ReLU with head_bn,
+    else Linear with bias -> ReLU)."""
     nn = torch.nn
     backbone = getattr(torchvision.models, spec["arch"])(zero_init_residual=spec.get("zero_init_residual", False))
     if spec["cifar_stem"]:
@@ -100,9 +105,22 @@ def network(torch, torchvision, spec):
     hidden = spec["head_hidden"] or width
     layers, d = [], width
     for _ in range(spec["head_layers"] - 1):
-        layers += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        if spec.get("head_bn", True):
+            layers += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        else:
+            layers += [nn.Linear(d, hidden), nn.ReLU(inplace=True)]
         d = hidden
     return nn.Sequential(backbone, *layers, nn.Linear(d, spec["head_out"]))
+
+
+def embed(torch, model, spec, device, v1, v2):
+    """Returns the 2B embeddings [view 1; view 2] of two (pinned) host batches: each view copied as is, then
+    one call on both views concatenated on the device (one BatchNorm batch), or with bn_per_view one call per
+    view (BatchNorm statistics per view, as lightly's benchmark computes them)."""
+    views = [v.to(device, non_blocking=True) for v in (v1, v2)]
+    if spec.get("bn_per_view", False):
+        return torch.cat([model(v.contiguous(memory_format=torch.channels_last)) for v in views])
+    return model(torch.cat(views).contiguous(memory_format=torch.channels_last))
 
 
 def nt_xent(torch, z_2BxD, temperature):
@@ -155,11 +173,8 @@ def run(spec):
     forward = torch.compile(model) if spec["compile"] else model
 
     def step(v1, v2):
-        # Copy each (pinned) view as is, then concatenate on the device: both views in one BatchNorm batch.
-        x = torch.cat([v.to(device, non_blocking=True) for v in (v1, v2)]).contiguous(
-            memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
-            z = forward(x)
+            z = embed(torch, forward, spec, device, v1, v2)
         loss = nt_xent(torch, z, spec["temperature"])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -257,6 +257,25 @@ def test_pytorch_simclr_step_runs_on_the_same_images():
         w = bench_torch.network(torch, torchvision, spec)[0].layer1[0].conv1.weight.detach().numpy()
         bound = 1.0 / np.sqrt(w[0].size)
         assert bool(np.abs(w).max() <= bound * (1.0 + 1e-6)) is (conv_init == "pytorch")
+    # The cifar10 preset's head (lightly's: Linear with bias -> ReLU -> Linear, no BatchNorm) and one network
+    # call per view; with head.use_bn the hidden Linear loses its bias to a BatchNorm1d.
+    for use_bn in (False, True):
+        spec = bench_torch.spec_from_config(
+            config_lib.load_config("configs/simclr.py:cifar10", [f"head.use_bn={use_bn}"]), "x.npy", 1, 1)
+        assert spec["bn_per_view"] is True and spec["head_bn"] is use_bn
+        head = bench_torch.network(torch, torchvision, spec)[1:]
+        assert any(isinstance(m, torch.nn.BatchNorm1d) for m in head) is use_bn
+        assert (head[0].bias is None) is use_bn and head[-1].out_features == 128
+    net = bench_torch.network(torch, torchvision, spec).train()
+    v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32) * 2 + 1
+    with torch.no_grad():
+        per_view = bench_torch.embed(torch, net, spec, torch.device("cpu"), v1, v2)
+        joint = bench_torch.embed(torch, net, {**spec, "bn_per_view": False}, torch.device("cpu"), v1, v2)
+        assert torch.allclose(per_view, torch.cat([net(v1), net(v2)]), atol=1e-5)
+        assert torch.allclose(joint, net(torch.cat([v1, v2])), atol=1e-5)
+        assert not torch.allclose(per_view, joint, atol=1e-3)
+    with pytest.raises(ValueError, match="head.last_bn"):
+        bench_torch.spec_from_config(config_lib.load_config("configs/simclr_v2.py:cifar10"), "x.npy", 1, 1)
     # stem_relu false: torchvision's `relu` module (used by the stem only) becomes the identity.
     for stem_relu in (True, False):
         spec = bench_torch.spec_from_config(

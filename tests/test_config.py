@@ -18,6 +18,8 @@ def test_preset_values_follow_the_issue():
     assert (c.model.name, c.batch_size, c.num_epochs, c.model.cifar_stem) == ("resnet18", 512, 200, True)
     # lightly's recipe details, measured better at 50 epochs on an H100 (BENCHMARKS.md, "Open questions")
     assert (c.model.zero_init_residual, c.optim.warmup_epochs, c.optim.exclude_bias_and_norm) == (False, 0, False)
+    # lightly's SimCLR model of 27.03.2023: a head without BatchNorm, one network call per view
+    assert (c.head.use_bn, c.head.last_bn, c.simclr.bn_per_view) == (False, False, True)
     # lightly: 0.06 x batch / 128 = 0.24 at batch 512; ours is per 256 images
     assert (c.optim.name, c.optim.lr, c.optim.lr_scaling, c.optim.weight_decay) == ("sgd", 0.12, "linear", 5e-4)
     i = config_lib.load_config(f"{SIMCLR}:imagenet")
@@ -25,6 +27,8 @@ def test_preset_values_follow_the_issue():
         "resnet50", 4096, "lars", 0.3, "linear")
     assert (i.optim.weight_decay, i.loss.temperature, i.num_epochs) == (1e-6, 0.1, 100)
     assert (i.model.zero_init_residual, i.optim.warmup_epochs, i.optim.exclude_bias_and_norm) == (True, 10, True)
+    # the official code: a BatchNorm head, one call on the concatenated views
+    assert (i.head.use_bn, i.simclr.bn_per_view) == (True, False)
     # The official loss is the sum of both directions (objective.py), lightly's their mean.
     assert (c.loss.scale, i.loss.scale) == (1.0, 2.0)
 
@@ -40,7 +44,7 @@ def test_simclr_v2_cifar10_with_its_docstrings_overrides_differs_from_simclr_onl
     # configs/simclr_v2.py's docstring lists the overrides that leave only the head to compare; keep it true.
     overrides = ["optim.name=sgd", "optim.lr=0.12", "optim.weight_decay=5e-4", "optim.warmup_epochs=0",
                  "optim.exclude_bias_and_norm=false", "model.zero_init_residual=false", "model.conv_init=pytorch",
-                 "optim.schedule_per_epoch=true", "loss.scale=1.0"]
+                 "optim.schedule_per_epoch=true", "loss.scale=1.0", "simclr.bn_per_view=true"]
     with open("configs/simclr_v2.py", encoding="utf-8") as f:
         doc = " ".join(f.read().split())
     assert " ".join(f"--config.{o}" for o in overrides) in doc
@@ -48,7 +52,8 @@ def test_simclr_v2_cifar10_with_its_docstrings_overrides_differs_from_simclr_onl
     v2 = _flat(config_lib.load_config("configs/simclr_v2.py:cifar10", overrides).to_dict())
     assert v2["loss.scale"] == 1.0 and config_lib.load_config("configs/simclr_v2.py:cifar10").loss.scale == 2.0
     assert {k for k in set(v1) | set(v2) if v1.get(k) != v2.get(k)} == {
-        "head.finetune_layer", "head.hidden_dim", "head.last_bn", "head.last_bn_scale", "head.num_layers"}
+        "head.finetune_layer", "head.hidden_dim", "head.last_bn", "head.last_bn_scale", "head.num_layers",
+        "head.use_bn"}
 
 
 # What lightly's CIFAR-10 benchmark (27.03.2023) trains each method with, in its own terms: optimizer, lr at

@@ -369,7 +369,8 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
     assert "--workdir runs/simclr_e50_ours_cifar10" in lines[2]
     # the 50-epoch baseline is the preset's recipe before 2026-11-23, spelled out now that the preset changed
     assert {"--config.model.zero_init_residual=true", "--config.optim.warmup_epochs=10",
-            "--config.optim.exclude_bias_and_norm=true"} <= set(lines[2].split())
+            "--config.optim.exclude_bias_and_norm=true", "--config.head.use_bn=true",
+            "--config.simclr.bn_per_view=false"} <= set(lines[2].split())
     res = tmp_path / "runs" / "device_session"
     assert sorted(p.name for p in res.glob("*.done")) == ["bench_r18_byol.done", "simclr_e50_ours.done"]
     assert "bench_r18_swav exit 1" in first.stdout
@@ -405,7 +406,8 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
     argv = calls.read_text().splitlines()[-1].split()
     assert "--workdir" in argv and argv[argv.index("--workdir") + 1] == "runs/simclr_e50_ours_lightly_cifar10"
     assert {"--config.model.zero_init_residual=false", "--config.optim.warmup_epochs=0",
-            "--config.optim.exclude_bias_and_norm=false", "--config.num_epochs=50"} <= set(argv)
+            "--config.optim.exclude_bias_and_norm=false", "--config.num_epochs=50", "--config.head.use_bn=true",
+            "--config.simclr.bn_per_view=false"} <= set(argv)
 
     unknown = session("100", "bench_r18_nothing_like_it", "no_such_step")
     assert unknown.returncode == 2 and "unknown step no_such_step" in unknown.stderr

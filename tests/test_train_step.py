@@ -27,13 +27,15 @@ def _run_steps(config, source, devices, steps=2):
     return setup, before, states, history
 
 
-def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-argument
+@pytest.mark.parametrize("per_view", [False, True], ids=["bn_over_both_views", "bn_per_view"])
+def test_eight_devices_equal_one_device(threefry, per_view):  # pylint: disable=unused-argument
     assert jax.device_count() == 8
     source = _source()
     # Residual BatchNorm scales start at 1 (as the cifar10 preset's do). Started at 0, some channels sit near
     # 1e-5 after one step, where float32 summation order (one device or eight, AVX2 or SSE) decides a ReLU:
     # their second updates then differed by up to 0.4% (SSE4.2) of their size, every other leaf's by 2e-5.
-    config = _config("model.zero_init_residual=false")
+    # bn_per_view: each device holds its rows of both views; the statistics are still each whole view's.
+    config = _config("model.zero_init_residual=false", f"simclr.bn_per_view={per_view}")
     _, before1, states1, hist1 = _run_steps(config, source, jax.devices()[:1])
     setup8, before8, states8, hist8 = _run_steps(config, source, jax.devices())
     after1, after8 = states1[-1], states8[-1]
@@ -53,6 +55,15 @@ def test_eight_devices_equal_one_device(threefry):  # pylint: disable=unused-arg
     # Synchronized BatchNorm: statistics of the global batch, whatever the device count.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  after8["batch_stats"], after1["batch_stats"])
+
+
+def test_bn_per_view_is_another_function_than_bn_over_both_views():
+    # The same initial state and batch: per-view statistics give another loss, and another one than the
+    # unsynchronized step's, so the 8-vs-1 check above with bn_per_view compares something that differs.
+    source = _source()
+    losses = {per_view: _run_steps(_config(f"simclr.bn_per_view={per_view}"), source, jax.devices(), steps=1)[3][0]
+              for per_view in (False, True)}
+    assert np.isfinite(losses[True]["loss"]) and abs(losses[True]["loss"] - losses[False]["loss"]) > 1e-4
 
 
 def test_unsynchronized_batchnorm_uses_per_device_statistics():

@@ -19,10 +19,11 @@ def bn_axis(config, axis_name):
     return axis_name if config.model.sync_bn else None
 
 
-def backbone(config, axis_name=None):
-    """Returns the flax backbone of config.model, BatchNorm synchronized over `axis_name` when sync_bn."""
+def backbone(config, axis_name=None, bn_groups=1):
+    """Returns the flax backbone of config.model, BatchNorm synchronized over `axis_name` when sync_bn and
+    taking `bn_groups` views per training batch (models.ResNet.bn_groups)."""
     module, _ = models.backbone_from_config(
-        config.model, dtype=compute_dtype(config), bn_axis_name=bn_axis(config, axis_name))
+        config.model, dtype=compute_dtype(config), bn_axis_name=bn_axis(config, axis_name), bn_groups=bn_groups)
     return module
 
 

@@ -34,16 +34,22 @@ from ssl_jax import augment, losses, models
 from ssl_jax.methods import common
 
 
-def networks(config, axis_name=None):
-    """Returns (backbone, head) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn."""
+def networks(config, axis_name=None, bn_groups=1):
+    """Returns (backbone, head) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn, and
+    takes `bn_groups` views per training batch (models.ResNet.bn_groups)."""
     bn_axis = common.bn_axis(config, axis_name)
-    backbone = common.backbone(config, axis_name)
+    backbone = common.backbone(config, axis_name, bn_groups=bn_groups)
     head = models.MLPHead(
         hidden_dims=(head_hidden_dim(config),) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
         use_bn=config.head.use_bn, last_bn=config.head.last_bn,
         last_bn_scale=config.head.get("last_bn_scale", False), dtype=common.compute_dtype(config),
-        bn_axis_name=bn_axis)
+        bn_axis_name=bn_axis, bn_groups=bn_groups)
     return backbone, head
+
+
+def bn_per_view(config):
+    """Returns simclr.bn_per_view: BatchNorm statistics per view (True) or over both views together (False)."""
+    return bool(config.get("simclr", {}).get("bn_per_view", False))
 
 
 def head_hidden_dim(config):
@@ -75,10 +81,12 @@ def views(keys_Bx2, images, config):
 def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
     """Returns ({"z1", "z2": projections B x d, "features": first view's backbone features}, (stats, {}))."""
     del extras, rng, progress
-    backbone, head = networks(config, axis_name)
+    # Both views in one pass. The official SimCLR code takes BatchNorm statistics over all 2B images
+    # (simclr.bn_per_view = False); PyTorch code that calls the network once per view (lightly's benchmark,
+    # solo-learn) takes them per view: bn_per_view = True gives exactly that, still in one pass.
+    backbone, head = networks(config, axis_name, bn_groups=2 if bn_per_view(config) else 1)
     view_1, view_2 = views
     b = view_1.shape[0]
-    # Both views in one pass, as SimCLR does: BatchNorm statistics are taken over all 2B images.
     x = jnp.concatenate([view_1, view_2], axis=0).astype(common.compute_dtype(config))
     h, z, new_stats = common.train_forward(backbone, head, params, batch_stats, x)
     emb = {"z1": z[:b], "z2": z[b:], "features": jax.lax.stop_gradient(h[:b]).astype(jnp.float32)}

@@ -1,9 +1,12 @@
 """Projection / prediction MLP heads and the linear classifier used by the evaluators."""
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ssl_jax.models.norm import GroupedBatchNorm
 
 # torch.nn.Linear's default initialisation, which the official PyTorch code of MoCo, SimSiam, SwAV and Barlow
 # Twins (and lightly's and solo-learn's benchmarks) keep: kaiming_uniform_(a=sqrt(5)) for the weight, i.e.
@@ -40,6 +43,8 @@ class MLPHead(nn.Module):
       bn_axis_name: mesh axis over which BN averages batch statistics (None: local batch).
       torch_init: initialise the Dense layers as torch.nn.Linear does (see `torch_linear_kernel_init`);
         False gives Flax's default (lecun_normal weights, zero biases).
+      bn_groups: in training, the batch is this many views concatenated and each BatchNorm normalises each
+        view with its own statistics (norm.GroupedBatchNorm; ResNet.bn_groups).
     """
     hidden_dims: Sequence[int]
     out_dim: int
@@ -52,14 +57,16 @@ class MLPHead(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     torch_init: bool = True
+    bn_groups: int = 1
 
     def _dense(self, width: int, use_bias: bool, fan_in: int, name: str) -> nn.Dense:
         inits = (dict(kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(fan_in))
                  if self.torch_init else {})
         return nn.Dense(width, use_bias=use_bias, dtype=self.dtype, param_dtype=jnp.float32, name=name, **inits)
 
-    def _bn(self, train: bool, name: str, scale: bool = True, bias: bool = True) -> nn.BatchNorm:
-        return nn.BatchNorm(
+    def _bn(self, train: bool, name: str, scale: bool = True, bias: bool = True) -> nn.Module:
+        bn = functools.partial(GroupedBatchNorm, groups=self.bn_groups) if self.bn_groups > 1 else nn.BatchNorm
+        return bn(
             use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             use_scale=scale, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32,
             axis_name=self.bn_axis_name, name=name)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from ssl_jax.models.norm import GroupedBatchNorm
+
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"); JAX's "normal" is untruncated too.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # ResNet.conv_init: "torchvision" (torchvision.models.resnet's explicit init), or "pytorch" (what nn.Conv2d
@@ -181,6 +183,9 @@ class ResNet(nn.Module):
             memory saved is what those would have stored.
         sk_ratio: > 0 gives SimCLR v2's selective-kernel ResNet-D (module docstring; the released "sk1"
             checkpoints use 0.0625); bottleneck blocks only. sk_min_dim: the smallest SK mixing width.
+        bn_groups: in training, the batch is this many views concatenated (equal blocks of rows) and every
+            BatchNorm normalises each view with its own statistics, as that many separate passes would
+            (norm.GroupedBatchNorm); 1: one set of statistics over the whole batch.
     """
     stage_sizes: Sequence[int]
     block: str = "basic"
@@ -200,6 +205,7 @@ class ResNet(nn.Module):
     remat_policy: str = "block"
     sk_ratio: float = 0.0
     sk_min_dim: int = 32
+    bn_groups: int = 1
 
     @property
     def feature_dim(self) -> int:
@@ -219,6 +225,8 @@ class ResNet(nn.Module):
         norm = functools.partial(
             nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
             param_dtype=jnp.float32, axis_name=self.bn_axis_name)
+        if self.bn_groups > 1:
+            norm = functools.partial(GroupedBatchNorm, groups=self.bn_groups, **norm.keywords)
         width = self.base_width * self.width_multiplier
         if self.sk_ratio < 0 or (self.sk_ratio > 0 and self.block != "bottleneck"):
             raise ValueError(f"sk_ratio={self.sk_ratio}: selective kernels need a bottleneck ResNet (resnet50, "
@@ -268,33 +276,33 @@ _ARCHS = {
 def get_backbone(name: str, *, width_multiplier: int = 1, cifar_stem: bool = False, dtype: Any = jnp.float32,
                  bn_axis_name: str | None = None, remat: bool = False, remat_policy: str = "block",
                  zero_init_residual: bool = True, sk_ratio: float = 0.0,
-                 conv_init: str = "torchvision", stem_relu: bool = True) -> tuple[ResNet, int]:
+                 conv_init: str = "torchvision", stem_relu: bool = True, bn_groups: int = 1) -> tuple[ResNet, int]:
     """Returns (ResNet module, feature dimension D) for an architecture name such as 'resnet50'.
 
     remat=True rematerializes every residual block in the backward pass, keeping what remat_policy says (see
     ResNet.remat, ResNet.remat_policy);
     zero_init_residual=False starts every BatchNorm scale at 1, as torchvision's default;
     sk_ratio > 0: selective kernels and ResNet-D (ResNet.sk_ratio); conv_init: a key of CONV_INITS;
-    stem_relu=False: no ReLU after the stem (ResNet.stem_relu).
+    stem_relu=False: no ReLU after the stem (ResNet.stem_relu); bn_groups: views per batch (ResNet.bn_groups).
     """
     if name not in _ARCHS:
         raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(_ARCHS)}.")
     model = ResNet(**_ARCHS[name], width_multiplier=width_multiplier, cifar_stem=cifar_stem, dtype=dtype,
                    bn_axis_name=bn_axis_name, remat=remat, remat_policy=remat_policy,
                    zero_init_residual=zero_init_residual, sk_ratio=sk_ratio, conv_init=conv_init,
-                   stem_relu=stem_relu)
+                   stem_relu=stem_relu, bn_groups=bn_groups)
     return model, model.feature_dim
 
 
-def backbone_from_config(model_config, *, dtype: Any = jnp.float32,
-                         bn_axis_name: str | None = None) -> tuple[ResNet, int]:
+def backbone_from_config(model_config, *, dtype: Any = jnp.float32, bn_axis_name: str | None = None,
+                         bn_groups: int = 1) -> tuple[ResNet, int]:
     """Returns (ResNet module, D) for a run's config.model (name, width_multiplier, cifar_stem, remat,
     remat_policy, zero_init_residual, sk_ratio, conv_init, stem_relu), in compute `dtype` with BatchNorm over
-    `bn_axis_name`."""
+    `bn_axis_name`, and `bn_groups` views per training batch (ResNet.bn_groups)."""
     m = model_config
     return get_backbone(m.name, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem, dtype=dtype,
                         bn_axis_name=bn_axis_name, remat=m.get("remat", False),
                         remat_policy=m.get("remat_policy", "block"),
                         zero_init_residual=m.get("zero_init_residual", True), sk_ratio=m.get("sk_ratio", 0.0),
                         conv_init=m.get("conv_init", "torchvision"),
-                        stem_relu=bool(m.get("stem_relu", True)))
+                        stem_relu=bool(m.get("stem_relu", True)), bn_groups=bn_groups)
