@@ -91,13 +91,15 @@ for m in simsiam byol moco_v2 swav barlow_twins simclr_v2 moco_v1; do ALL+=("tab
 # torch.compile row). First the SimCLR cifar10 preset's 200 epochs with lightly's recipe details, its
 # default since that session (the issue's kNN target; about 6.5 min), then its ResNet-18 speed row again
 # (since that session the preset also has lightly's head without BatchNorm and BatchNorm statistics per
-# view, so the row measured then is not the preset's any more), then ResNet-50 without
+# view, so the row measured then is not the preset's any more) and the rows of BYOL, SimSiam and Barlow
+# Twins (one pass over both views since then, where they made one per view), then ResNet-50 without
 # rematerialisation and with the cheaper remat policy, a profile of its step (where the time goes below the
 # 3,500 img/s bar), batch 4096 and the JPEG step, the other methods'
 # ResNet-50 rows, and the other methods' 200-epoch runs (about 5 to 9 minutes each on the H100: one per call;
 # SimSiam's again, its preset having since taken lightly's details: README, "Methods and results").
-TODO=(table_simclr bench_r18_simclr bench_r50_simclr_noremat bench_r50_simclr_remat_convs profile_r50_simclr
-      bench_r50_simclr_b4096 bench_jpeg_r50_simclr)
+TODO=(table_simclr bench_r18_simclr bench_r18_byol bench_r18_simsiam bench_r18_barlow_twins
+      bench_r50_simclr_noremat bench_r50_simclr_remat_convs profile_r50_simclr bench_r50_simclr_b4096
+      bench_jpeg_r50_simclr)
 for m in byol simsiam swav barlow_twins; do TODO+=("bench_r50_$m"); done
 for m in byol moco_v2 swav barlow_twins simsiam simclr_v2 moco_v1; do TODO+=("table_$m"); done
 (($#)) && STEPS=("$@") || STEPS=("${TODO[@]}")

@@ -119,6 +119,12 @@ def test_resnet_and_head_with_bn_groups_equal_one_pass_per_view():
     for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # bf16 forward: compare with the scale
         np.testing.assert_allclose(got, want, atol=1e-2 * float(np.max(np.abs(want))) + 1e-6)
 
+    # Rematerialized blocks (the ResNet-50 presets) recompute the same grouped statistics.
+    remat = grouped.clone(remat=True)
+    (v2, (o2, s2)), g2 = jax.value_and_grad(loss, has_aux=True)(
+        variables["params"], lambda v: one_pass(remat, v, views, train=True))
+    assert_trees_close((v2, o2, s2, g2), (v1, o1, s1, g1), rtol=1e-5, atol=1e-5)
+
     head_per_view = MLPHead(hidden_dims=(6,), out_dim=4, last_bn=True, last_bn_scale=True)
     head_grouped = head_per_view.clone(bn_groups=2)
     feats = [normal((5, 7), seed=3), normal((5, 7), seed=4, shift=1.0)]

@@ -4,9 +4,10 @@ Follows the final official main.py (facebookresearch/barlowtwins); the method co
 - Projector: (Dense -> BN -> ReLU) x (num_layers - 1), then Dense; 8192-8192-8192 for ImageNet. The official
   last Linear has no bias and ours has one (models.MLPHead); it is cancelled exactly by the standardisation
   in the loss, so its gradient is zero and it keeps its initial values.
-- Each view goes through the network on its own, as the official forward does: BatchNorm normalises each
-  view with that view's (global-batch) statistics, and the running statistics are updated twice per step,
-  view 1 then view 2, as two torch forward passes do. (SimCLR instead concatenates both views.)
+- BatchNorm normalises each view with that view's (global-batch) statistics, and the running statistics are
+  updated twice per step, view 1 then view 2, as the official forward's two calls do; ours is one pass over
+  both views with per-view statistics (models.ResNet.bn_groups), the same function. (SimCLR's official code
+  pools the two views' statistics: simclr.bn_per_view = False.)
 - Loss: losses.barlow_twins, whose standardisation and cross-correlation are sums over every replica
   (the official affine-free SyncBatchNorm and all_reduce of c). No loss scale: the final main.py dropped
   `--scale-loss 0.024` and folded it into the bias/BN learning rate, 0.0048 = 0.2 x 0.024. That is our
@@ -31,13 +32,14 @@ from ssl_jax import augment, losses, models
 from ssl_jax.methods import common
 
 
-def networks(config, axis_name=None):
-    """Returns (backbone, projector) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn."""
+def networks(config, axis_name=None, bn_groups=1):
+    """Returns (backbone, projector) flax modules; BatchNorm is synchronized over `axis_name` when sync_bn,
+    with `bn_groups` views per training batch (models.ResNet.bn_groups)."""
     bn_axis = common.bn_axis(config, axis_name)
-    backbone = common.backbone(config, axis_name)
+    backbone = common.backbone(config, axis_name, bn_groups=bn_groups)
     projector = models.MLPHead(
         hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
-        use_bn=True, last_bn=False, dtype=common.compute_dtype(config), bn_axis_name=bn_axis)
+        use_bn=True, last_bn=False, dtype=common.compute_dtype(config), bn_axis_name=bn_axis, bn_groups=bn_groups)
     return backbone, projector
 
 
@@ -72,12 +74,12 @@ def views(keys_Bx2, images, config):
 def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
     """Returns ({"z1", "z2": the views' projections, "features"}, (new BatchNorm statistics, {}))."""
     del extras, rng, progress
-    backbone, projector = networks(config, axis_name)
-    view_1, view_2 = views
-    # Two passes; the second starts from the statistics the first updated (torch's two forward calls).
-    dtype = common.compute_dtype(config)
-    h1, z1, stats = common.train_forward(backbone, projector, params, batch_stats, view_1.astype(dtype))
-    _, z2, stats = common.train_forward(backbone, projector, params, stats, view_2.astype(dtype))
+    # One pass over both views with per-view BatchNorm statistics and running statistics updated view 1
+    # then view 2: the function torch's two forward calls compute.
+    backbone, projector = networks(config, axis_name, bn_groups=2)
+    h, z, stats = common.train_forward(backbone, projector, params, batch_stats,
+                                       jnp.concatenate(views).astype(common.compute_dtype(config)))
+    (h1, z1), (_, z2) = common.split_views((h, z), 2)
     return {"z1": z1, "z2": z2, "features": jax.lax.stop_gradient(h1).astype(jnp.float32)}, (stats, {})
 
 

@@ -7,8 +7,9 @@ the other view. Views are asymmetric: `config.augment` describes view 1, `config
 `config.byol.view2_solarize_p` are where view 2 differs (ImageNet: blur 1.0 / 0.1, solarize 0 / 0.2).
 
 Decisions checked against the official JAX code (deepmind-research/byol, byol_experiment.py):
-  - Each view goes through the networks separately, so BatchNorm normalises each view with its own batch
-    statistics, as `apply_once_fn` does per view there.
+  - BatchNorm normalises each view with its own batch statistics, as `apply_once_fn` does per view there;
+    ours runs each network once over both views with per-view statistics (models.ResNet.bn_groups), the
+    same function.
   - The target runs in training mode: its BatchNorm normalises with the current batch's statistics, and
     its running averages (`batch_stats["target"]`) are updated by its own forward passes, not averaged from
     the online ones (the official `target_state` is the state returned by the target's forward). Only the
@@ -36,16 +37,17 @@ TARGET_PARTS = ("backbone", "projector")
 
 
 
-def networks(config, axis_name=None):
-    """Returns the flax modules {'backbone', 'projector', 'predictor'}; BN synchronized over `axis_name`."""
+def networks(config, axis_name=None, bn_groups=1):
+    """Returns the flax modules {'backbone', 'projector', 'predictor'}; BN synchronized over `axis_name`, with
+    `bn_groups` views per training batch (models.ResNet.bn_groups)."""
     bn_axis = common.bn_axis(config, axis_name)
     dtype = common.compute_dtype(config)
-    backbone = common.backbone(config, axis_name)
+    backbone = common.backbone(config, axis_name, bn_groups=bn_groups)
     # Both MLPs are Linear -> BN -> ReLU -> Linear, as networks.MLP of the official code.
     projector = models.MLPHead(hidden_dims=(config.projector.hidden_dim,), out_dim=config.projector.out_dim,
-                               use_bn=True, dtype=dtype, bn_axis_name=bn_axis)
+                               use_bn=True, dtype=dtype, bn_axis_name=bn_axis, bn_groups=bn_groups)
     predictor = models.MLPHead(hidden_dims=(config.predictor.hidden_dim,), out_dim=config.projector.out_dim,
-                               use_bn=True, dtype=dtype, bn_axis_name=bn_axis)
+                               use_bn=True, dtype=dtype, bn_axis_name=bn_axis, bn_groups=bn_groups)
     return {"backbone": backbone, "projector": projector, "predictor": predictor}
 
 
@@ -91,13 +93,14 @@ def views(keys_Bx2, images, config):
     return augment.view_batch(keys_1, images, spec_1), augment.view_batch(keys_2, images, spec_2)
 
 
-def forward(params, batch_stats, x, *, config, parts=ONLINE_PARTS, axis_name=None):
+def forward(params, batch_stats, x, *, config, parts=ONLINE_PARTS, axis_name=None, bn_groups=1):
     """Returns ({part: output} for `parts` in order, new BN statistics); every BN uses batch statistics.
 
     ONLINE_PARTS gives {'backbone': h_BxF, 'projector': z_BxD, 'predictor': p_BxD}; TARGET_PARTS stops at the
-    projection. `params` and `batch_stats` hold (at least) the parts named.
+    projection. `params` and `batch_stats` hold (at least) the parts named. x may be `bn_groups` views
+    concatenated, each normalised with its own statistics.
     """
-    nets = networks(config, axis_name)
+    nets = networks(config, axis_name, bn_groups)
     outputs, new_stats = {}, {}
     x = x.astype(common.compute_dtype(config))
     for name in parts:
@@ -111,16 +114,17 @@ def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_nam
     """Returns ({"p1", "p2": online predictions, "t1", "t2": target projections (no gradient), "z1": the
     first view's online projection, "features"}, (new BN statistics, {}))."""
     del rng, progress
-    view_1, view_2 = views
-    online = functools.partial(forward, config=config, parts=ONLINE_PARTS, axis_name=axis_name)
-    target = functools.partial(forward, config=config, parts=TARGET_PARTS, axis_name=axis_name)
-    online_1, online_stats = online(params, batch_stats, view_1)
-    online_2, online_stats = online(params, online_stats, view_2)
+    # Each network runs once over both views, BatchNorm statistics per view: exactly one call per view.
+    x = jnp.concatenate(views)
+    online = functools.partial(forward, config=config, parts=ONLINE_PARTS, axis_name=axis_name, bn_groups=2)
+    target = functools.partial(forward, config=config, parts=TARGET_PARTS, axis_name=axis_name, bn_groups=2)
+    online_out, online_stats = online(params, batch_stats, x)
+    online_1, online_2 = common.split_views(online_out, 2)
     # Only params are differentiated; the stop_gradient states that no gradient reaches the target (and
     # makes it so even for a caller that differentiates w.r.t. extras).
     target_params = jax.lax.stop_gradient(extras["target"])
-    target_1, target_stats = target(target_params, batch_stats["target"], view_1)
-    target_2, target_stats = target(target_params, target_stats, view_2)
+    target_out, target_stats = target(target_params, batch_stats["target"], x)
+    target_1, target_2 = common.split_views(target_out, 2)
     emb = {"p1": online_1["predictor"], "p2": online_2["predictor"],
            "t1": jax.lax.stop_gradient(target_1["projector"]), "t2": jax.lax.stop_gradient(target_2["projector"]),
            "z1": online_1["projector"], "features": jax.lax.stop_gradient(online_1["backbone"]).astype(jnp.float32)}

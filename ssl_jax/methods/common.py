@@ -50,6 +50,12 @@ def train_forward(backbone, head, params, batch_stats, x):
     return h, z, {"backbone": b_vars["batch_stats"], "head": h_vars.get("batch_stats", {})}
 
 
+def split_views(outputs, num_views):
+    """Returns the outputs of one pass over `num_views` concatenated views as one tree per view (each leaf
+    split into equal blocks of rows along its leading axis)."""
+    return [jax.tree.map(lambda x, i=i: jnp.split(x, num_views)[i], outputs) for i in range(num_views)]
+
+
 def keep_extras(params, extras, aux, progress, config):
     """Returns extras unchanged: the update_extras of methods with no state outside the optimizer."""
     del params, aux, progress, config

@@ -8,7 +8,8 @@ optimizer can keep its learning rate fixed (`optim.fixed_lr_prefixes=("model/pre
 `--fix-pred-lr` does.
 
 Checked against the official code (facebookresearch/simsiam, builder.py and main_simsiam.py): each view goes
-through the encoder separately (BatchNorm statistics per view); projector hidden layers are bias-free Linear
+through the encoder separately, so BatchNorm statistics are per view (ours: one pass over both views with
+per-view statistics, models.ResNet.bn_groups, the same function); projector hidden layers are bias-free Linear
 -> BN -> ReLU, its output Linear is bias-free and followed by BN(affine=False); the predictor is bias-free
 Linear -> BN -> ReLU -> Linear with bias. There is no target network and no state outside the optimizer.
 `config.projector.last_bn_affine=True` gives the output BN a scale and a bias (lightly's CIFAR-10 projector).
@@ -22,18 +23,19 @@ from ssl_jax.methods import common
 PARTS = ("backbone", "projector", "predictor")
 
 
-def networks(config, axis_name=None):
-    """Returns the flax modules {'backbone', 'projector', 'predictor'}; BN synchronized over `axis_name`."""
+def networks(config, axis_name=None, bn_groups=1):
+    """Returns the flax modules {'backbone', 'projector', 'predictor'}; BN synchronized over `axis_name`, with
+    `bn_groups` views per training batch (models.ResNet.bn_groups)."""
     bn_axis = common.bn_axis(config, axis_name)
     dtype = common.compute_dtype(config)
-    backbone = common.backbone(config, axis_name)
+    backbone = common.backbone(config, axis_name, bn_groups=bn_groups)
     proj = config.projector
     affine = bool(proj.get("last_bn_affine", False))  # official: BatchNorm1d(affine=False); lightly's CIFAR: True
     projector = models.MLPHead(hidden_dims=(proj.hidden_dim,) * (proj.num_layers - 1), out_dim=proj.out_dim,
                                use_bn=True, last_bn=True, dtype=dtype, bn_axis_name=bn_axis,
-                               last_bn_scale=affine, last_bn_bias=affine)
+                               last_bn_scale=affine, last_bn_bias=affine, bn_groups=bn_groups)
     predictor = models.MLPHead(hidden_dims=(config.predictor.hidden_dim,), out_dim=proj.out_dim, use_bn=True,
-                               last_bn=False, dtype=dtype, bn_axis_name=bn_axis)
+                               last_bn=False, dtype=dtype, bn_axis_name=bn_axis, bn_groups=bn_groups)
     return {"backbone": backbone, "projector": projector, "predictor": predictor}
 
 
@@ -61,9 +63,10 @@ def views(keys_Bx2, images, config):
     return augment.view_batch(keys_1, images, spec), augment.view_batch(keys_2, images, spec)
 
 
-def forward(params, batch_stats, x, *, config, axis_name=None):
-    """Returns ({'backbone': h_BxF, 'projector': z_BxD, 'predictor': p_BxD}, new BN statistics), train mode."""
-    nets = networks(config, axis_name)
+def forward(params, batch_stats, x, *, config, axis_name=None, bn_groups=1):
+    """Returns ({'backbone': h_BxF, 'projector': z_BxD, 'predictor': p_BxD}, new BN statistics), train mode;
+    x may be `bn_groups` views concatenated, each normalised with its own statistics."""
+    nets = networks(config, axis_name, bn_groups)
     outputs, new_stats = {}, {}
     x = x.astype(common.compute_dtype(config))
     for name in PARTS:
@@ -84,9 +87,10 @@ def symmetric_loss(p1, p2, z1, z2, axis_name=None):
 def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name):
     """Returns ({"p1", "p2": predictions, "z1", "z2": projections, "features"}, (new BN statistics, {}))."""
     del extras, rng, progress
-    view_1, view_2 = views
-    out_1, stats = forward(params, batch_stats, view_1, config=config, axis_name=axis_name)
-    out_2, stats = forward(params, stats, view_2, config=config, axis_name=axis_name)
+    # One pass over both views, BatchNorm statistics per view: exactly the official two calls.
+    out, stats = forward(params, batch_stats, jnp.concatenate(views), config=config, axis_name=axis_name,
+                         bn_groups=2)
+    out_1, out_2 = common.split_views(out, 2)
     emb = {"p1": out_1["predictor"], "p2": out_2["predictor"], "z1": out_1["projector"], "z2": out_2["projector"],
            "features": jax.lax.stop_gradient(out_1["backbone"]).astype(jnp.float32)}
     return emb, (stats, {})
