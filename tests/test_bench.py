@@ -267,12 +267,15 @@ def test_pytorch_simclr_step_runs_on_the_same_images():
         assert any(isinstance(m, torch.nn.BatchNorm1d) for m in head) is use_bn
         assert (head[0].bias is None) is use_bn and head[-1].out_features == 128
     net = bench_torch.network(torch, torchvision, spec).train()
-    v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32) * 2 + 1
+    gen = torch.Generator().manual_seed(0)
+    v1, v2 = torch.randn(4, 3, 32, 32, generator=gen), torch.randn(4, 3, 32, 32, generator=gen) * 2 + 1
     with torch.no_grad():
         per_view = bench_torch.embed(torch, net, spec, torch.device("cpu"), v1, v2)
         joint = bench_torch.embed(torch, net, {**spec, "bn_per_view": False}, torch.device("cpu"), v1, v2)
-        assert torch.allclose(per_view, torch.cat([net(v1), net(v2)]), atol=1e-5)
-        assert torch.allclose(joint, net(torch.cat([v1, v2])), atol=1e-5)
+        # embed feeds channels_last, these references NCHW: other conv kernels, float32 rounding (~2e-5 of
+        # outputs near 1.5 seen); pooling the views' statistics instead moves them by far more (below).
+        assert torch.allclose(per_view, torch.cat([net(v1), net(v2)]), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(joint, net(torch.cat([v1, v2])), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(per_view, joint, atol=1e-3)
     with pytest.raises(ValueError, match="head.last_bn"):
         bench_torch.spec_from_config(config_lib.load_config("configs/simclr_v2.py:cifar10"), "x.npy", 1, 1)
