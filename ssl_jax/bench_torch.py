@@ -39,6 +39,7 @@ def check_installed():
 def spec_from_config(config, images_path, steps, warmup, compile_model=False):
     """Returns the JSON-able description of the PyTorch run equivalent to a SimCLR `config`."""
     from ssl_jax import augment, augment_ops  # pylint: disable=import-outside-toplevel  (parent only)
+    from ssl_jax.methods import simclr  # pylint: disable=import-outside-toplevel
     if config.method != "simclr":
         raise ValueError(f"--torch times the SimCLR step; got method {config.method!r} (use configs/simclr.py)")
     sk_ratio = config.model.get("sk_ratio", 0.0)
@@ -58,7 +59,7 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
         "stem_relu": bool(config.model.get("stem_relu", True)),
         "bf16": config.model.dtype == "bfloat16", "compile": bool(compile_model),
         "head_layers": config.head.num_layers, "head_hidden": config.head.hidden_dim, "head_out": config.head.out_dim,
-        "head_bn": bool(config.head.use_bn), "bn_per_view": bool(config.get("simclr", {}).get("bn_per_view", False)),
+        "head_bn": bool(config.head.use_bn), "bn_per_view": simclr.bn_per_view(config),
         "temperature": config.loss.temperature, "lr": config.optim.lr, "weight_decay": config.optim.weight_decay,
         "crop_size": view.size, "scale": list(view.crop_scale), "flip_p": view.flip_p,
         "jitter": list(augment_ops.jitter_ranges(view.jitter or view.jitter_strength)), "jitter_p": view.jitter_p,

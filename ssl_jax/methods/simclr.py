@@ -85,11 +85,10 @@ def embed(params, batch_stats, extras, views, rng, progress, *, config, axis_nam
     # (simclr.bn_per_view = False); PyTorch code that calls the network once per view (lightly's benchmark,
     # solo-learn) takes them per view: bn_per_view = True gives exactly that, still in one pass.
     backbone, head = networks(config, axis_name, bn_groups=2 if bn_per_view(config) else 1)
-    view_1, view_2 = views
-    b = view_1.shape[0]
-    x = jnp.concatenate([view_1, view_2], axis=0).astype(common.compute_dtype(config))
+    x = jnp.concatenate(views, axis=0).astype(common.compute_dtype(config))
     h, z, new_stats = common.train_forward(backbone, head, params, batch_stats, x)
-    emb = {"z1": z[:b], "z2": z[b:], "features": jax.lax.stop_gradient(h[:b]).astype(jnp.float32)}
+    (h1, z1), (_, z2) = common.split_views((h, z), 2)
+    emb = {"z1": z1, "z2": z2, "features": jax.lax.stop_gradient(h1).astype(jnp.float32)}
     return emb, (new_stats, {})
 
 
