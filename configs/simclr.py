@@ -22,6 +22,8 @@ Results:
     torchvision's), and, since 2026-11-23, has lightly's projection head (no BatchNorm) and takes BatchNorm
     statistics per view as lightly's two network calls do (`simclr.bn_per_view`; every run above had a
     BatchNorm head and statistics over both views). None of these changes has a 200-epoch figure yet.
+    tests/test_lightly_parity.py checks this preset's training step against lightly's SimCLR step written in
+    PyTorch, from the same state and views (float32, CPU): the same loss, momentum and updates.
   smoke: finishes in well under a minute on a 2-core CPU (see README.md for the measured time).
 
 Recipe notes. cifar10 follows the SimCLR paper's CIFAR appendix and lightly's CIFAR-10 benchmark
