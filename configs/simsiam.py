@@ -17,6 +17,8 @@ Results:
     --config.projector.last_bn_affine=false --config.model.zero_init_residual=true
     --config.model.conv_init=torchvision --config.optim.schedule_per_epoch=false` to reproduce). The preset now
     follows lightly's model in all six; not yet measured.
+    tests/test_lightly_parity.py checks this preset's training step against lightly's SimSiam step written in
+    PyTorch, from the same state and views (float32, CPU): the same loss, momentum and updates.
 
 Recipe notes. imagenet is the official recipe (facebookresearch/simsiam main_simsiam.py, README): ResNet-50, batch
 512, 100 epochs, SGD momentum 0.9 with lr 0.05 x batch/256, cosine decay set once per epoch, no warm-up, weight
