@@ -25,6 +25,10 @@ blur, no solarisation), lambda 0.005 (its BarlowTwinsLoss default), SGD momentum
 (lightly's 0.06 x B/128), weight decay 5e-4 on every parameter, cosine decay without warm-up. (An earlier
 version of this preset had the 3-layer head, BYOL's asymmetric views, 10 warm-up epochs and no weight decay
 on biases and BatchNorm; it was never measured.)
+tests/test_lightly_parity.py checks the cifar10 preset's training step against lightly's Barlow Twins step written
+in PyTorch, from the same state and views (float32, CPU): the same loss, momentum and updates. One difference is
+kept: lightly's loss standardises by the unbiased standard deviation, ours by the biased one with eps 1e-5 (the
+official code's BatchNorm), which scales c by (B - 1) / B, 511/512 at batch 512.
 (solo-learn's CIFAR recipe, the same projector with LARS eta 0.02, clipped trust ratios and scale-loss 0.1
 for 1000 epochs, needs a LARS variant optax does not have.)
 """
