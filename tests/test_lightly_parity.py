@@ -1,6 +1,7 @@
 """The SimCLR, SimSiam and Barlow Twins `cifar10` presets train lightly's benchmark models: each sharded step
 of ours (8 fake devices) against the same step written in PyTorch as lightly's cifar10_benchmark.py of
-27.03.2023 computes it, from the same state and on the same views, in float32 (the presets compute in bf16, lightly in float32).
+27.03.2023 computes it, from the same state and on the same views, in float32 (the presets compute in bf16,
+lightly in float32).
 
 Lightly's models are transcribed here rather than taken from ssl_jax.bench_torch, so that a wrong preset value
 cannot hide on both sides: a CIFAR-stem ResNet-18 (3x3 stride-1 conv, no max-pool; lightly's nn.Sequential over
