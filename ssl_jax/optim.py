@@ -1,4 +1,4 @@
-"""Optimizers (LARS, SGD, AdamW, LAMB), learning-rate schedules and the weight-decay / trust-ratio mask.
+"""Optimizers (LARS, SGD, Adam, AdamW, LAMB), learning-rate schedules and the weight-decay / trust-ratio mask.
 
 LARS follows SimCLR's TF implementation, which `optax.lars` reproduces step for step:
     g <- g + wd * w                                  (weight decay before the trust ratio)
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("adamw", "lamb", "lars", "sgd")
+OPTIMIZERS = ("adam", "adamw", "lamb", "lars", "sgd")
 LR_SCALINGS = ("linear", "sqrt", "none")
 
 
@@ -114,7 +114,7 @@ def group_labels(params: Any, fixed_lr_prefixes=(), split_norm=False) -> Any:
 
 def make_optimizer(optim_cfg, batch_size: int, steps_per_epoch: int,
                    num_epochs: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns (optax optimizer, lr schedule) for optim_cfg.name in 'lars' | 'sgd' | 'adamw' | 'lamb'.
+    """Returns (optax optimizer, lr schedule) for optim_cfg.name in 'lars' | 'sgd' | 'adam' | 'adamw' | 'lamb'.
 
     `optim_cfg.exclude_bias_and_norm` (default True) exempts biases and BatchNorm from weight decay
     (and from LARS's trust ratio); set it False for torch recipes that decay every parameter.
@@ -155,6 +155,10 @@ def _base_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
         # torch.optim.SGD: L2 decay added to the gradient, momentum on the gradient, then the lr.
         tx = optax.chain(optax.add_decayed_weights(wd, mask=mask),
                          optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
+    elif name == "adam":
+        # torch.optim.Adam(weight_decay=...): L2 decay added to the gradient before the moments (coupled),
+        # eps 1e-8 outside the square root; "adamw" decouples it (torch.optim.AdamW).
+        tx = optax.chain(optax.add_decayed_weights(wd, mask=mask), optax.adam(schedule, b1=b1, b2=b2, eps=1e-8))
     elif name == "adamw":
         tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd, mask=mask)
     else:

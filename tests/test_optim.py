@@ -1,4 +1,4 @@
-"""Tests for ssl_jax.optim: masks, LARS against SimCLR's algorithm in NumPy, SGD/AdamW decay, schedules."""
+"""Tests for ssl_jax.optim: masks, LARS against SimCLR's algorithm in NumPy, SGD/Adam/AdamW decay, schedules."""
 import math
 
 import jax
@@ -198,6 +198,31 @@ def test_sgd_decay_only_where_masked(exclude):
     for k, w in flat(params).items():
         decayed = k in INCLUDED or not exclude
         np.testing.assert_allclose(after[k], w * (1 - 0.1 * 0.5) if decayed else w, rtol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_adam_is_torch_adam_with_coupled_l2(exclude):
+    # torch.optim.Adam(lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.3), its algorithm as documented:
+    # g <- g + wd w; m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
+    # w <- w - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps).
+    c = cfg(name="adam", lr=0.02, lr_scaling="none", weight_decay=0.3, b1=0.9, b2=0.99, warmup_epochs=1.0,
+            exclude_bias_and_norm=exclude)
+    tx, _ = make_optimizer(c, batch_size=256, steps_per_epoch=2, num_epochs=4)
+    params = small_params()
+    got = run_optax(tx, params, 5)
+    w = flat(params)
+    m, v = ({k: np.zeros_like(x) for k, x in w.items()} for _ in range(2))
+    for step in range(5):
+        lr = np_schedule(step, 0.02, 2, 8)
+        for k, g in flat(random_grads(params, step)).items():
+            if k in INCLUDED or not exclude:
+                g = g + 0.3 * w[k]  # the decay enters the moments: not AdamW's lr x wd x w
+            m[k] = 0.9 * m[k] + 0.1 * g
+            v[k] = 0.99 * v[k] + 0.01 * g * g
+            t = step + 1
+            w[k] = w[k] - lr * (m[k] / (1 - 0.9**t)) / (np.sqrt(v[k] / (1 - 0.99**t)) + 1e-8)
+        for k in w:
+            np.testing.assert_allclose(got[step][k], w[k], rtol=1e-5, atol=1e-6, err_msg=f"step {step}, {k}")
 
 
 def test_adamw_decoupled_decay_on_kernels_only():
