@@ -19,11 +19,15 @@ iterations (one epoch) and a queue of 3840 embeddings from epoch 15: `--config.b
 --config.swav.queue_start_epoch=15` (3840 is a multiple of 256).
 cifar10 follows lightly's CIFAR-10 benchmark (`presets.lightly_cifar10`; ResNet-18, batch 512, 200 epochs):
 512 prototypes, head 512 -> 512 -> 128 with BatchNorm, large crops of 32 with scale 0.14-1, colour strength
-0.5, no blur, Adam lr 1e-3 x batch/128 = 2e-3 x batch/256 with weight decay 1e-6 and cosine decay without
-warm-up, no prototype freeze (lightly's default; with Adam, whose step count is shared by every parameter, a
-freeze would also skew the prototypes' first updates after it). To lightly's two crops (solo-learn's CIFAR
+0.5, no blur, BatchNorm statistics per crop (lightly calls the network once per crop: `swav.bn_per_crop`; the
+official forward pools the crops of one resolution), torch's Adam (`optim.name="adam"`: weight decay added to
+the gradient, not AdamW's) with lr 1e-3 x batch/128 = 2e-3 x batch/256, weight decay 1e-6 and cosine decay
+without warm-up, no prototype freeze (lightly's default; with Adam, whose step count is shared by every
+parameter, a freeze would also skew the prototypes' first updates after it). To lightly's two crops (solo-learn's CIFAR
 recipe also has two) it adds the multi-crop of the paper scaled to CIFAR: 6 x 16 crops with scale 0.05-0.14.
 Neither library uses small crops on CIFAR-10; their two-crop recipe is `--config.swav.num_small_crops=0`.
+tests/test_lightly_parity.py checks that two-crop step against lightly's SwaV step written in PyTorch, from the
+same state and views (float32, CPU): the same loss, Adam moments and updates.
 """
 import ml_collections
 
@@ -38,15 +42,15 @@ def get_config(arg="cifar10"):
     c.swav = ml_collections.ConfigDict(dict(
         num_prototypes=512, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3, freeze_prototypes_epochs=1,
         queue_length=0, queue_start_epoch=15, num_large_crops=2, num_small_crops=6, small_crop_size=16,
-        small_min_scale=0.05, small_max_scale=0.14))
+        small_min_scale=0.05, small_max_scale=0.14, bn_per_crop=False))
     c.augment.update(dict(min_scale=0.14, max_scale=1.0, blur_p=0.0))
     c.optim.update(dict(name="adamw", lr=2e-3, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=0,
                         exclude_bias_and_norm=False))
     if arg == "cifar10":  # lightly's SwAV model (docstring), plus the small crops
         presets.lightly_cifar10(c)
         c.augment.min_scale = 0.14
-        c.swav.freeze_prototypes_epochs = 0
-        c.optim.update(dict(name="adamw", lr=2e-3, weight_decay=1e-6))
+        c.swav.update(dict(freeze_prototypes_epochs=0, bn_per_crop=True))
+        c.optim.update(dict(name="adam", lr=2e-3, weight_decay=1e-6))
     elif arg == "imagenet":
         c.head.hidden_dim = 2048
         c.swav.update(dict(num_prototypes=3000, small_crop_size=96))

@@ -59,7 +59,7 @@ def test_simclr_v2_cifar10_with_its_docstrings_overrides_differs_from_simclr_onl
 # What lightly's CIFAR-10 benchmark (27.03.2023) trains each method with, in its own terms: optimizer, lr at
 # batch 512 and weight decay (BYOL: lightly's 0.24 and 5e-4 for its loss, which has 1/4 of our loss's gradient).
 LIGHTLY_OPTIM = {"simclr": ("sgd", 0.24, 5e-4), "byol": ("sgd", 0.24 / 4, 5e-4 * 4), "simsiam": ("sgd", 0.06, 5e-4),
-                 "swav": ("adamw", 4e-3, 1e-6), "barlow_twins": ("sgd", 0.24, 5e-4), "moco_v2": ("sgd", 0.24, 5e-4)}
+                 "swav": ("adam", 4e-3, 1e-6), "barlow_twins": ("sgd", 0.24, 5e-4), "moco_v2": ("sgd", 0.24, 5e-4)}
 
 
 @pytest.mark.parametrize("method", sorted(LIGHTLY_OPTIM))

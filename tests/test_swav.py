@@ -252,6 +252,37 @@ def test_prototypes_get_the_full_gradient_not_its_tangent_projection():
     assert np.abs(radial_P).max() > 1e-3
 
 
+def test_bn_per_crop_is_one_network_call_per_crop():
+    # swav.bn_per_crop (the cifar10 preset, as lightly's benchmark): every crop normalised with its own
+    # statistics in the backbone and the head, running averages updated crop after crop; still one backbone
+    # pass per resolution and one head pass.
+    config = _config("swav.queue_length=0", "swav.num_small_crops=2", "swav.bn_per_crop=true")
+    views = _views(config, _images(GLOBAL_B), seed=2)
+    assert [v.shape[1] for v in views] == [16, 16, 8, 8]
+    params, stats = _init()
+    h, z, new_stats = jax.jit(lambda p, s, v: swav._embed(p, s, v, config, None))(  # pylint: disable=protected-access
+        params, stats, views)
+
+    pooled = _config("swav.queue_length=0", "swav.num_small_crops=2")
+    backbone, head = swav.networks(pooled)
+    want_h, want_z, s_backbone, s_head = [], [], stats["backbone"], stats["head"]
+    for view in views:  # the network called once per crop
+        f, m = backbone.apply({"params": params["backbone"], "batch_stats": s_backbone}, jnp.asarray(view, jnp.float32),
+                              train=True, mutable=["batch_stats"])
+        y, n = head.apply({"params": params["head"], "batch_stats": s_head}, f, train=True, mutable=["batch_stats"])
+        s_backbone, s_head = m["batch_stats"], n["batch_stats"]
+        want_h.append(f)
+        want_z.append(losses.l2_normalize(y))
+    np.testing.assert_allclose(h, np.concatenate(want_h), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z, np.concatenate(want_z), rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_stats,
+                 {"backbone": s_backbone, "head": s_head})
+    # The official grouping (crops of one resolution together, all crops in the head) is another function.
+    _, z_pooled, _ = jax.jit(lambda p, s, v: swav._embed(p, s, v, pooled, None))(  # pylint: disable=protected-access
+        params, stats, views)
+    assert np.abs(np.asarray(z_pooled) - np.asarray(z)).max() > 1e-3
+
+
 def test_project_params_renormalises_prototype_columns():
     config = _config()
     params, _ = _init()

@@ -14,6 +14,10 @@ src/multicropdataset.py):
   - The backbone runs once per resolution group (same-size crops concatenated), so its BatchNorm normalises
     each group with that group's statistics and its running averages are updated once per group, as the
     official forward does. The projection head runs once on the features of all crops together.
+    `swav.bn_per_crop` (the cifar10 preset) instead normalises every crop with its own statistics, in the
+    backbone and in the head, as PyTorch code that calls the network once per crop does (lightly's
+    benchmark): still one pass per resolution group (models.GroupedBatchNorm), the running averages updated
+    once per crop in crop order.
   - Prototypes: the official loop copies W / ||W|| into the layer before every forward. Here the trainer
     calls `project_params` after every optimizer update (the optional post-update hook of the method
     contract), and the forward divides by the columns' norms as constants (`prototype_matrix`), so the scores
@@ -42,16 +46,24 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # scores are divided by epsilon = 0.05 bef
 
 
 
-def networks(config, axis_name=None):
-    """Returns (backbone, projection head) flax modules; BatchNorm synchronized over `axis_name` when sync_bn."""
+def networks(config, axis_name=None, backbone_bn_groups=1, head_bn_groups=1):
+    """Returns (backbone, projection head) flax modules; BatchNorm synchronized over `axis_name` when sync_bn,
+    each taking that many crops per training batch (models.ResNet.bn_groups)."""
     bn_axis = common.bn_axis(config, axis_name)
-    backbone = common.backbone(config, axis_name)
+    backbone = common.backbone(config, axis_name, bn_groups=backbone_bn_groups)
     # Official head: Linear -> BN -> ReLU -> Linear (src/resnet50.py, hidden_mlp=2048, output_dim=128).
     head = models.MLPHead(
         hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
         use_bn=config.head.use_bn, last_bn=config.head.last_bn, dtype=common.compute_dtype(config),
-        bn_axis_name=bn_axis)
+        bn_axis_name=bn_axis, bn_groups=head_bn_groups)
     return backbone, head
+
+
+def bn_per_crop(config):
+    """Returns swav.bn_per_crop: BatchNorm statistics per crop (True, one network call per crop as lightly's
+    benchmark makes them) or per resolution group in the backbone and over all crops in the head (False, the
+    official forward)."""
+    return bool(config.swav.get("bn_per_crop", False))
 
 
 
@@ -132,12 +144,14 @@ def prototype_matrix(params, progress, config):
 
 def _embed(params, batch_stats, views, config, axis_name):
     """Returns (features_NxD, L2-normalised z_Nxd, new batch_stats), N = crops x B, rows in crop order."""
-    backbone, head = networks(config, axis_name)
+    per_crop = bn_per_crop(config)
+    _, head = networks(config, axis_name, head_bn_groups=len(views) if per_crop else 1)
     stats, feats, start = batch_stats["backbone"], [], 0
     while start < len(views):  # one backbone pass per run of same-size crops
         end = start
         while end < len(views) and views[end].shape[1:] == views[start].shape[1:]:
             end += 1
+        backbone, _ = networks(config, axis_name, backbone_bn_groups=end - start if per_crop else 1)
         x = jnp.concatenate(views[start:end], axis=0).astype(common.compute_dtype(config))
         h, mutated = backbone.apply({"params": params["backbone"], "batch_stats": stats}, x, train=True,
                                     mutable=["batch_stats"])
