@@ -21,6 +21,9 @@ z1)); ours, the official one, is (2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1)), whos
 With torch-style SGD (weight decay added to the gradient, then momentum, then the lr) a gradient 4 times as
 large with lr / 4 and weight decay x 4 gives exactly the same updates, so lightly's lr 0.24 and weight decay
 5e-4 at batch 512 are lr 0.06 (0.03 x batch/256) and weight decay 2e-3 here (tests/test_byol.py checks it).
+tests/test_lightly_parity.py checks the cifar10 preset's training step against lightly's BYOL step written in
+PyTorch, from the same state and views (float32, CPU): our loss 4 + 4 x lightly's, the same updates, torch's
+SGD buffers ours / 4, and lightly's momentum copy (m = 0.99, updated before the forward) equal to our target.
 (An earlier version of this preset took solo-learn's details: 4096-wide heads, tau 0.99 -> 1, asymmetric views
 with solarize p 0 / 0.2, and lightly's lr and weight decay on our 4x loss. It was never measured.)
 """

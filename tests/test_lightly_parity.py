@@ -1,27 +1,32 @@
-"""The SimCLR, SimSiam and Barlow Twins `cifar10` presets train lightly's benchmark models: each sharded step
-of ours (8 fake devices) against the same step written in PyTorch as lightly's cifar10_benchmark.py of
-27.03.2023 computes it, from the same state and on the same views, in float32 (the presets compute in bf16,
+"""The SimCLR, SimSiam, Barlow Twins, BYOL and SwAV `cifar10` presets train lightly's benchmark models: each
+sharded step of ours (8 fake devices) against the same step written in PyTorch as lightly's cifar10_benchmark.py
+of 27.03.2023 computes it, from the same state and on the same views, in float32 (the presets compute in bf16,
 lightly in float32).
 
 Lightly's models are transcribed here rather than taken from ssl_jax.bench_torch, so that a wrong preset value
 cannot hide on both sides: a CIFAR-stem ResNet-18 (3x3 stride-1 conv, no max-pool; lightly's nn.Sequential over
 the ResNet's children has no stem ReLU: `model.stem_relu=false`, the presets keep it), each view through the
-network on its own, the heads and losses of that date (LightlySimCLR, LightlySimSiam, LightlyBarlowTwins
-below; the last with one documented difference in the loss), and
-torch.optim.SGD(momentum=0.9, weight_decay=5e-4) on every parameter. Needs torch and torchvision (CI has
-neither; skipped there).
+network on its own, the heads and losses of that date (the Lightly* classes below; Barlow Twins with one
+documented difference in the loss, SwAV with lightly's two crops where the preset adds six small ones), and
+torch.optim.SGD(momentum=0.9, weight_decay=5e-4) on every trained parameter (SwAV: torch.optim.Adam with
+weight_decay=1e-6). Needs torch and torchvision (CI has neither; skipped there).
 
 What this can and cannot tell apart, in float32 at batch 16: the loss agrees to 1e-5, so the network, the
 BatchNorm grouping, the heads and the loss are lightly's (statistics pooled over both views move it by more than
 100 times that, checked below). Gradients agree only to about 1% in L2, leaf by leaf, because PyTorch in float32
 is itself up to 0.6% from PyTorch in float64 here (ReLU kinks and cancellation in BatchNorm's backward at small
 batches). That resolves SGD's momentum, SimSiam's stop-gradient and the weight decay of BatchNorm scales (11% to
-93% of their first momentum buffers in L2 for SimCLR; dropping it, or adding Nesterov, fails here), not the
-decay of convolution kernels (0.2% to 0.7% of theirs): tests/test_optim.py checks that part of the optimizer
-against torch.optim.SGD directly. Two steps stay in the first epoch, at the schedule's peak, so SimSiam's
-predictor would step alike with a fixed lr (the official ImageNet recipe's, not lightly's): test_config checks
-the preset's choice.
+93% of their first momentum buffers in L2 for SimCLR; dropping it, or adding Nesterov, fails here; BYOL's decay
+of 5e-4 in place of the preset's 2e-3 too), not the decay of convolution kernels (0.2% to 0.7% of theirs):
+tests/test_optim.py checks that part of the optimizer against torch's SGD and Adam algorithms directly. Adam's
+decay of 1e-6 is below float32 here (AdamW's decoupled decay passes too); its betas and eps are not (b2 0.99
+for 0.999, or eps 1e-5 for 1e-8, fail). BYOL's target: torch's momentum copy, updated at the start of each
+step, against the target our step used, to float32 rounding; a decay of 0.996 for 0.99 fails. Two steps stay
+in the first epoch, at the schedule's peak, so SimSiam's predictor would step alike with a fixed lr (the
+official ImageNet recipe's, not lightly's): test_config checks the preset's choice.
 """
+import copy
+
 import jax
 import numpy as np
 import optax
@@ -49,6 +54,13 @@ def lightly_backbone(stem_relu):
     return backbone
 
 
+def mlp(d_in, hidden, d_out):
+    """Returns lightly's two-block ProjectionHead [(d_in, hidden, BatchNorm1d, ReLU), (hidden, d_out, None, None)]:
+    its Linear has no bias before a BatchNorm."""
+    return nn.Sequential(nn.Linear(d_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, d_out))
+
+
 def lightly_nt_xent(out0, out1, temperature):
     """lightly.loss.NTXentLoss on one process without a memory bank, as written in lightly 1.3 (2023)."""
     f = torch.nn.functional
@@ -68,14 +80,38 @@ def lightly_negative_cosine(x0, x1):
 
 
 class LightlyModel(nn.Module):
-    """A benchmark model: forward(x) gives one view's outputs, pair_loss(out_0, out_1) the loss of two views."""
+    """A benchmark model: forward(x) gives one view's outputs, pair_loss(out_0, out_1) the loss of two views.
+
+    SCALE: our loss's gradient over lightly's (BYOL's loss is 4 times lightly's): our learning rate is lightly's
+    / SCALE and our optimizer's buffers SCALE times lightly's, so the updates are the same."""
+    SCALE = 1.0
+
+    def optimizer(self, lr):
+        """Returns the benchmark's optimizer over the trained parameters."""
+        return torch.optim.SGD(self.trained(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+    def trained(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def step_start(self):
+        """What lightly's training_step does before its forward passes (EMA, prototype normalisation)."""
+
+    def step_end(self):
+        """What our step does after the update and lightly's next step before anything else (SwAV's prototypes
+        renormalised), so that the updates compare."""
 
     def loss(self, x0, x1):
         """The training step's loss: each view through the network on its own (per-view BatchNorm)."""
+        self.step_start()
         return self.pair_loss(self(x0), self(x1))
+
+    def our_loss(self, loss):
+        """Returns our loss from lightly's loss value."""
+        return loss
 
     def pooled_loss(self, x0, x1):
         """The loss with BatchNorm statistics over both views: one call on the concatenated views."""
+        self.step_start()
         out = self(torch.cat([x0, x1]))
         split = (lambda t: (t[:BATCH], t[BATCH:]))
         if isinstance(out, tuple):
@@ -149,7 +185,94 @@ class LightlyBarlowTwins(LightlyModel):
         return c_diff.sum()
 
 
-# method, overrides, the torch model, its SGD learning rate at BATCH, parameters whose gradient is exactly 0.
+
+class LightlyBYOL(LightlyModel):
+    """BYOLModel of the benchmark: backbone, BYOLProjectionHead(512, 1024, 256), BYOLPredictionHead(256, 1024,
+    256) (Linear -> BatchNorm1d -> ReLU -> Linear, no bias before the BatchNorm); a momentum copy of backbone and
+    projection head (`target`, not trained), updated with m = 0.99 at the start of every training step, before the
+    forward passes; 0.5 (D(p0, z1) + D(p1, z0)) with D = NegativeCosineSimilarity and z from the momentum copy.
+    Our loss, the official one, is (2 - 2 cos(p1, z2')) + (2 - 2 cos(p2, z1')) = 4 + 4 x lightly's: the preset's
+    lr is lightly's / 4 and its weight decay lightly's x 4, so torch's SGD buffers are ours / 4, the updates the
+    same. Lightly's order (EMA, then forward) is ours (forward, update, EMA of the updated online weights): the
+    target a step sees includes the online weights of that step in both."""
+    SCALE = 4.0
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = lightly_backbone(True)
+        self.projector = mlp(512, 1024, 256)
+        self.predictor = mlp(256, 1024, 256)
+        self.target = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone),
+                                     "projector": copy.deepcopy(self.projector)})
+        self.target.requires_grad_(False)
+
+    @torch.no_grad()
+    def step_start(self):
+        for name in ("backbone", "projector"):  # lightly.models.utils.update_momentum(model, model_ema, m)
+            for online, target in zip(getattr(self, name).parameters(), self.target[name].parameters()):
+                target.mul_(0.99).add_(0.01 * online)
+
+    def forward(self, x):
+        p = self.predictor(self.projector(self.backbone(x)))
+        return p, self.target["projector"](self.target["backbone"](x)).detach()
+
+    def pair_loss(self, out0, out1):
+        (p0, z0), (p1, z1) = out0, out1
+        return 0.5 * (lightly_negative_cosine(p0, z1) + lightly_negative_cosine(p1, z0))
+
+    def our_loss(self, loss):
+        return 4.0 + 4.0 * loss
+
+
+class LightlySwAV(LightlyModel):
+    """SwaVModel of the benchmark with its two 32 x 32 crops (`swav.num_small_crops=0`; the preset adds six
+    small ones): backbone, SwaVProjectionHead(512, 512, 128) (Linear -> BatchNorm1d -> ReLU -> Linear), L2
+    normalisation, SwaVPrototypes(128, 512) (a bias-free Linear, as lightly's single-head prototypes and the
+    official code have it), normalised to unit rows at the start of every training step; each crop through the
+    network on its own; SwaVLoss() (temperature 0.1, 3 Sinkhorn iterations, epsilon 0.05); torch.optim.Adam(lr
+    1e-3 x batch / 128, weight_decay=1e-6) on every parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = lightly_backbone(True)
+        self.head = mlp(512, 512, 128)
+        self.prototypes = nn.Linear(128, 512, bias=False)
+
+    def optimizer(self, lr):
+        return torch.optim.Adam(self.trained(), lr=lr, weight_decay=1e-6)
+
+    @torch.no_grad()
+    def step_start(self):
+        w = self.prototypes.weight
+        w.div_(torch.linalg.norm(w, dim=1, keepdim=True))
+
+    def step_end(self):
+        self.step_start()
+
+    def forward(self, x):
+        return self.prototypes(torch.nn.functional.normalize(self.head(self.backbone(x)), dim=1))
+
+    def pair_loss(self, s0, s1):
+        """lightly.loss.SwaVLoss with two high-resolution crops: each crop's Sinkhorn codes predicted from the
+        other crop's scores."""
+        def sinkhorn(scores):
+            q = torch.exp(scores / 0.05).t()
+            q /= q.sum()
+            k, b = q.shape
+            for _ in range(3):
+                q /= q.sum(dim=1, keepdim=True)
+                q /= k
+                q /= q.sum(dim=0, keepdim=True)
+                q /= b
+            return (q * b).t()
+
+        def subloss(scores, q):
+            return -torch.mean(torch.sum(q * torch.nn.functional.log_softmax(scores / 0.1, dim=1), dim=1))
+        with torch.no_grad():
+            q0, q1 = sinkhorn(s0.detach()), sinkhorn(s1.detach())
+        return (subloss(s1, q0) + subloss(s0, q1)) / 2
+
+# method, overrides, the torch model, its learning rate at BATCH, parameters whose gradient is exactly 0.
 CASES = {
     "simclr": ("simclr", [], LightlySimCLR,
                0.06 * BATCH / 128, ()),  # lightly: lr_factor = batch_size / 128, SGD lr 6e-2 x lr_factor
@@ -162,7 +285,13 @@ CASES = {
     "simsiam": ("simsiam", [], LightlySimSiam, 0.03 * BATCH / 256, ("projector.4.bias",)),
     # Barlow Twins standardises each dimension of z over the batch, which takes out the last Linear's bias.
     "barlow_twins": ("barlow_twins", [], LightlyBarlowTwins, 0.06 * BATCH / 128, ("head.3.bias",)),
+    "byol": ("byol", [], LightlyBYOL, 0.06 * BATCH / 128, ()),
+    "swav": ("swav", ["swav.num_small_crops=0"], LightlySwAV, 1e-3 * BATCH / 128, ()),
 }
+
+# Our optimizer's state -> torch's, per optimizer: (our key, torch's key, power of SCALE between them).
+BUFFERS = {torch.optim.SGD: (("trace", "momentum_buffer", 1),),
+           torch.optim.Adam: (("mu", "exp_avg", 1), ("nu", "exp_avg_sq", 2))}
 
 
 def mlp_layers(seq):
@@ -177,13 +306,17 @@ def mlp_layers(seq):
 
 
 def to_torch(net, params, batch_stats):
-    """Returns {name in net.state_dict(): array} from our trees; `params` may be any tree of the params' shape
-    (SGD's momentum). Every leaf of `params` must find its place."""
+    """Returns {name in net.state_dict(): array} for the parts of `net` that `params` has; `params` may be any
+    tree of the params' shape (an optimizer's buffers). Every leaf of `params` must find its place."""
     backbone = export.torch_state_dict(params["backbone"], batch_stats["backbone"])
     out = {f"backbone.{k}": v for k, v in backbone.items() if not k.endswith("num_batches_tracked")}
     used = len(jax.tree.leaves(params["backbone"]))
     for part, seq in net.named_children():
-        if part == "backbone":
+        if part == "backbone" or part not in params:  # BYOL's target: not in params (load checks every name)
+            continue
+        if isinstance(seq, nn.Linear):  # SwAV's prototypes: our kernel is d x P, torch's weight P x d
+            out[f"{part}.weight"] = np.asarray(params[part]["kernel"]).T
+            used += 1
             continue
         for i, name, module in mlp_layers(seq):
             p, stats = params[part].get(name, {}), batch_stats[part].get(name, {})
@@ -201,21 +334,44 @@ def to_torch(net, params, batch_stats):
     return out
 
 
-def load(net, opt, state):
-    """Sets the torch model's weights, running statistics and SGD's momentum buffers to our host train state."""
-    params, batch_stats = state["params"]["model"], state["batch_stats"]
-    values = to_torch(net, params, batch_stats)
-    want = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    assert sorted(values) == sorted(want), set(values) ^ set(want)
+def named(net, state, params=None):
+    """Returns {torch name: array} of our host state: the online networks (`params`, default the state's) with
+    their running statistics, and BYOL's target network from extras as `target.*`."""
+    out = to_torch(net, state["params"]["model"] if params is None else params, state["batch_stats"])
+    if "target" in dict(net.named_children()):
+        target = to_torch(net.target, state["extras"]["target"], state["batch_stats"]["target"])
+        out.update({f"target.{k}": v for k, v in target.items()})
+    return out
+
+
+def buffers(net, opt, state):
+    """Returns {(torch's buffer key, parameter name): our buffer / SCALE^power} from our optimizer state."""
+    out, trained = {}, {k for k, p in net.named_parameters() if p.requires_grad}
+    for ours, theirs, power in BUFFERS[type(opt)]:
+        tree = to_torch(net, optax.tree_utils.tree_get(state["opt_state"], ours)["model"], state["batch_stats"])
+        out.update({(theirs, k): np.asarray(v, np.float64) / net.SCALE**power for k, v in tree.items() if k in trained})
+    return out
+
+
+def load(net, opt, state, target):
+    """Sets the torch model's weights, running statistics and optimizer state to our host train state; BYOL's
+    target network too when `target` (at the first step only: from then on torch's EMA keeps its own)."""
+    values = named(net, state)
+    want = {k for k in net.state_dict() if not k.endswith("num_batches_tracked")}
+    assert sorted(values) == sorted(want), set(values) ^ want
+    if not target:
+        values = {k: v for k, v in values.items() if not k.startswith("target.")}
     net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in values.items()}, strict=False)
-    trace = optax.tree_utils.tree_get(state["opt_state"], "trace")["model"]
-    momentum = to_torch(net, trace, batch_stats) if int(state["step"]) else {}
-    for name, param in net.named_parameters():
-        if name in momentum:
-            opt.state[param]["momentum_buffer"] = torch.from_numpy(np.array(momentum[name], np.float32))
+    if not int(state["step"]):
+        return
+    params = dict(net.named_parameters())
+    for (key, name), value in buffers(net, opt, state).items():
+        opt.state[params[name]][key] = torch.from_numpy(value.astype(np.float32))
+        if isinstance(opt, torch.optim.Adam):
+            opt.state[params[name]]["step"] = torch.tensor(float(state["step"]))
 
 
-def assert_leaves_agree(got, want, before, what, zero=(), rtol=0.02):
+def assert_leaves_agree(got, want, before, what, zero=(), rtol=0.02, weights=None):
     """Asserts got[k] - before[k] is within `rtol` of want[k] - before[k] in L2 for every name k (before None:
     got[k] against want[k]).
 
@@ -225,6 +381,11 @@ def assert_leaves_agree(got, want, before, what, zero=(), rtol=0.02):
     The names in `zero` have a gradient of exactly 0 in exact arithmetic: what either side computes for it is
     rounding noise of a sum that cancels, so they must agree to 1e-6 of the largest element of any leaf instead
     (1.8e-8 seen, Barlow Twins' last bias against its largest momentum element, 450 to 510).
+    `weights` (Adam's updates): the error is sum(w |got - want|) / sum(w |want|) per leaf instead, w = |Adam's
+    first moment|. Adam's first step moves every element by lr x sign(gradient), so an element whose gradient is
+    within rounding of 0 can flip sign on either side (1 of 64 elements of a BatchNorm bias: 25% in L2); weighted
+    by the gradient, the updates were at most 0.46% apart, its moments up to 1.23% and 1.55% (SwAV; jax 0.10.2,
+    torch 2.14.1, 2-core CPU, 2026-11-23).
     """
     assert sorted(got) == sorted(want)
     deltas = {}
@@ -238,7 +399,27 @@ def assert_leaves_agree(got, want, before, what, zero=(), rtol=0.02):
             assert err <= 1e-6 * scale, f"{what}, {k}: {err:.3g} from PyTorch's, the largest element {scale:.3g}"
             continue
         l2 = float(np.linalg.norm(u - v) / np.linalg.norm(v))
+        if weights is not None:
+            w = weights[k]
+            l2 = float(np.sum(w * np.abs(u - v)) / np.sum(w * np.abs(v)))
         assert l2 <= rtol, f"{what}, {k}: {l2:.2%} from PyTorch's in L2"
+
+
+def assert_ema_agrees(got, want, before, what, resolved):
+    """Asserts the EMA step got - before is want - before (torch's), leaf by leaf, to 2% in L2 plus the float32
+    rounding of the values (4 ulps per element: each side rounds the product and the sum), and that at least
+    `resolved` leaves have a step larger than 50 times that rounding, where a wrong decay or order would show.
+
+    A target step is 0.01 x the online weights' last update, 1e-8 per element here: below the rounding of a
+    BatchNorm scale near 1, above that of a bias near 0."""
+    n = 0
+    for k in want:
+        step_got, step_want = (np.asarray(x[k], np.float64) - before[k] for x in (got, want))
+        rounding = 4 * np.finfo(np.float32).eps * float(np.linalg.norm(before[k]))
+        err, size = float(np.linalg.norm(step_got - step_want)), float(np.linalg.norm(step_want))
+        assert err <= 0.02 * size + rounding, f"{what}, {k}: EMA step {err:.3g} from torch's {size:.3g}"
+        n += size > 50 * rounding
+    assert n >= resolved, f"{what}: only {n} target leaves have an EMA step above float32 rounding"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -251,18 +432,18 @@ def test_cifar10_preset_step_is_lightlys_step(case):
     assert setup.mesh.devices.size == 8
     state = train.initial_state(setup)
     net = model().train()
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    names = [k for k, _ in net.named_parameters()]
+    opt = net.optimizer(lr)
+    params = {k: p for k, p in net.named_parameters() if p.requires_grad}
     stat_names = [k for k in net.state_dict() if k.endswith(("running_mean", "running_var"))]
     rs = np.random.RandomState(0)
     labels = np.arange(BATCH, dtype=np.int32) % source.num_classes
     first = jax.device_get(state)
     for step in range(STEPS):
-        # Each step starts torch from our state (weights, running statistics, SGD's momentum buffers), so a
-        # difference cannot carry over from the step before. Normalized views: standard normal, the second
-        # shifted and scaled so that the two views' batch statistics differ (pooled ones give another step).
+        # Each step starts torch from our state (weights, running statistics, optimizer state), so a difference
+        # cannot carry over from the step before. Normalized views: standard normal, the second shifted and scaled
+        # so that the two views' batch statistics differ (pooled ones give another step).
         before = jax.device_get(state)
-        load(net, opt, before)
+        load(net, opt, before, target=step == 0)
         v1 = rs.randn(BATCH, 32, 32, 3).astype(np.float32)
         v2 = (1.5 * rs.randn(BATCH, 32, 32, 3) + 0.3).astype(np.float32)
         state, metrics = setup.views_step_fn(state, parallel.put_batch((v1, v2), setup.mesh),
@@ -272,36 +453,45 @@ def test_cifar10_preset_step_is_lightlys_step(case):
         x0, x1 = (torch.from_numpy(v.transpose(0, 3, 1, 2).copy()) for v in (v1, v2))
         if step == 0:  # statistics pooled over both views: the same network called once on both views
             with torch.no_grad():
-                pooled = net.pooled_loss(x0, x1).item()
-            load(net, opt, before)  # undoes that call's update of the running statistics
+                pooled = net.our_loss(net.pooled_loss(x0, x1).item())
+            load(net, opt, before, target=True)  # undoes that call's update of running statistics and EMA
+        target_before = {k: v.numpy().copy() for k, v in net.state_dict().items()
+                         if k.startswith("target.") and k.endswith(("weight", "bias"))}
         opt.zero_grad()
         loss = net.loss(x0, x1)
         loss.backward()
         opt.step()
+        net.step_end()
         # The same loss and learning rate (cosine stepped per epoch: the first epoch runs at the peak).
-        np.testing.assert_allclose(metrics["loss"], loss.item(), rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
-        np.testing.assert_allclose(metrics["lr"], lr, rtol=1e-6)
+        np.testing.assert_allclose(metrics["loss"], net.our_loss(loss.item()), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"step {step}")
+        np.testing.assert_allclose(metrics["lr"], lr / net.SCALE, rtol=1e-6)
         if step == 0:  # per-view statistics are another function: the loss tells at 100 times that tolerance
-            assert not np.isclose(pooled, loss.item(), rtol=1e-3, atol=1e-4), (pooled, loss.item())
-        # SGD's momentum buffers (gradient + 5e-4 x weight, plus 0.9 x the last buffer from the second step
-        # on) and the updates, -lr x the buffer, in torch's names.
-        params = dict(net.named_parameters())
-        trace = optax.tree_utils.tree_get(after["opt_state"], "trace")["model"]
-        ours = to_torch(net, trace, after["batch_stats"])
-        assert_leaves_agree({k: ours[k] for k in names},
-                            {k: opt.state[params[k]]["momentum_buffer"].numpy() for k in names}, None,
-                            f"step {step}, momentum", zero)
-        ours, start = to_torch(net, after["params"]["model"], after["batch_stats"]), to_torch(
-            net, before["params"]["model"], before["batch_stats"])
-        assert_leaves_agree({k: ours[k] for k in names}, {k: params[k].detach().numpy() for k in names},
-                            {k: start[k] for k in names}, f"step {step}, update", zero)
+            assert not np.isclose(pooled, net.our_loss(loss.item()), rtol=1e-3, atol=1e-4), (pooled, loss.item())
+        # The optimizer's buffers in torch's names: SGD's momentum (gradient + 5e-4 x weight, plus 0.9 x the
+        # last buffer from the second step on); Adam's two moments (gradient + 1e-6 x weight).
+        ours = buffers(net, opt, after)
+        for _, key, power in BUFFERS[type(opt)]:  # Adam's second moment: squares double relative errors
+            assert_leaves_agree({k: ours[key, k] for k in params},
+                                {k: opt.state[p][key].numpy() for k, p in params.items()}, None,
+                                f"step {step}, {key}", zero, rtol=0.02 * power)
+        # The updates: SGD's -lr x momentum buffer; Adam's, a function of its moments alone.
+        ours, start = named(net, after), named(net, before)
+        assert_leaves_agree({k: ours[k] for k in params}, {k: p.detach().numpy() for k, p in params.items()},
+                            {k: start[k] for k in params}, f"step {step}, update", zero,
+                            weights={k: np.abs(opt.state[p]["exp_avg"].numpy()) for k, p in params.items()}
+                            if isinstance(opt, torch.optim.Adam) else None)
+        # BYOL's target: torch's EMA at the start of this step (m = 0.99, the online weights it was loaded with)
+        # is the target our step used, which our previous step's EMA made from its updated online weights.
+        torch_stats = net.state_dict()
+        if target_before:
+            assert_ema_agrees({k: start[k] for k in target_before}, {k: torch_stats[k].numpy() for k in target_before},
+                              target_before, f"step {step}", resolved=10 * step)
         # Running statistics after each view's update, in order. Torch keeps unbiased running variances, flax
         # biased ones: they differ by at most a factor n / (n - 1), n a view's values per channel, >= 16 x 4 x 4
         # in the ResNet and 16 in the heads' BatchNorm1d.
-        torch_stats = net.state_dict()
         for k in stat_names:
-            n = BATCH * 16 if k.startswith("backbone.") else BATCH
+            n = BATCH * 16 if k.startswith(("backbone.", "target.backbone.")) else BATCH
             tol = dict(rtol=1e-4, atol=1e-6) if k.endswith("mean") else dict(rtol=1.0 / (n - 1) + 1e-4)
             np.testing.assert_allclose(ours[k], torch_stats[k].numpy(), err_msg=f"step {step}, {k}", **tol)
     assert harness.largest(harness.delta(after["params"]["model"], first["params"]["model"])) > 1e-4
-
