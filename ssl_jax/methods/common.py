@@ -53,7 +53,9 @@ def train_forward(backbone, head, params, batch_stats, x):
 def split_views(outputs, num_views):
     """Returns the outputs of one pass over `num_views` concatenated views as one tree per view (each leaf
     split into equal blocks of rows along its leading axis)."""
-    return [jax.tree.map(lambda x, i=i: jnp.split(x, num_views)[i], outputs) for i in range(num_views)]
+    leaves, treedef = jax.tree.flatten(outputs)
+    blocks = [jnp.split(x, num_views) for x in leaves]  # each leaf split once
+    return [treedef.unflatten([b[i] for b in blocks]) for i in range(num_views)]
 
 
 def keep_extras(params, extras, aux, progress, config):

@@ -46,11 +46,11 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # scores are divided by epsilon = 0.05 bef
 
 
 
-def networks(config, axis_name=None, backbone_bn_groups=1, head_bn_groups=1):
+def networks(config, axis_name=None, head_bn_groups=1):
     """Returns (backbone, projection head) flax modules; BatchNorm synchronized over `axis_name` when sync_bn,
-    each taking that many crops per training batch (models.ResNet.bn_groups)."""
+    the head's taking `head_bn_groups` crops per training batch (models.MLPHead.bn_groups)."""
     bn_axis = common.bn_axis(config, axis_name)
-    backbone = common.backbone(config, axis_name, bn_groups=backbone_bn_groups)
+    backbone = common.backbone(config, axis_name)
     # Official head: Linear -> BN -> ReLU -> Linear (src/resnet50.py, hidden_mlp=2048, output_dim=128).
     head = models.MLPHead(
         hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
@@ -151,7 +151,7 @@ def _embed(params, batch_stats, views, config, axis_name):
         end = start
         while end < len(views) and views[end].shape[1:] == views[start].shape[1:]:
             end += 1
-        backbone, _ = networks(config, axis_name, backbone_bn_groups=end - start if per_crop else 1)
+        backbone = common.backbone(config, axis_name, bn_groups=end - start if per_crop else 1)
         x = jnp.concatenate(views[start:end], axis=0).astype(common.compute_dtype(config))
         h, mutated = backbone.apply({"params": params["backbone"], "batch_stats": stats}, x, train=True,
                                     mutable=["batch_stats"])
