@@ -26,7 +26,9 @@ for the keys (ResNetGenerator(num_splits=8) for both encoders), SGD lr 0.06 x 51
 every parameter, cosine without warm-up, SimCLR's CIFAR augmentation (jitter strength 0.5, crop scale 0.08-1)
 without blur, which does not help on 32 x 32 images. One difference: lightly's second direction scores against its
 bank after the first direction's keys went in (ssl_jax/methods/moco.py); here both score against the queue before
-the step.
+the step. tests/test_lightly_parity.py checks the cifar10 preset's training step against lightly's MoCo step
+written in PyTorch (with that one difference), from the same state, views and key permutation (float32, CPU,
+2026-11-24): the same loss, SGD buffers and updates, momentum encoder, running statistics and memory bank.
 """
 import ml_collections
 
