@@ -26,7 +26,9 @@ shuffled groups for the keys (bn_splits = 8), batch 512, cosine without warm-up 
 colour jitter 0.4/0.4/0.4/0.1 (p = 0.8), grayscale 0.2, no blur, kNN monitor k = 200, temperature 0.1. The colab
 SUMS the two directions at SGD lr 0.06, weight decay 5e-4 (every parameter); our loss is their mean, and for SGD
 the sum at (lr, wd) is the mean at (2 lr, wd / 2) (ssl_jax/methods/moco.py), so lr 0.06 per 256 (0.12 at 512) and
-weight decay 2.5e-4 here.
+weight decay 2.5e-4 here. tests/test_lightly_parity.py checks the cifar10 preset's training step against the colab's
+ModelMoCo written in PyTorch, from the same state, views and key permutation (float32, CPU, 2026-11-24): our loss
+half the colab's sum, the same updates (SGD buffers half of torch's), key encoder, running statistics and queue.
 """
 import ml_collections
 

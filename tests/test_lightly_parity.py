@@ -1,7 +1,8 @@
 """The SimCLR, SimSiam, Barlow Twins, BYOL, SwAV and MoCo v2 `cifar10` presets train lightly's benchmark models:
 each sharded step of ours (8 fake devices) against the same step written in PyTorch as lightly's
 cifar10_benchmark.py of 27.03.2023 computes it, from the same state and on the same views, in float32 (the presets
-compute in bf16, lightly in float32).
+compute in bf16, lightly in float32). The MoCo v1 preset trains the model of MoCo's own CIFAR-10 demo (the
+colab; ColabMoCo), checked the same way.
 
 Lightly's models are transcribed here rather than taken from ssl_jax.bench_torch, so that a wrong preset value
 cannot hide on both sides: a CIFAR-stem ResNet-18 (3x3 stride-1 conv, no max-pool; lightly's nn.Sequential over
@@ -91,6 +92,7 @@ class LightlyModel(nn.Module):
     / SCALE and our optimizer's buffers SCALE times lightly's, so the updates are the same."""
     SCALE = 1.0
     ORDER = None  # the order in which the torch model gets our batch's rows (None: ours)
+    BACKBONE_BN_GROUPS = 1  # BatchNorm groups per call in the backbone
 
     def optimizer(self, lr):
         """Returns the benchmark's optimizer over the trained parameters."""
@@ -297,34 +299,42 @@ SPLITS = 8  # lightly's MoCo: ResNetGenerator("resnet-18", num_splits=8)
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """lightly.models.batchnorm.SplitBatchNorm in train mode (facebookresearch/moco's colab has the same): one
+    """SplitBatchNorm in train mode, as lightly.models.batchnorm and facebookresearch/moco's colab write it: one
     BatchNorm2d whose batch is viewed as N / S rows of S x C channels, so that split s normalises the rows n with
-    n mod S = s with their own statistics and keeps its own running statistics (S x C buffers, averaged when the
-    model goes to eval mode). `groups = 1` (not lightly's) pools the statistics of the whole call instead."""
+    n mod S = s with their own statistics. Lightly's (`split_buffers`) keeps running statistics per split (S x C
+    buffers, averaged when the model goes to eval mode), the colab's averages the splits' after every call.
+    `groups = 1` (neither's) pools the statistics of the whole call instead."""
 
-    def __init__(self, num_features, num_splits):
+    def __init__(self, num_features, num_splits, split_buffers):
         super().__init__(num_features)
-        self.num_splits, self.groups = num_splits, num_splits
-        self.register_buffer("running_mean", torch.zeros(num_features * num_splits))
-        self.register_buffer("running_var", torch.ones(num_features * num_splits))
+        self.num_splits, self.groups, self.split_buffers = num_splits, num_splits, split_buffers
+        if split_buffers:
+            self.register_buffer("running_mean", torch.zeros(num_features * num_splits))
+            self.register_buffer("running_var", torch.ones(num_features * num_splits))
 
     def forward(self, x):
         n, c, h, w = x.shape
         if self.groups == 1:
             return nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         s = self.num_splits
-        return nn.functional.batch_norm(x.view(-1, c * s, h, w), self.running_mean, self.running_var,
-                                        self.weight.repeat(s), self.bias.repeat(s), True, self.momentum,
-                                        self.eps).view(n, c, h, w)
+        mean, var = ((self.running_mean, self.running_var) if self.split_buffers
+                     else (self.running_mean.repeat(s), self.running_var.repeat(s)))
+        out = nn.functional.batch_norm(x.view(-1, c * s, h, w), mean, var, self.weight.repeat(s),
+                                       self.bias.repeat(s), True, self.momentum, self.eps).view(n, c, h, w)
+        if not self.split_buffers:
+            with torch.no_grad():
+                self.running_mean.copy_(mean.view(s, c).mean(0))
+                self.running_var.copy_(var.view(s, c).mean(0))
+        return out
 
 
-def split_batchnorm(module, splits):
+def split_batchnorm(module, splits, split_buffers):
     """Returns `module` with every BatchNorm2d replaced by a SplitBatchNorm of `splits` splits."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, SplitBatchNorm(child.num_features, splits))
+            setattr(module, name, SplitBatchNorm(child.num_features, splits, split_buffers))
         else:
-            split_batchnorm(child, splits)
+            split_batchnorm(child, splits, split_buffers)
     return module
 
 
@@ -345,14 +355,20 @@ class LightlyMoCo(LightlyModel):
     bank as it was before the step, and so does this model unless `sequential_bank` (lightly's order: another
     loss, checked)."""
     ORDER = np.concatenate([np.arange(0, BATCH, 2), np.arange(1, BATCH, 2)])  # torch row j holds our row ORDER[j]
+    BACKBONE_BN_GROUPS = SPLITS
+    SPLIT_BUFFERS = True  # lightly's SplitBatchNorm
+    WRITE_ORDER = (0, 1)  # the directions whose keys the bank takes, in that order
 
     def __init__(self):
         super().__init__()
-        self.backbone = split_batchnorm(lightly_backbone(True), SPLITS)
-        self.head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
+        self.backbone = split_batchnorm(lightly_backbone(True), SPLITS, self.SPLIT_BUFFERS)
+        self.head = self.make_head()
         self.target = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "head": copy.deepcopy(self.head)})
         self.target.requires_grad_(False)
         self.sequential_bank, self.bank, self.bank_ptr, self.shuffles, self.ptr_before = False, None, 0, None, 0
+
+    def make_head(self):
+        return nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
 
     def target_state(self, state):
         return state["extras"]["key_params"], state["extras"]["key_batch_stats"]
@@ -371,11 +387,12 @@ class LightlyMoCo(LightlyModel):
             self.shuffles.append(torch.from_numpy(where[np.concatenate([perm[0::2], perm[1::2]])]))
 
     def check_extras(self, state, what):
-        """Our queue after the step is torch's bank, our rows of each block of BATCH keys in torch's order."""
-        queue, ptr = np.array(state["extras"]["queue"][0]), self.ptr_before
-        for block in range(2):
-            rows = ptr + block * BATCH + np.arange(BATCH)
-            queue[rows] = queue[ptr + block * BATCH + self.ORDER]
+        """Our queue after the step is torch's bank: our direction v's BATCH keys (rows ptr + v x BATCH on) in
+        torch's order, at torch's place for them."""
+        ours, ptr = np.asarray(state["extras"]["queue"][0]), self.ptr_before
+        queue = ours.copy()
+        for v in range(2):
+            queue[ptr + self.WRITE_ORDER.index(v) * BATCH + np.arange(BATCH)] = ours[ptr + v * BATCH + self.ORDER]
         np.testing.assert_allclose(queue, self.bank.numpy().T, atol=5e-6, err_msg=f"{what}, queue")  # 4.5e-7 seen
         assert int(state["extras"]["queue_ptr"]) == self.bank_ptr, (int(state["extras"]["queue_ptr"]), self.bank_ptr)
 
@@ -393,17 +410,25 @@ class LightlyMoCo(LightlyModel):
     def loss(self, x0, x1):
         f = torch.nn.functional
         self.step_start()
-        before, values = self.bank.clone(), []
+        before, values, keys = self.bank.clone(), [], []
         for v, (xq, xk) in enumerate(((x0, x1), (x1, x0))):
             q = f.normalize(self.head(self.backbone(xq)), dim=1)
             with torch.no_grad():
                 shuffle = self.shuffles[v]
                 k = self.target["head"](self.target["backbone"](xk[shuffle]))[torch.argsort(shuffle)]
-                k = f.normalize(k, dim=1)
+                keys.append(f.normalize(k, dim=1))
             bank = self.bank.clone() if self.sequential_bank else before
-            logits = torch.cat([torch.sum(q * k, dim=1, keepdim=True), q @ bank], dim=1) / 0.1
+            logits = torch.cat([torch.sum(q * keys[v], dim=1, keepdim=True), q @ bank], dim=1) / 0.1
             values.append(f.cross_entropy(logits, torch.zeros(BATCH, dtype=torch.long)))
-            self.enqueue(k)
+            if self.sequential_bank:
+                self.enqueue(keys[v])
+        if not self.sequential_bank:
+            for v in self.WRITE_ORDER:
+                self.enqueue(keys[v])
+        return self.combine(values)
+
+    def combine(self, values):
+        """The training loss from the two directions' losses."""
         return 0.5 * (values[0] + values[1])
 
     def other_functions(self):
@@ -427,6 +452,33 @@ class LightlyMoCo(LightlyModel):
                 "lightly's bank order (the second direction reads the first's keys)": lightly_order}
 
 
+class ColabMoCo(LightlyMoCo):
+    """facebookresearch/moco's CIFAR-10 demo (colab/moco_cifar10_demo.ipynb on the colab-notebook branch), the
+    MoCo v1 preset's model: ModelBase's torchvision ResNet-18 with SplitBatchNorm(num_splits=8) (bn_splits=8;
+    its running statistics averaged over the splits after every call), a 3x3 stride-1 stem convolution, the
+    stem ReLU, no max-pool, and fc = Linear(512, 128) as the head; ModelMoCo(dim=128, K=4096, m=0.99, T=0.1,
+    symmetric=True): the key encoder's momentum update first, contrastive_loss(im1, im2) and (im2, im1) against
+    the queue as it was before the step (keys through _batch_shuffle_single_gpu, which is our permutation here
+    as in LightlyMoCo), loss_12 + loss_21, then the keys enqueued as cat([k1, k2]): view 0's keys, our second
+    direction's, first. The SUM: our mean's gradient is half of it (SCALE 0.5), so the preset's lr is twice the
+    colab's (0.06 at its batch of 512) and its weight decay half of the colab's 5e-4."""
+    SCALE = 0.5
+    SPLIT_BUFFERS = False
+    WRITE_ORDER = (1, 0)
+
+    def make_head(self):
+        return nn.Sequential(nn.Linear(512, 128))
+
+    def combine(self, values):
+        return values[0] + values[1]
+
+    def our_loss(self, loss):
+        return 0.5 * loss
+
+    def other_functions(self):
+        return {k: v for k, v in super().other_functions().items() if k.startswith("one BatchNorm group")}
+
+
 # method, overrides, the torch model, its learning rate at BATCH, parameters whose gradient is exactly 0.
 CASES = {
     "simclr": ("simclr", [], LightlySimCLR,
@@ -444,6 +496,8 @@ CASES = {
     "swav": ("swav", ["swav.num_small_crops=0"], LightlySwAV, 1e-3 * BATCH / 128, ()),
     # A bank of 4 x BATCH keys: the second step reads the first step's keys, and writes the bank's second half.
     "moco_v2": ("moco_v2", [f"moco.queue_size={4 * BATCH}"], LightlyMoCo, 0.06 * BATCH / 128, ()),
+    # The colab's lr is 0.06 at its batch of 512 (not scaled with the batch); the preset scales it linearly.
+    "moco_v1_colab": ("moco_v1", [f"moco.queue_size={4 * BATCH}"], ColabMoCo, 0.06 * BATCH / 512, ()),
 }
 
 # Our optimizer's state -> torch's, per optimizer: (our key, torch's key, power of SCALE between them).
@@ -537,7 +591,8 @@ def assert_leaves_agree(got, want, before, what, zero=(), rtol=0.02, weights=Non
     """Asserts got[k] - before[k] is within `rtol` of want[k] - before[k] in L2 for every name k (before None:
     got[k] against want[k]).
 
-    rtol 2%: per leaf, our momentum buffers and updates were at most 0.83% from PyTorch's in float32, where
+    rtol 2%: per leaf, our momentum buffers and updates were at most 0.83% from PyTorch's in float32 (MoCo v1
+    against the colab's model: 1.06%, 2026-11-24), where
     PyTorch's float32 was up to 0.56% from its float64 (medians 0.15% to 0.6% against 0.15% to 0.34%; jax 0.10.2,
     torch 2.14.1, 2-core CPU, 2026-11-23).
     The names in `zero` have a gradient of exactly 0 in exact arithmetic: what either side computes for it is
@@ -659,8 +714,7 @@ def test_cifar10_preset_step_is_lightlys_step(case):
         # SplitBatchNorm's S copies: their mean, as lightly takes for eval mode; ours average each update.
         for k in stat_names:
             theirs = torch_stats[k].numpy().reshape(-1, np.size(ours[k])).mean(axis=0)
-            groups = torch_stats[k].numel() // np.size(ours[k])
-            n = BATCH // groups * 16 if k.startswith(("backbone.", "target.backbone.")) else BATCH
+            n = BATCH // net.BACKBONE_BN_GROUPS * 16 if k.startswith(("backbone.", "target.backbone.")) else BATCH
             tol = dict(rtol=1e-4, atol=1e-6) if k.endswith("mean") else dict(rtol=1.0 / (n - 1) + 1e-4)
             np.testing.assert_allclose(ours[k], theirs, err_msg=f"step {step}, {k}", **tol)
     assert harness.largest(harness.delta(after["params"]["model"], first["params"]["model"])) > 1e-4
