@@ -295,6 +295,7 @@ class LightlySwAV(LightlyModel):
             q0, q1 = sinkhorn(s0.detach()), sinkhorn(s1.detach())
         return (subloss(s1, q0) + subloss(s0, q1)) / 2
 
+
 SPLITS = 8  # lightly's MoCo: ResNetGenerator("resnet-18", num_splits=8)
 
 
