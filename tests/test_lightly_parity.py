@@ -85,13 +85,23 @@ def lightly_negative_cosine(x0, x1):
     return -torch.nn.functional.cosine_similarity(x0, x1, dim=1).mean()
 
 
+@torch.no_grad()
+def update_momentum(net):
+    """lightly.models.utils.update_momentum(model, model_ema, 0.99) for each network `net.target` has a copy of
+    (the colab's _momentum_update_key_encoder is the same): target <- 0.99 target + 0.01 online, parameters
+    only."""
+    for name, copy_ in net.target.items():
+        for online, target in zip(getattr(net, name).parameters(), copy_.parameters()):
+            target.mul_(0.99).add_(0.01 * online)
+
+
 class LightlyModel(nn.Module):
     """A benchmark model: forward(x) gives one view's outputs, pair_loss(out_0, out_1) the loss of two views.
 
     SCALE: our loss's gradient over lightly's (BYOL's loss is 4 times lightly's): our learning rate is lightly's
     / SCALE and our optimizer's buffers SCALE times lightly's, so the updates are the same."""
     SCALE = 1.0
-    ORDER = None  # the order in which the torch model gets our batch's rows (None: ours)
+    ORDER = np.arange(BATCH)  # the order in which the torch model gets our batch's rows
     BACKBONE_BN_GROUPS = 1  # BatchNorm groups per call in the backbone
 
     def optimizer(self, lr):
@@ -229,11 +239,8 @@ class LightlyBYOL(LightlyModel):
                                      "projector": copy.deepcopy(self.projector)})
         self.target.requires_grad_(False)
 
-    @torch.no_grad()
     def step_start(self):
-        for name in ("backbone", "projector"):  # lightly.models.utils.update_momentum(model, model_ema, m)
-            for online, target in zip(getattr(self, name).parameters(), self.target[name].parameters()):
-                target.mul_(0.99).add_(0.01 * online)
+        update_momentum(self)
 
     def forward(self, x):
         p = self.predictor(self.projector(self.backbone(x)))
@@ -397,11 +404,8 @@ class LightlyMoCo(LightlyModel):
         np.testing.assert_allclose(queue, self.bank.numpy().T, atol=5e-6, err_msg=f"{what}, queue")  # 4.5e-7 seen
         assert int(state["extras"]["queue_ptr"]) == self.bank_ptr, (int(state["extras"]["queue_ptr"]), self.bank_ptr)
 
-    @torch.no_grad()
     def step_start(self):
-        for name in ("backbone", "head"):  # lightly.models.utils.update_momentum(model, model_ema, 0.99)
-            for online, target in zip(getattr(self, name).parameters(), self.target[name].parameters()):
-                target.mul_(0.99).add_(0.01 * online)
+        update_momentum(self)
 
     def enqueue(self, keys):
         """lightly's MemoryBankModule._dequeue_and_enqueue (the bank size is a multiple of the batch here)."""
@@ -432,25 +436,28 @@ class LightlyMoCo(LightlyModel):
         """The training loss from the two directions' losses."""
         return 0.5 * (values[0] + values[1])
 
-    def other_functions(self):
-        def pooled(x0, x1):
-            splits = [m for m in self.modules() if isinstance(m, SplitBatchNorm)]
+    def pooled_loss(self, x0, x1):
+        """The loss with one BatchNorm group per call (statistics over the whole batch, not 8 splits)."""
+        splits = [m for m in self.modules() if isinstance(m, SplitBatchNorm)]
+        for m in splits:
+            m.groups = 1
+        try:
+            return self.loss(x0, x1)
+        finally:
             for m in splits:
-                m.groups = 1
-            try:
-                return self.loss(x0, x1)
-            finally:
-                for m in splits:
-                    m.groups = m.num_splits
+                m.groups = m.num_splits
 
-        def lightly_order(x0, x1):
-            self.sequential_bank = True
-            try:
-                return self.loss(x0, x1)
-            finally:
-                self.sequential_bank = False
-        return {"one BatchNorm group per call": pooled,
-                "lightly's bank order (the second direction reads the first's keys)": lightly_order}
+    def lightly_order_loss(self, x0, x1):
+        """The loss with lightly's bank order: the second direction reads the first direction's keys."""
+        self.sequential_bank = True
+        try:
+            return self.loss(x0, x1)
+        finally:
+            self.sequential_bank = False
+
+    def other_functions(self):
+        return {"one BatchNorm group per call": self.pooled_loss,
+                "lightly's bank order (the second direction reads the first's keys)": self.lightly_order_loss}
 
 
 class ColabMoCo(LightlyMoCo):
@@ -477,7 +484,7 @@ class ColabMoCo(LightlyMoCo):
         return 0.5 * loss
 
     def other_functions(self):
-        return {k: v for k, v in super().other_functions().items() if k.startswith("one BatchNorm group")}
+        return {"one BatchNorm group per call": self.pooled_loss}
 
 
 # method, overrides, the torch model, its learning rate at BATCH, parameters whose gradient is exactly 0.
@@ -668,8 +675,7 @@ def test_cifar10_preset_step_is_lightlys_step(case):
                                              parallel.put_batch(labels, setup.mesh))
         after, metrics = jax.device_get((state, metrics))
 
-        order = np.arange(BATCH) if net.ORDER is None else net.ORDER
-        x0, x1 = (torch.from_numpy(v[order].transpose(0, 3, 1, 2).copy()) for v in (v1, v2))
+        x0, x1 = (torch.from_numpy(v[net.ORDER].transpose(0, 3, 1, 2).copy()) for v in (v1, v2))
         others = {}
         if step == 0:  # e.g. statistics pooled over both views: the same network called once on both views
             for what, other_loss in net.other_functions().items():
