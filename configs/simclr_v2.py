@@ -13,7 +13,13 @@ What v2 changes, following the paper and the official tf2 code (model.py Project
 - A 3-layer projection head: two hidden Dense -> BN -> ReLU layers as wide as the backbone output
   (head.hidden_dim = 0 means "the backbone's feature width", so width/depth overrides keep it right), then
   Dense -> BN to 128-d, that output BN with a learnable scale and no bias as in the official code
-  (head.last_bn_scale).
+  (head.last_bn_scale). Its Dense kernels start from N(0, 0.01^2) as there (head.init_std; LinearLayer's
+  RandomNormal(stddev=0.01)).
+- The official network otherwise too (tf2/resnet.py): convolutions initialised with TF's VarianceScaling()
+  (model.conv_init = "tf": fan-in, truncated normal, variance 1 / fan_in), and a projection shortcut (1x1 conv
+  + BN) in the first block of every stage, stage 1 included, where torchvision's ResNet-18/34 has the identity
+  (model.project_first_block; ResNet-50 and deeper are the same either way). tests/test_lightly_parity.py
+  (case simclr_v2_tf2) checks the cifar10 preset's step against that code's step transcribed in PyTorch.
 - Fine-tuning starts from the head's first hidden layer: head.finetune_layer = 1 (ft_proj_selector = 1);
   simclr.finetune_features returns that representation. Linear evaluation and kNN still read the backbone.
 - Bigger ResNets, with selective kernels (model.sk_ratio, ssl_jax/models/resnet.py: the official tf2
@@ -36,8 +42,9 @@ ResNet-18 (CIFAR stem), batch 512, LARS lr 1.0 x B/256, weight decay 1e-4, tempe
 configs/simclr.py:cifar10, give it that preset's optimizer, initialisation and loss scale (lightly's):
 --config.optim.name=sgd --config.optim.lr=0.12 --config.optim.weight_decay=5e-4 --config.optim.warmup_epochs=0
 --config.optim.exclude_bias_and_norm=false --config.model.zero_init_residual=false
---config.model.conv_init=pytorch --config.optim.schedule_per_epoch=true --config.loss.scale=1.0
---config.simclr.bn_per_view=true (tests/test_config.py checks that only the head differs).
+--config.model.conv_init=pytorch --config.model.project_first_block=false --config.optim.schedule_per_epoch=true
+--config.loss.scale=1.0 --config.simclr.bn_per_view=true (tests/test_config.py checks that only the head
+differs).
 """
 import ml_collections
 
@@ -48,7 +55,9 @@ def get_config(arg="cifar10"):
     """Returns the preset named `arg`: cifar10, imagenet or smoke."""
     c = presets.apply(presets.base("simclr"), arg)
     c.head = ml_collections.ConfigDict(dict(
-        num_layers=3, hidden_dim=0, out_dim=128, use_bn=True, last_bn=True, last_bn_scale=True, finetune_layer=1))
+        num_layers=3, hidden_dim=0, out_dim=128, use_bn=True, last_bn=True, last_bn_scale=True, finetune_layer=1,
+        init_std=0.01))
+    c.model.update(dict(conv_init="tf", project_first_block=True))  # the official tf2 ResNet (docstring)
     # chunk_size > 0: NT-Xent in blocks of that many columns, never the whole similarity matrix at once.
     # scale 2.0: the official tf2 loss, the sum of both directions (ssl_jax/methods/simclr.py).
     c.loss = ml_collections.ConfigDict(dict(temperature=0.5, chunk_size=0, scale=2.0))

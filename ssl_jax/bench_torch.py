@@ -57,6 +57,7 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
         "zero_init_residual": bool(config.model.get("zero_init_residual", True)),
         "conv_init": config.model.get("conv_init", "torchvision"),
         "stem_relu": bool(config.model.get("stem_relu", True)),
+        "project_first_block": bool(config.model.get("project_first_block", False)),
         "bf16": config.model.dtype == "bfloat16", "compile": bool(compile_model),
         "head_layers": config.head.num_layers, "head_hidden": config.head.hidden_dim, "head_out": config.head.out_dim,
         "head_bn": bool(config.head.use_bn), "bn_per_view": simclr.bn_per_view(config),
@@ -88,8 +89,9 @@ def run_subprocess(config, images, steps, warmup, compile_model=False, max_image
 
 def network(torch, torchvision, spec):
     """Returns torchvision's ResNet (fc removed, CIFAR stem if asked, each block's last BatchNorm scale at 0
-    if the config's is, convs re-initialised with nn.Conv2d's default for conv_init "pytorch", no stem ReLU for
-    stem_relu False) followed by the projection MLP (hidden layers Linear -> BatchNorm -> ReLU with head_bn,
+    if the config's is, convs re-initialised with nn.Conv2d's default for conv_init "pytorch" or TF's
+    VarianceScaling() for "tf", no stem ReLU for stem_relu False, a projection shortcut in stage 1's first block
+    for project_first_block) followed by the projection MLP (hidden layers Linear -> BatchNorm -> ReLU with head_bn,
     else Linear with bias -> ReLU)."""
     nn = torch.nn
     backbone = getattr(torchvision.models, spec["arch"])(zero_init_residual=spec.get("zero_init_residual", False))
@@ -98,10 +100,18 @@ def network(torch, torchvision, spec):
         backbone.maxpool = nn.Identity()
     if not spec.get("stem_relu", True):  # torchvision applies `relu` in the stem only
         backbone.relu = nn.Identity()
-    if spec.get("conv_init", "torchvision") == "pytorch":
-        for module in backbone.modules():
-            if isinstance(module, nn.Conv2d):
-                module.reset_parameters()
+    first = backbone.layer1[0]
+    if spec.get("project_first_block", False) and first.downsample is None:  # basic blocks: stage 1 projects too
+        c = first.conv1.in_channels
+        first.downsample = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        nn.init.kaiming_normal_(first.downsample[0].weight, mode="fan_out", nonlinearity="relu")  # torchvision's
+    conv_init = spec.get("conv_init", "torchvision")
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d) and conv_init == "pytorch":
+            module.reset_parameters()
+        elif isinstance(module, nn.Conv2d) and conv_init == "tf":  # VarianceScaling(): see models.resnet.CONV_INITS
+            std = (1.0 / module.weight[0].numel()) ** 0.5 / 0.87962566103423978
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
     width, backbone.fc = backbone.fc.in_features, nn.Identity()
     hidden = spec["head_hidden"] or width
     layers, d = [], width

@@ -18,6 +18,9 @@ feed images: architecture, feature dimension, input size, normalization mean/std
       model.load_state_dict(torch.load(path), strict=True)
       model.eval()
 
+  A ResNet-18/34 trained with model.project_first_block (SimCLR v2's presets) also has
+  `layer1.0.downsample`: give the model `model.layer1[0].downsample = torch.nn.Sequential(torch.nn.Conv2d(64, 64,
+  1, bias=False), torch.nn.BatchNorm2d(64))` before loading (the sidecar's `torch_setup` says so).
   torchvision builds only width_multiplier=1 ResNets (its wide_resnet50_2 widens the bottleneck only) and
   none with selective kernels (model.sk_ratio); for those the names still follow torchvision's pattern
   (`layer2.0.sk_reduce.weight`, stem `conv1b`) but the model must be built by hand.
@@ -212,7 +215,7 @@ def describe(config, step, params, fmt):
         "format": fmt, "method": config.method, "step": step,
         "model": {"name": m.name, "width_multiplier": m.width_multiplier, "cifar_stem": bool(m.cifar_stem),
                   "sk_ratio": float(m.get("sk_ratio", 0.0)), "stem_relu": bool(m.get("stem_relu", True)),
-                  "feature_dim": dim,
+                  "project_first_block": bool(m.get("project_first_block", False)), "feature_dim": dim,
                   "torchvision_arch": torchvision_arch},
         "input": {"size": size, "channels": int(np.shape(params["conv1"]["kernel"])[2]),
                   "layout": "NCHW" if fmt == "torch" else "NHWC", "mean": list(config.augment.mean),
@@ -227,6 +230,11 @@ def describe(config, step, params, fmt):
                 "model.maxpool = torch.nn.Identity()") if m.cifar_stem else ""
         # torchvision's ResNet uses its `relu` module in the stem only (each block has its own)
         stem += "" if m.get("stem_relu", True) else "; model.relu = torch.nn.Identity()"
+        if "downsample_conv" in params["layer1_0"] and "conv3" not in params["layer1_0"]:
+            # model.project_first_block on a basic-block ResNet: stage 1's first block projects its shortcut too
+            c = np.shape(params["layer1_0"]["downsample_conv"]["kernel"])[3]
+            stem += (f"; model.layer1[0].downsample = torch.nn.Sequential(torch.nn.Conv2d({c}, {c}, 1, bias=False), "
+                     f"torch.nn.BatchNorm2d({c}))")
         info["torch_setup"] = (f"model = torchvision.models.{torchvision_arch or '<build by hand>'}(); "
                                f"model.fc = torch.nn.Identity(){stem}; "
                                "model.load_state_dict(torch.load(path), strict=True); model.eval()")

@@ -27,7 +27,7 @@ def base(method):
     c.model = ml_collections.ConfigDict(dict(
         name="resnet18", width_multiplier=1, cifar_stem=True, dtype="bfloat16", sync_bn=True,
         remat=False, remat_policy="block", zero_init_residual=True, sk_ratio=0.0,
-        conv_init="torchvision", stem_relu=True))
+        conv_init="torchvision", stem_relu=True, project_first_block=False))
     c.augment = ml_collections.ConfigDict(dict(
         crop_size=32, min_scale=0.08, max_scale=1.0, flip_p=0.5, jitter_strength=0.5, jitter=(), jitter_p=0.8,
         grayscale_p=0.2, grayscale_first=False, blur_p=0.0, solarize_p=0.0, mean=CIFAR_MEAN, std=CIFAR_STD))

@@ -285,6 +285,14 @@ def test_pytorch_simclr_step_runs_on_the_same_images():
             config_lib.load_config("configs/simclr.py:cifar10", [f"model.stem_relu={stem_relu}"]), "x.npy", 1, 1)
         relu = bench_torch.network(torch, torchvision, spec)[0].relu
         assert isinstance(relu, torch.nn.Identity if not stem_relu else torch.nn.ReLU)
+    # SimCLR v2's network choices: stage 1's projection shortcut, TF's VarianceScaling() conv init.
+    spec = bench_torch.spec_from_config(config_lib.load_config(
+        "configs/simclr.py:cifar10", ["model.project_first_block=true", "model.conv_init=tf"]), "x.npy", 1, 1)
+    backbone = bench_torch.network(torch, torchvision, spec)[0]
+    assert backbone.layer1[0].downsample[0].weight.shape == (64, 64, 1, 1) and backbone.layer1[1].downsample is None
+    w = backbone.layer3[1].conv2.weight.detach().numpy()
+    std = np.sqrt(1.0 / w[0].size)
+    assert np.abs(w).max() <= 2.0 * std / 0.87962566103423978 * (1 + 1e-6) and abs(w.std() / std - 1) < 0.02
 
 
 def test_missing_torch_is_a_clear_error(monkeypatch):

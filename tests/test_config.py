@@ -44,7 +44,8 @@ def test_simclr_v2_cifar10_with_its_docstrings_overrides_differs_from_simclr_onl
     # configs/simclr_v2.py's docstring lists the overrides that leave only the head to compare; keep it true.
     overrides = ["optim.name=sgd", "optim.lr=0.12", "optim.weight_decay=5e-4", "optim.warmup_epochs=0",
                  "optim.exclude_bias_and_norm=false", "model.zero_init_residual=false", "model.conv_init=pytorch",
-                 "optim.schedule_per_epoch=true", "loss.scale=1.0", "simclr.bn_per_view=true"]
+                 "model.project_first_block=false", "optim.schedule_per_epoch=true", "loss.scale=1.0",
+                 "simclr.bn_per_view=true"]
     with open("configs/simclr_v2.py", encoding="utf-8") as f:
         doc = " ".join(f.read().split())
     assert " ".join(f"--config.{o}" for o in overrides) in doc
@@ -52,8 +53,8 @@ def test_simclr_v2_cifar10_with_its_docstrings_overrides_differs_from_simclr_onl
     v2 = _flat(config_lib.load_config("configs/simclr_v2.py:cifar10", overrides).to_dict())
     assert v2["loss.scale"] == 1.0 and config_lib.load_config("configs/simclr_v2.py:cifar10").loss.scale == 2.0
     assert {k for k in set(v1) | set(v2) if v1.get(k) != v2.get(k)} == {
-        "head.finetune_layer", "head.hidden_dim", "head.last_bn", "head.last_bn_scale", "head.num_layers",
-        "head.use_bn"}
+        "head.finetune_layer", "head.hidden_dim", "head.init_std", "head.last_bn", "head.last_bn_scale",
+        "head.num_layers", "head.use_bn"}
 
 
 # What lightly's CIFAR-10 benchmark (27.03.2023) trains each method with, in its own terms: optimizer, lr at

@@ -71,7 +71,8 @@ def test_flat_formats_round_trip_exactly_with_a_sidecar(run, fmt):
     info = json.load(open(path + ".json"))
     assert info["format"] == fmt and info["method"] == "simclr" and info["step"] == STEP
     assert info["model"] == {"name": "tiny", "width_multiplier": 1, "cifar_stem": True, "sk_ratio": 0.0,
-                             "stem_relu": True, "feature_dim": 16, "torchvision_arch": None}
+                             "stem_relu": True, "project_first_block": False, "feature_dim": 16,
+                             "torchvision_arch": None}
     assert info["input"]["size"] == 16 and info["input"]["channels"] == 3 and info["input"]["layout"] == "NHWC"
     np.testing.assert_allclose(info["input"]["mean"], config.augment.mean)
     np.testing.assert_allclose(info["input"]["std"], config.augment.std)
@@ -103,9 +104,10 @@ def test_clear_errors(run, tmp_path, monkeypatch):
     assert isinstance(e.value, ValueError)  # the CLI reports ValueErrors as one line, no traceback
 
 
-def _random_backbone(name, cifar_stem, rs, stem_relu=True):
+def _random_backbone(name, cifar_stem, rs, stem_relu=True, project_first_block=False):
     """Returns (module, params, batch_stats) shaped like `name`, every leaf random (numpy, no compute)."""
-    model, _ = models.get_backbone(name, cifar_stem=cifar_stem, stem_relu=stem_relu)
+    model, _ = models.get_backbone(name, cifar_stem=cifar_stem, stem_relu=stem_relu,
+                                   project_first_block=project_first_block)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
     leaf = lambda s: rs.standard_normal(s.shape).astype(s.dtype)  # noqa: E731
     return model, jax.tree.map(leaf, shapes["params"]), jax.tree.map(leaf, shapes["batch_stats"])
@@ -145,10 +147,10 @@ def test_torch_names_shapes_and_dtypes_equal_torchvision(name):
         k: (v.shape, f"torch.{v.dtype}") for k, v in exported.items()}
 
 
-def _trained_resnet18(cifar_stem, images_BxHxWx3, stem_relu=True):
+def _trained_resnet18(cifar_stem, images_BxHxWx3, stem_relu=True, project_first_block=False):
     """Returns (module, params, batch_stats): random BN affine, running statistics from a few train passes."""
     rs = np.random.RandomState(1)
-    model, params, _ = _random_backbone("resnet18", cifar_stem, rs, stem_relu)
+    model, params, _ = _random_backbone("resnet18", cifar_stem, rs, stem_relu, project_first_block)
     variables = model.init(jax.random.PRNGKey(0), images_BxHxWx3[:1], train=False)
     # Random BN scale/bias (zero-init residual scales would hide the residual branches), He-init convs.
     params = jax.tree.map_with_path(
@@ -172,28 +174,36 @@ def _trained_resnet18(cifar_stem, images_BxHxWx3, stem_relu=True):
     return model, jax.device_get(params), stats
 
 
-@pytest.mark.parametrize("cifar_stem, stem_relu", [(False, True), (True, True), (True, False)],
-                         ids=["imagenet_stem", "cifar_stem", "cifar_stem_without_relu"])
-def test_torchvision_resnet18_reproduces_the_jax_features(tmp_path, cifar_stem, stem_relu):
+@pytest.mark.parametrize("cifar_stem, stem_relu, project", [
+    (False, True, False), (True, True, False), (True, False, False), (True, True, True)],
+    ids=["imagenet_stem", "cifar_stem", "cifar_stem_without_relu", "simclr_v2_projecting_stage_1"])
+def test_torchvision_resnet18_reproduces_the_jax_features(tmp_path, cifar_stem, stem_relu, project):
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     size = 32 if cifar_stem else 64
     images = np.random.RandomState(2).standard_normal((4, size, size, 3)).astype(np.float32)
-    model, params, stats = _trained_resnet18(cifar_stem, images, stem_relu)
+    model, params, stats = _trained_resnet18(cifar_stem, images, stem_relu, project)
     assert np.abs(stats["bn1"]["mean"]).max() > 0.01 and np.abs(stats["bn1"]["var"] - 1).max() > 0.01
     features_jax = np.asarray(model.apply({"params": params, "batch_stats": stats}, images, train=False))
 
     path = str(tmp_path / "backbone.pt")
     export.write_backbone(params, stats, "torch", path, {"step": 4})
-    net = torchvision.models.resnet18()
-    net.fc = torch.nn.Identity()
-    if cifar_stem:
-        net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = torch.nn.Identity()
-    if not stem_relu:  # as describe()'s torch_setup says
-        net.relu = torch.nn.Identity()
-    net.load_state_dict(torch.load(path), strict=True)
-    net.eval()
+    if project:  # SimCLR v2's preset (model.project_first_block): the sidecar's torch_setup, run as written
+        info = export.describe(config_lib.load_config("configs/simclr_v2.py:cifar10"), 4, params, "torch")
+        assert "model.layer1[0].downsample = " in info["torch_setup"] and info["model"]["project_first_block"]
+        scope = {"torch": torch, "torchvision": torchvision, "path": path}
+        exec(info["torch_setup"], scope)  # pylint: disable=exec-used
+        net = scope["model"]
+    else:
+        net = torchvision.models.resnet18()
+        net.fc = torch.nn.Identity()
+        if cifar_stem:
+            net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.maxpool = torch.nn.Identity()
+        if not stem_relu:  # as describe()'s torch_setup says
+            net.relu = torch.nn.Identity()
+        net.load_state_dict(torch.load(path), strict=True)
+        net.eval()
     with torch.no_grad():
         features_torch = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     assert features_torch.shape == features_jax.shape == (4, 512)

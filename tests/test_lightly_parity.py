@@ -2,7 +2,8 @@
 each sharded step of ours (8 fake devices) against the same step written in PyTorch as lightly's
 cifar10_benchmark.py of 27.03.2023 computes it, from the same state and on the same views, in float32 (the presets
 compute in bf16, lightly in float32). The MoCo v1 preset trains the model of MoCo's own CIFAR-10 demo (the
-colab; ColabMoCo), checked the same way.
+colab; ColabMoCo), and the SimCLR v2 preset the official tf2 code's CIFAR-10 model, step and LARS (TF2SimCLRv2,
+transcribed from TensorFlow into PyTorch; three steps, as its warm-up starts at lr 0), checked the same way.
 
 Lightly's models are transcribed here rather than taken from ssl_jax.bench_torch, so that a wrong preset value
 cannot hide on both sides: a CIFAR-stem ResNet-18 (3x3 stride-1 conv, no max-pool; lightly's nn.Sequential over
@@ -46,7 +47,6 @@ torchvision = pytest.importorskip("torchvision")
 nn = torch.nn
 
 BATCH = 16  # 2 images per fake device: per-view BatchNorm statistics must be synchronized to match
-STEPS = 2   # the second step reads SGD's momentum buffer
 
 
 def lightly_backbone(stem_relu):
@@ -101,6 +101,7 @@ class LightlyModel(nn.Module):
     SCALE: our loss's gradient over lightly's (BYOL's loss is 4 times lightly's): our learning rate is lightly's
     / SCALE and our optimizer's buffers SCALE times lightly's, so the updates are the same."""
     SCALE = 1.0
+    STEPS = 2  # the second step reads the optimizer's buffers
     ORDER = np.arange(BATCH)  # the order in which the torch model gets our batch's rows
     BACKBONE_BN_GROUPS = 1  # BatchNorm groups per call in the backbone
 
@@ -487,6 +488,108 @@ class ColabMoCo(LightlyMoCo):
         return {"one BatchNorm group per call": self.pooled_loss}
 
 
+class ScaleOnlyBatchNorm1d(nn.BatchNorm1d):
+    """tf.keras BatchNormalization(center=False, scale=True): a learnable scale and no bias (the tf2 head's last
+    LinearLayer, use_bias=False)."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features, affine=False)
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+
+class TF2LARS(torch.optim.Optimizer):
+    """The official tf2 LARSOptimizer (simclr/tf2/lars_optimizer.py) with its defaults (classic momentum, no
+    Nesterov, eeta 0.001), transcribed: for a parameter whose name matches none of exclude_from_weight_decay
+    (and so of exclude_from_layer_adaptation), g <- g + wd w and trust = eeta ||w|| / ||g|| (1 if a norm is 0);
+    otherwise trust = 1; then v <- momentum v + lr trust g and w <- w - v. Groups say `adapt` for the former."""
+
+    def __init__(self, groups, lr, momentum=0.9, weight_decay=1e-4, eeta=0.001):
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eeta=eeta))
+
+    @torch.no_grad()
+    def step(self):  # pylint: disable=arguments-differ
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad, trust = p.grad, 1.0
+                if group["adapt"]:
+                    grad = grad + group["weight_decay"] * p
+                    w_norm, g_norm = float(p.norm()), float(grad.norm())
+                    trust = group["eeta"] * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+                v = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                v.mul_(group["momentum"]).add_(group["lr"] * trust * grad)
+                p.sub_(v)
+
+
+def tf2_learning_rate(step, base_lr=1.0, num_examples=4 * BATCH, epochs=200, warmup_epochs=10):
+    """The official tf2 WarmUpAndCosineDecay (model.py) with the CIFAR-10 command's flags at batch BATCH (linear
+    scaling, lr 1.0), on a dataset of `num_examples`: linear warm-up from 0, then cosine decay to 0."""
+    warmup_steps = int(round(warmup_epochs * num_examples // BATCH))
+    scaled_lr = base_lr * BATCH / 256.0
+    if step < warmup_steps:
+        return step / float(warmup_steps) * scaled_lr
+    decay_steps = num_examples * epochs // BATCH + 1 - warmup_steps
+    return 0.5 * scaled_lr * (1.0 + np.cos(np.pi * min(step - warmup_steps, decay_steps) / decay_steps))
+
+
+def tf2_contrastive_loss(hidden, temperature):
+    """The official tf2 add_contrastive_loss (objective.py) on one replica: `hidden` is [view 1; view 2],
+    l2-normalized; each view's own similarities masked with -1e9; the batch mean of loss_a + loss_b."""
+    f = torch.nn.functional
+    hidden1, hidden2 = f.normalize(hidden, dim=-1).chunk(2)
+    b = hidden1.shape[0]
+    masks, labels = torch.eye(b) * 1e9, torch.arange(b)
+    logits_aa, logits_bb = hidden1 @ hidden1.T / temperature - masks, hidden2 @ hidden2.T / temperature - masks
+    logits_ab, logits_ba = hidden1 @ hidden2.T / temperature, hidden2 @ hidden1.T / temperature
+    loss_a = f.cross_entropy(torch.cat([logits_ab, logits_aa], 1), labels, reduction="none")
+    loss_b = f.cross_entropy(torch.cat([logits_ba, logits_bb], 1), labels, reduction="none")
+    return (loss_a + loss_b).mean()
+
+
+class TF2SimCLRv2(LightlyModel):
+    """SimCLR v2 as google-research/simclr's tf2 code pretrains it with its README's CIFAR-10 command
+    (--resnet_depth=18 --image_size=32 --learning_rate=1.0 --weight_decay=1e-4 --temperature=0.5, the flags'
+    defaults otherwise), transcribed: its ResNet-18 (resnet.py: a 3x3 stride-1 CIFAR stem with BN and ReLU, no
+    max-pool, and every BlockGroup's first block with a projection shortcut, stage 1's too, where torchvision has
+    none; BatchNorm decay 0.9 and epsilon 1e-5, torch's momentum 0.1 and eps), the nonlinear ProjectionHead
+    (model.py: 3 LinearLayers, Dense without bias -> BN -> ReLU twice at the input's width, then Dense -> BN
+    with a scale and no bias to 128-d), one call on both views concatenated (global BatchNorm over them),
+    add_contrastive_loss, and LARSOptimizer(momentum 0.9, weight_decay 1e-4, exclude_from_weight_decay=
+    ['batch_normalization', 'bias', ...]) at WarmUpAndCosineDecay's lr. The tf2 code has no bias outside its
+    BatchNorm layers, so the exclusion is exactly the BatchNorm parameters. Its warm-up starts at lr 0: the first
+    step moves nothing on either side, which is why this case runs a third step."""
+    STEPS = 3
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = lightly_backbone(stem_relu=True)
+        self.backbone.layer1[0].downsample = nn.Sequential(nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64))
+        self.head = nn.Sequential(
+            nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
+            nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
+            nn.Linear(512, 128, bias=False), ScaleOnlyBatchNorm1d(128))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def optimizer(self, lr):
+        norm = (nn.BatchNorm1d, nn.BatchNorm2d)
+        excluded = {id(p) for m in self.modules() if isinstance(m, norm) for p in m.parameters(recurse=False)}
+        adapt = [p for p in self.trained() if id(p) not in excluded]
+        plain = [p for p in self.trained() if id(p) in excluded]
+        return TF2LARS([dict(params=adapt, adapt=True), dict(params=plain, adapt=False)], lr=lr)
+
+    def loss(self, x0, x1):
+        return tf2_contrastive_loss(self(torch.cat([x0, x1])), 0.5)
+
+    def per_view_loss(self, x0, x1):
+        """The loss with BatchNorm statistics per view (one call per view, as lightly's SimCLR)."""
+        return tf2_contrastive_loss(torch.cat([self(x0), self(x1)]), 0.5)
+
+    def other_functions(self):
+        return {"statistics per view": self.per_view_loss,
+                "the mean of the two directions (loss.scale 1)": lambda x0, x1: 0.5 * self.loss(x0, x1)}
+
+
 # method, overrides, the torch model, its learning rate at BATCH, parameters whose gradient is exactly 0.
 CASES = {
     "simclr": ("simclr", [], LightlySimCLR,
@@ -506,11 +609,15 @@ CASES = {
     "moco_v2": ("moco_v2", [f"moco.queue_size={4 * BATCH}"], LightlyMoCo, 0.06 * BATCH / 128, ()),
     # The colab's lr is 0.06 at its batch of 512 (not scaled with the batch); the preset scales it linearly.
     "moco_v1_colab": ("moco_v1", [f"moco.queue_size={4 * BATCH}"], ColabMoCo, 0.06 * BATCH / 512, ()),
+    # The official tf2 code's step (not lightly's): its lr changes every step of the warm-up.
+    "simclr_v2_tf2": ("simclr_v2", [], TF2SimCLRv2, tf2_learning_rate, ()),
 }
 
-# Our optimizer's state -> torch's, per optimizer: (our key, torch's key, power of SCALE between them).
-BUFFERS = {torch.optim.SGD: (("trace", "momentum_buffer", 1),),
-           torch.optim.Adam: (("mu", "exp_avg", 1), ("nu", "exp_avg_sq", 2))}
+# Our optimizer's state -> torch's, per optimizer: (our key, torch's key, power of SCALE between them, sign).
+# optax.lars's trace accumulates -lr x trust x g, tf2's momentum slot +lr x trust x g.
+BUFFERS = {torch.optim.SGD: (("trace", "momentum_buffer", 1, 1),),
+           torch.optim.Adam: (("mu", "exp_avg", 1, 1), ("nu", "exp_avg_sq", 2, 1)),
+           TF2LARS: (("trace", "momentum", 1, -1),)}
 
 
 def mlp_layers(seq):
@@ -545,9 +652,10 @@ def to_torch(net, params, batch_stats):
                     out[f"{part}.{i}.bias"] = np.asarray(p["bias"])
                 used += 1 + (module.bias is not None)
             else:
-                if module.affine:
-                    out[f"{part}.{i}.weight"], out[f"{part}.{i}.bias"] = np.asarray(p["scale"]), np.asarray(p["bias"])
-                    used += 2
+                for theirs, ours in (("weight", "scale"), ("bias", "bias")):  # ScaleOnlyBatchNorm1d: no bias
+                    if getattr(module, theirs) is not None:
+                        out[f"{part}.{i}.{theirs}"] = np.asarray(p[ours])
+                        used += 1
                 out[f"{part}.{i}.running_mean"], out[f"{part}.{i}.running_var"] = stats["mean"], stats["var"]
     assert used == len(jax.tree.leaves(params)), "our params have leaves the torch model lacks"
     return out
@@ -566,9 +674,10 @@ def named(net, state, params=None):
 def buffers(net, opt, state):
     """Returns {(torch's buffer key, parameter name): our buffer / SCALE^power} from our optimizer state."""
     out, trained = {}, {k for k, p in net.named_parameters() if p.requires_grad}
-    for ours, theirs, power in BUFFERS[type(opt)]:
+    for ours, theirs, power, sign in BUFFERS[type(opt)]:
         tree = to_torch(net, optax.tree_utils.tree_get(state["opt_state"], ours)["model"], state["batch_stats"])
-        out.update({(theirs, k): np.asarray(v, np.float64) / net.SCALE**power for k, v in tree.items() if k in trained})
+        out.update({(theirs, k): sign * np.asarray(v, np.float64) / net.SCALE**power
+                    for k, v in tree.items() if k in trained})
     return out
 
 
@@ -605,7 +714,9 @@ def assert_leaves_agree(got, want, before, what, zero=(), rtol=0.02, weights=Non
     torch 2.14.1, 2-core CPU, 2026-11-23).
     The names in `zero` have a gradient of exactly 0 in exact arithmetic: what either side computes for it is
     rounding noise of a sum that cancels, so they must agree to 1e-6 of the largest element of any leaf instead
-    (1.8e-8 seen, Barlow Twins' last bias against its largest momentum element, 450 to 510).
+    (1.8e-8 seen, Barlow Twins' last bias against its largest momentum element, 450 to 510). So must a leaf
+    whose PyTorch value is exactly 0: behind a BatchNorm scale of 0 (the tf2 ResNet's zero-initialised residual
+    branches, before their first update) a gradient is 0 on both sides.
     `weights` (Adam's updates): the error is sum(w |got - want|) / sum(w |want|) per leaf instead, w = |Adam's
     first moment|. Adam's first step moves every element by lr x sign(gradient), so an element whose gradient is
     within rounding of 0 can flip sign on either side (1 of 64 elements of a BatchNorm bias: 25% in L2); weighted
@@ -619,7 +730,7 @@ def assert_leaves_agree(got, want, before, what, zero=(), rtol=0.02, weights=Non
         deltas[k] = (u - before[k], v - before[k]) if before is not None else (u, v)
     scale = max(float(np.abs(v).max()) for _, v in deltas.values())
     for k, (u, v) in deltas.items():
-        if k in zero:
+        if k in zero or not np.any(v):  # a reference of exactly 0 (zero-initialised residual branches) too
             err = float(np.abs(u - v).max())
             assert err <= 1e-6 * scale, f"{what}, {k}: {err:.3g} from PyTorch's, the largest element {scale:.3g}"
             continue
@@ -657,13 +768,16 @@ def test_cifar10_preset_step_is_lightlys_step(case):
     assert setup.mesh.devices.size == 8
     state = train.initial_state(setup)
     net = model().train()
-    opt = net.optimizer(lr)
+    lr_at = lr if callable(lr) else (lambda step: lr)  # noqa: E731
+    opt = net.optimizer(lr_at(0))
     params = {k: p for k, p in net.named_parameters() if p.requires_grad}
     stat_names = [k for k in net.state_dict() if k.endswith(("running_mean", "running_var"))]
     rs = np.random.RandomState(0)
     labels = np.arange(BATCH, dtype=np.int32) % source.num_classes
     first = jax.device_get(state)
-    for step in range(STEPS):
+    for step in range(net.STEPS):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
         # Each step starts torch from our state (weights, running statistics, optimizer state), so a difference
         # cannot carry over from the step before. Normalized views: standard normal, the second shifted and scaled
         # so that the two views' batch statistics differ (pooled ones give another step).
@@ -692,23 +806,29 @@ def test_cifar10_preset_step_is_lightlys_step(case):
         # The same loss and learning rate (cosine stepped per epoch: the first epoch runs at the peak).
         np.testing.assert_allclose(metrics["loss"], net.our_loss(loss.item()), rtol=1e-5, atol=1e-6,
                                    err_msg=f"step {step}")
-        np.testing.assert_allclose(metrics["lr"], lr / net.SCALE, rtol=1e-6)
+        np.testing.assert_allclose(metrics["lr"], lr_at(step) / net.SCALE, rtol=1e-6)
         for what, other in others.items():  # another function: the loss tells at 100 times that tolerance
             assert not np.isclose(other, net.our_loss(loss.item()), rtol=1e-3, atol=1e-4), (what, other, loss.item())
         net.check_extras(after, f"step {step}")
         # The optimizer's buffers in torch's names: SGD's momentum (gradient + 5e-4 x weight, plus 0.9 x the
         # last buffer from the second step on); Adam's two moments (gradient + 1e-6 x weight).
-        ours = buffers(net, opt, after)
-        for _, key, power in BUFFERS[type(opt)]:  # Adam's second moment: squares double relative errors
-            assert_leaves_agree({k: ours[key, k] for k in params},
-                                {k: opt.state[p][key].numpy() for k, p in params.items()}, None,
-                                f"step {step}, {key}", zero, rtol=0.02 * power)
+        # At lr 0 (the tf2 warm-up's first step) both sides must leave buffers and weights exactly as they were.
+        ours, moving = buffers(net, opt, after), lr_at(step) > 0
+        for _, key, power, _ in BUFFERS[type(opt)]:  # Adam's second moment: squares double relative errors
+            got, want = {k: ours[key, k] for k in params}, {k: opt.state[p][key].numpy() for k, p in params.items()}
+            if not moving:
+                assert not any(np.any(v) for v in (*got.values(), *want.values())), f"step {step}: a buffer at lr 0"
+                continue
+            assert_leaves_agree(got, want, None, f"step {step}, {key}", zero, rtol=0.02 * power)
         # The updates: SGD's -lr x momentum buffer; Adam's, a function of its moments alone.
         ours, start = named(net, after), named(net, before)
-        assert_leaves_agree({k: ours[k] for k in params}, {k: p.detach().numpy() for k, p in params.items()},
-                            {k: start[k] for k in params}, f"step {step}, update", zero,
-                            weights={k: np.abs(opt.state[p]["exp_avg"].numpy()) for k, p in params.items()}
-                            if isinstance(opt, torch.optim.Adam) else None)
+        got, want = {k: ours[k] for k in params}, {k: p.detach().numpy() for k, p in params.items()}
+        if not moving:
+            assert all(np.array_equal(got[k], start[k]) and np.array_equal(want[k], start[k]) for k in params)
+        else:
+            assert_leaves_agree(got, want, {k: start[k] for k in params}, f"step {step}, update", zero,
+                                weights={k: np.abs(opt.state[p]["exp_avg"].numpy()) for k, p in params.items()}
+                                if isinstance(opt, torch.optim.Adam) else None)
         # BYOL's target: torch's EMA at the start of this step (m = 0.99, the online weights it was loaded with)
         # is the target our step used, which our previous step's EMA made from its updated online weights.
         torch_stats = net.state_dict()

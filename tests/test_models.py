@@ -242,6 +242,44 @@ def test_conv_init_follows_torchvision_or_pytorchs_conv2d_default():
         init(common.backbone(config), RNG, jnp.zeros((1, 8, 8, 3)), train=False)
 
 
+def test_tf_conv_init_is_variance_scaling_truncated_at_two_standard_deviations():
+    # SimCLR v2's tf2 code: tf.keras.initializers.VarianceScaling() = fan-in, truncated normal, variance 1 / fan_in.
+    config = config_lib.load_config("configs/simclr_v2.py:cifar10")
+    assert config.model.conv_init == "tf"
+    params = init(common.backbone(config), RNG, jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    kernels = [np.asarray(w) for w in jax.tree.leaves(params) if w.ndim == 4]
+    assert len(kernels) == 21  # stem, 16 block convs, 4 projection shortcuts (stage 1's too)
+    for w_HxWxIxO in kernels:
+        h, w, c_in, _ = w_HxWxIxO.shape
+        std = np.sqrt(1.0 / (h * w * c_in))
+        # the underlying normal's std is std / 0.8796; it is cut at twice that
+        assert np.abs(w_HxWxIxO).max() <= 2.0 * std / 0.87962566103423978 * (1 + 1e-6)
+        tol = 4.0 / np.sqrt(w_HxWxIxO.size)
+        assert abs(w_HxWxIxO.std() / std - 1.0) < max(tol, 0.02), (w_HxWxIxO.shape, w_HxWxIxO.std(), std)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_project_first_block_adds_stage_ones_projection_to_basic_block_resnets_only(name):
+    # The official SimCLR tf2 ResNet: every stage's first block has a 1x1 conv + BN shortcut, even where shapes
+    # match (ResNet-18/34's stage 1); a bottleneck's first block projects anyway.
+    plain, with_projection = (abstract_init(get_backbone(name, project_first_block=p)[0], 32) for p in (False, True))
+    added = param_count(with_projection["params"]) - param_count(plain["params"])
+    if name == "resnet50":
+        assert added == 0
+    else:
+        assert added == 64 * 64 + 2 * 64
+        assert set(with_projection["params"]["layer1_0"]) - set(plain["params"]["layer1_0"]) == {
+            "downsample_conv", "downsample_bn"}
+        assert with_projection["params"]["layer1_0"]["downsample_conv"]["kernel"].shape == (1, 1, 64, 64)
+        assert "downsample_conv" not in with_projection["params"]["layer1_1"]
+    # Its BatchNorm scale starts at 1 (zero_init_residual zeroes the residual branch's last one only), so with the
+    # residual branch at zero the block's output is ReLU(BN(1x1 conv(x))), not x.
+    model = get_backbone("tiny", cifar_stem=True, project_first_block=True)[0]
+    variables = init(model, RNG, jnp.zeros((2, 8, 8, 3)), train=False)
+    assert np.all(np.asarray(variables["params"]["layer1_0"]["downsample_bn"]["scale"]) == 1.0)
+    assert np.all(np.asarray(variables["params"]["layer1_0"]["bn2"]["scale"]) == 0.0)
+
+
 def test_zero_init_residual_blocks_start_as_shortcut():
     eps = 1e-5
     x = np.maximum(normal((2, 8, 8, 16)), 0.0)  # block inputs follow a ReLU
@@ -290,6 +328,20 @@ def test_mlp_head_init_is_torch_linear_default():
     flax_params = init(head.clone(torch_init=False), RNG, jnp.ones((2, 300)), train=False)["params"]
     np.testing.assert_allclose(np.asarray(flax_params["dense0"]["kernel"]).std(), 1.0 / np.sqrt(300), rtol=0.02)
     assert not np.asarray(flax_params["dense1"]["bias"]).any()
+
+
+def test_mlp_head_kernel_init_std_draws_normal_kernels_and_zero_biases():
+    # SimCLR v2's tf2 LinearLayer: Dense kernels from RandomNormal(stddev=0.01); configs/simclr_v2.py's head.init_std.
+    head = MLPHead(hidden_dims=(1024,), out_dim=512, use_bn=False, kernel_init_std=0.01)
+    params = init(head, RNG, jnp.ones((2, 300)), train=False)["params"]
+    for name in ("dense0", "dense1"):
+        w = np.asarray(params[name]["kernel"])
+        np.testing.assert_allclose(w.std(), 0.01, rtol=0.01)
+        assert np.abs(w).max() > 0.04  # untruncated: 4.5 standard deviations occur among 3e5 draws
+        assert not np.asarray(params[name]["bias"]).any()
+    assert config_lib.load_config("configs/simclr_v2.py:cifar10").head.init_std == 0.01
+    with pytest.raises(ValueError, match="kernel_init_std"):
+        init(head.clone(kernel_init_std=-1.0), RNG, jnp.ones((2, 300)), train=False)
 
 
 def _np_bn(x, eps=1e-5):

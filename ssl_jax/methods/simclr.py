@@ -43,7 +43,7 @@ def networks(config, axis_name=None, bn_groups=1):
         hidden_dims=(head_hidden_dim(config),) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
         use_bn=config.head.use_bn, last_bn=config.head.last_bn,
         last_bn_scale=config.head.get("last_bn_scale", False), dtype=common.compute_dtype(config),
-        bn_axis_name=bn_axis, bn_groups=bn_groups)
+        bn_axis_name=bn_axis, bn_groups=bn_groups, kernel_init_std=config.head.get("init_std", 0.0))
     return backbone, head
 
 

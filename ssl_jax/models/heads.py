@@ -43,6 +43,8 @@ class MLPHead(nn.Module):
       bn_axis_name: mesh axis over which BN averages batch statistics (None: local batch).
       torch_init: initialise the Dense layers as torch.nn.Linear does (see `torch_linear_kernel_init`);
         False gives Flax's default (lecun_normal weights, zero biases).
+      kernel_init_std: > 0 draws every Dense kernel from N(0, kernel_init_std^2) instead (biases zero), as the
+        official SimCLR tf2 code's LinearLayer does (RandomNormal(stddev=0.01)).
       bn_groups: in training, the batch is this many views concatenated and each BatchNorm normalises each
         view with its own statistics (norm.GroupedBatchNorm; ResNet.bn_groups).
     """
@@ -58,10 +60,17 @@ class MLPHead(nn.Module):
     bn_epsilon: float = 1e-5
     torch_init: bool = True
     bn_groups: int = 1
+    kernel_init_std: float = 0.0
 
     def _dense(self, width: int, use_bias: bool, fan_in: int, name: str) -> nn.Dense:
-        inits = (dict(kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(fan_in))
-                 if self.torch_init else {})
+        if self.kernel_init_std < 0:
+            raise ValueError(f"kernel_init_std must be >= 0 (0: the default init), got {self.kernel_init_std}")
+        if self.kernel_init_std > 0:
+            inits = dict(kernel_init=nn.initializers.normal(self.kernel_init_std))
+        elif self.torch_init:
+            inits = dict(kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(fan_in))
+        else:
+            inits = {}
         return nn.Dense(width, use_bias=use_bias, dtype=self.dtype, param_dtype=jnp.float32, name=name, **inits)
 
     def _bn(self, train: bool, name: str, scale: bool = True, bias: bool = True) -> nn.Module:

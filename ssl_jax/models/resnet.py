@@ -32,8 +32,12 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # as in lightly's ResNetGenerator). Every conv is followed by BatchNorm, so the init's scale sets the initial
 # effective learning rate (proportional to 1 / ||w||^2): the "pytorch" weights are sqrt(6) times smaller for a
 # 3x3 conv with as many inputs as outputs.
+# "tf": the official SimCLR / TF ResNet code's tf.keras.initializers.VarianceScaling() default: scale 1, fan-in,
+# a normal truncated at 2 standard deviations and rescaled to variance 1 / fan_in (JAX's "truncated_normal" does
+# the same rescaling, 1 / 0.8796).
 CONV_INITS = {"torchvision": conv_kernel_init,
-              "pytorch": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")}
+              "pytorch": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+              "tf": nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")}
 
 # What the blocks use when built on their own; ResNet passes its own (dtype, BN axis, momentum).
 _default_conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
@@ -62,6 +66,7 @@ class BasicBlock(nn.Module):
     conv: Callable[..., nn.Module] = _default_conv
     norm: Callable[..., nn.Module] = _default_norm
     zero_init_residual: bool = True
+    project: bool = False  # a projection shortcut even where the shapes match (ResNet.project_first_block)
     expansion = 1
 
     @nn.compact
@@ -88,6 +93,7 @@ class BottleneckBlock(nn.Module):
     conv: Callable[..., nn.Module] = _default_conv
     norm: Callable[..., nn.Module] = _default_norm
     zero_init_residual: bool = True
+    project: bool = False  # a projection shortcut even where the shapes match (ResNet.project_first_block)
     sk_ratio: float = 0.0
     sk_min_dim: int = 32
     expansion = 4
@@ -133,13 +139,14 @@ def _selective_kernel(block: nn.Module, x_BxHxWxC, train: bool):
 
 
 def _shortcut(block: nn.Module, x_BxHxWxC, out_channels: int, train: bool, resnet_d: bool = False):
-    """Returns the identity, or a strided 1x1 conv + BN (torchvision's `downsample`) when shapes change.
+    """Returns the identity, or a strided 1x1 conv + BN (torchvision's `downsample`) when shapes change or the
+    block has `project` set.
 
     For a ResNet-D (resnet_d: an SK bottleneck, as in the official SimCLR tf2 code) the projection is a 2x2 average
     pool with the block's stride, then a stride-1 1x1 conv + BN. Strided: zero-padded at the end to an even
     size, pool windows not overlapping; stride 1: windows of 2x2 ending past the edge average what they hold.
     """
-    if block.strides == 1 and x_BxHxWxC.shape[-1] == out_channels:
+    if block.strides == 1 and x_BxHxWxC.shape[-1] == out_channels and not block.project:
         return x_BxHxWxC
     s = (block.strides, block.strides)
     if resnet_d:
@@ -186,6 +193,11 @@ class ResNet(nn.Module):
         bn_groups: in training, the batch is this many views concatenated (equal blocks of rows) and every
             BatchNorm normalises each view with its own statistics, as that many separate passes would
             (norm.GroupedBatchNorm); 1: one set of statistics over the whole batch.
+        project_first_block: the first block of every stage has a projection shortcut (1x1 conv + BN), also
+            where its input already has the block's output shape, as the official SimCLR tf2 code (and the TF
+            TPU ResNet it comes from) builds every BlockGroup; torchvision projects only where the shape
+            changes. Only basic-block ResNets differ (18, 34: stage 1 keeps 64 x width channels at stride 1);
+            a bottleneck's first block changes the width in every stage.
     """
     stage_sizes: Sequence[int]
     block: str = "basic"
@@ -206,6 +218,7 @@ class ResNet(nn.Module):
     sk_ratio: float = 0.0
     sk_min_dim: int = 32
     bn_groups: int = 1
+    project_first_block: bool = False
 
     @property
     def feature_dim(self) -> int:
@@ -257,7 +270,8 @@ class ResNet(nn.Module):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = block_cls(
                     filters=width * 2 ** i, strides=strides, conv=conv, norm=norm,
-                    zero_init_residual=self.zero_init_residual, name=f"layer{i + 1}_{j}", **sk)(x, train)
+                    zero_init_residual=self.zero_init_residual, project=self.project_first_block and j == 0,
+                    name=f"layer{i + 1}_{j}", **sk)(x, train)
         # Pool in float32: the features feed losses and evaluators.
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -276,33 +290,36 @@ _ARCHS = {
 def get_backbone(name: str, *, width_multiplier: int = 1, cifar_stem: bool = False, dtype: Any = jnp.float32,
                  bn_axis_name: str | None = None, remat: bool = False, remat_policy: str = "block",
                  zero_init_residual: bool = True, sk_ratio: float = 0.0,
-                 conv_init: str = "torchvision", stem_relu: bool = True, bn_groups: int = 1) -> tuple[ResNet, int]:
+                 conv_init: str = "torchvision", stem_relu: bool = True, bn_groups: int = 1,
+                 project_first_block: bool = False) -> tuple[ResNet, int]:
     """Returns (ResNet module, feature dimension D) for an architecture name such as 'resnet50'.
 
     remat=True rematerializes every residual block in the backward pass, keeping what remat_policy says (see
     ResNet.remat, ResNet.remat_policy);
     zero_init_residual=False starts every BatchNorm scale at 1, as torchvision's default;
     sk_ratio > 0: selective kernels and ResNet-D (ResNet.sk_ratio); conv_init: a key of CONV_INITS;
-    stem_relu=False: no ReLU after the stem (ResNet.stem_relu); bn_groups: views per batch (ResNet.bn_groups).
+    stem_relu=False: no ReLU after the stem (ResNet.stem_relu); bn_groups: views per batch (ResNet.bn_groups);
+    project_first_block: a projection shortcut in every stage's first block (ResNet.project_first_block).
     """
     if name not in _ARCHS:
         raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(_ARCHS)}.")
     model = ResNet(**_ARCHS[name], width_multiplier=width_multiplier, cifar_stem=cifar_stem, dtype=dtype,
                    bn_axis_name=bn_axis_name, remat=remat, remat_policy=remat_policy,
                    zero_init_residual=zero_init_residual, sk_ratio=sk_ratio, conv_init=conv_init,
-                   stem_relu=stem_relu, bn_groups=bn_groups)
+                   stem_relu=stem_relu, bn_groups=bn_groups, project_first_block=project_first_block)
     return model, model.feature_dim
 
 
 def backbone_from_config(model_config, *, dtype: Any = jnp.float32, bn_axis_name: str | None = None,
                          bn_groups: int = 1) -> tuple[ResNet, int]:
     """Returns (ResNet module, D) for a run's config.model (name, width_multiplier, cifar_stem, remat,
-    remat_policy, zero_init_residual, sk_ratio, conv_init, stem_relu), in compute `dtype` with BatchNorm over
-    `bn_axis_name`, and `bn_groups` views per training batch (ResNet.bn_groups)."""
+    remat_policy, zero_init_residual, sk_ratio, conv_init, stem_relu, project_first_block), in compute `dtype`
+    with BatchNorm over `bn_axis_name`, and `bn_groups` views per training batch (ResNet.bn_groups)."""
     m = model_config
     return get_backbone(m.name, width_multiplier=m.width_multiplier, cifar_stem=m.cifar_stem, dtype=dtype,
                         bn_axis_name=bn_axis_name, remat=m.get("remat", False),
                         remat_policy=m.get("remat_policy", "block"),
                         zero_init_residual=m.get("zero_init_residual", True), sk_ratio=m.get("sk_ratio", 0.0),
                         conv_init=m.get("conv_init", "torchvision"),
-                        stem_relu=bool(m.get("stem_relu", True)), bn_groups=bn_groups)
+                        stem_relu=bool(m.get("stem_relu", True)), bn_groups=bn_groups,
+                        project_first_block=bool(m.get("project_first_block", False)))
