@@ -230,8 +230,8 @@ def describe(config, step, params, fmt):
                 "model.maxpool = torch.nn.Identity()") if m.cifar_stem else ""
         # torchvision's ResNet uses its `relu` module in the stem only (each block has its own)
         stem += "" if m.get("stem_relu", True) else "; model.relu = torch.nn.Identity()"
-        if "downsample_conv" in params["layer1_0"] and "conv3" not in params["layer1_0"]:
-            # model.project_first_block on a basic-block ResNet: stage 1's first block projects its shortcut too
+        if m.get("project_first_block", False) and "conv3" not in params["layer1_0"]:
+            # a basic-block ResNet (no conv3): stage 1's first block projects its shortcut too
             c = np.shape(params["layer1_0"]["downsample_conv"]["kernel"])[3]
             stem += (f"; model.layer1[0].downsample = torch.nn.Sequential(torch.nn.Conv2d({c}, {c}, 1, bias=False), "
                      f"torch.nn.BatchNorm2d({c}))")
