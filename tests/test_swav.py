@@ -247,7 +247,8 @@ def test_prototypes_get_the_full_gradient_not_its_tangent_projection():
     ours = jax.grad(lambda p: loss_of(swav.prototype_matrix(p, progress, config)))(params)["prototypes"]["kernel"]
     w = np.asarray(params["prototypes"]["kernel"])  # unit columns, as after every project_params
     full = np.asarray(jax.grad(loss_of)(jnp.asarray(w)))
-    np.testing.assert_allclose(ours, full, rtol=1e-5, atol=1e-7)
+    # float32 round-off of the renormalisation: up to 3e-7 under jax 0.12 (Python 3.12), gradients up to 1.6
+    np.testing.assert_allclose(ours, full, rtol=1e-5, atol=1e-6)
     radial_P = np.sum(full * w, axis=0)  # the part a gradient through the norm would have removed
     assert np.abs(radial_P).max() > 1e-3
 
