@@ -180,16 +180,18 @@ def check_finite(step, record):
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
-def train(config, workdir, *, progress=True, evaluate_fn=None, command=None):
+def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, devices=None):
     """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final state.
 
     `command` (the command line that started this run, if any) is recorded in DIR/runs.jsonl, where
-    `ssl-jax report` finds it.
+    `ssl-jax report` finds it. `devices`: the mesh's devices (default all). A checkpoint written on another
+    number of devices resumes here: the state is replicated and the data order and augmentation keys are those
+    of the global batch.
     """
     from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
     evaluate_fn = evaluate_fn or protocols.monitor
     is_main = jax.process_index() == 0
-    setup = build(config)
+    setup = build(config, devices=devices)
     os.makedirs(workdir, exist_ok=True)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -1,5 +1,10 @@
 """Exact resume: a run preempted at step k, or killed between checkpoints, ends bit-identical to an
-uninterrupted run (parameters, optimizer state, method extras such as queues and EMA targets, data order)."""
+uninterrupted run (parameters, optimizer state, method extras such as queues and EMA targets, data order); a
+run preempted on 8 devices resumes on 2 and goes on as the 8-device run does."""
+import json
+import os
+
+import harness
 import jax
 import numpy as np
 import pytest
@@ -64,3 +69,39 @@ def test_preempted_and_killed_runs_resume_exactly(tmp_path, monkeypatch, config_
     manager.close()
     train.train(config, killed, progress=False)
     _assert_identical(_final_state(killed, config), expected)
+
+
+@pytest.mark.usefixtures("threefry")
+def test_a_checkpoint_resumes_on_another_number_of_devices(tmp_path, monkeypatch):
+    # Preempted on 8 devices and resumed on 2 (a smaller TPU slice, fewer GPUs): the replicated state comes back on
+    # the new mesh, and since the data order and the augmentation keys are those of the global batch, the run goes
+    # on as the 8-device run does, up to float32 summation order. Residual BatchNorm scales start at 1: see
+    # test_train_step's 8-versus-1-device test.
+    config = config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["model.zero_init_residual=false"])
+    straight = str(tmp_path / "straight")
+    train.train(config, straight, progress=False)
+    expected = _final_state(straight, config)
+
+    moved = str(tmp_path / "moved")
+    monkeypatch.setattr(checkpoint.PreemptionGuard, "requested", lambda self, step: step == 10)
+    train.train(config, moved, progress=False)
+    monkeypatch.undo()
+    at_10 = _final_state(moved, config)
+    assert int(at_10["step"]) == 10
+    two = jax.devices()[:2]
+    setup2 = train.build(config, devices=two)
+    manager = checkpoint.make_manager(moved, async_save=False)
+    try:  # restored on the 2-device mesh: the 8-device run's state, bit for bit
+        restored = checkpoint.restore(manager, checkpoint.abstract_like(train.initial_state(setup2)))
+    finally:
+        manager.close()
+    assert {d for leaf in jax.tree.leaves(restored) for d in leaf.sharding.device_set} == set(two)
+    _assert_identical(jax.device_get(restored), at_10)
+
+    final = jax.device_get(train.train(config, moved, progress=False, devices=two))
+    assert int(final["step"]) == 16
+    harness.assert_updates_close(final["params"], expected["params"], at_10["params"], rtol=2e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 final["batch_stats"], expected["batch_stats"])
+    runs = [json.loads(line) for line in open(os.path.join(moved, "runs.jsonl"))]
+    assert [(r["start_step"], r["devices"]) for r in runs] == [(0, 8), (10, 2)]
