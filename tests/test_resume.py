@@ -1,7 +1,6 @@
 """Exact resume: a run preempted at step k, or killed between checkpoints, ends bit-identical to an
 uninterrupted run (parameters, optimizer state, method extras such as queues and EMA targets, data order); a
 run preempted on 8 devices resumes on 2 and goes on as the 8-device run does."""
-import json
 import os
 
 import harness
@@ -9,20 +8,24 @@ import jax
 import numpy as np
 import pytest
 
-from ssl_jax import checkpoint, config as config_lib, parallel, train
+from ssl_jax import checkpoint, config as config_lib, metrics, parallel, train
 
 # Two epochs of 8 steps; checkpoints every epoch; no kNN (it does not touch the state).
 OVERRIDES = ["eval.knn_every_epochs=0", "checkpoint.every_epochs=1"]
 
 
-def _final_state(workdir, config):
-    setup = train.build(config)
+def _restore(workdir, config, devices=None):
+    """Returns the newest checkpoint of `workdir`, restored on the mesh over `devices` (default all)."""
+    setup = train.build(config, devices=devices)
     manager = checkpoint.make_manager(workdir, async_save=False)
     try:
-        state = checkpoint.restore(manager, checkpoint.abstract_like(train.initial_state(setup)))
+        return checkpoint.restore(manager, checkpoint.abstract_like(train.initial_state(setup)))
     finally:
         manager.close()
-    return jax.device_get(state)
+
+
+def _final_state(workdir, config):
+    return jax.device_get(_restore(workdir, config))
 
 
 def _assert_identical(a, b):
@@ -89,12 +92,7 @@ def test_a_checkpoint_resumes_on_another_number_of_devices(tmp_path, monkeypatch
     at_10 = _final_state(moved, config)
     assert int(at_10["step"]) == 10
     two = jax.devices()[:2]
-    setup2 = train.build(config, devices=two)
-    manager = checkpoint.make_manager(moved, async_save=False)
-    try:  # restored on the 2-device mesh: the 8-device run's state, bit for bit
-        restored = checkpoint.restore(manager, checkpoint.abstract_like(train.initial_state(setup2)))
-    finally:
-        manager.close()
+    restored = _restore(moved, config, devices=two)  # on the 2-device mesh: the 8-device run's state, bit for bit
     assert {d for leaf in jax.tree.leaves(restored) for d in leaf.sharding.device_set} == set(two)
     _assert_identical(jax.device_get(restored), at_10)
 
@@ -103,5 +101,5 @@ def test_a_checkpoint_resumes_on_another_number_of_devices(tmp_path, monkeypatch
     harness.assert_updates_close(final["params"], expected["params"], at_10["params"], rtol=2e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  final["batch_stats"], expected["batch_stats"])
-    runs = [json.loads(line) for line in open(os.path.join(moved, "runs.jsonl"))]
+    runs = metrics.read_jsonl(os.path.join(moved, "runs.jsonl"))
     assert [(r["start_step"], r["devices"]) for r in runs] == [(0, 8), (10, 2)]
