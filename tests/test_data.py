@@ -1,7 +1,12 @@
 """Tests for ssl_jax.data: ImageFolder dirs and archives, the uint8 cache, tfds, synthetic data, host pipeline."""
 import io
+import os
 import pathlib
+import subprocess
+import sys
 import tarfile
+import textwrap
+import threading
 
 import ml_collections
 import numpy as np
@@ -168,6 +173,59 @@ def test_worker_pool_matches_in_process_decoding(tmp_path, monkeypatch):
     (top / "train/bee/broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(data.DataError, match="top/train/bee/broken.jpg"):
         data.get_source(_cfg(tmp_path, path=str(_tar(top, tmp_path / "b.tgz")), num_workers=2), "train")
+
+
+class _KillsTheWorker:
+    """A payload whose unpickling in a decoding worker ends that process at once, as the kernel's OOM killer does."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(monkeypatch):
+    # multiprocessing.Pool, which decoded before, waits forever for a task whose worker died.
+    monkeypatch.setattr(imagefolder, "_MIN_IMAGES_FOR_POOL", 0)
+    items = [(i, f"img{i}.png", _pixels(i), 0) for i in range(8)] + [(8, "img8.png", _KillsTheWorker(), 0)]
+    decoded, raised = imagefolder.decode_images(items, len(items), 8, num_workers=2), []
+
+    def consume():
+        try:
+            list(decoded)
+        except Exception as e:  # pylint: disable=broad-except  (checked below)
+            raised.append(e)
+
+    thread = threading.Thread(target=consume, daemon=True)  # a daemon, so that a hang fails instead of hanging
+    thread.start()
+    thread.join(300)
+    assert not thread.is_alive(), "decoding still waits 300 s after its worker died"
+    assert len(raised) == 1 and isinstance(raised[0], data.DataError), raised
+    assert "decoding worker process died" in str(raised[0])
+
+
+def test_a_script_that_loads_data_without_a_main_guard_fails_with_a_clear_error(tmp_path):
+    # Decoding workers are spawned and run the parent's script again as __mp_main__; this one loads data at its
+    # top level, so each worker starts a decode of its own, which Python refuses while the worker bootstraps.
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np
+        from ssl_jax.data import imagefolder
+        imagefolder._MIN_IMAGES_FOR_POOL = 0
+        items = [(i, "img%d.png" % i, np.zeros((8, 8, 3), np.uint8), 0) for i in range(8)]
+        print(len(list(imagefolder.decode_images(items, 8, 8, num_workers=2))))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode != 0
+    assert "DataError: an image decoding worker process died" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr
+    # Guarded, the same script works.
+    guarded = script.read_text().replace("items =", "if __name__ == '__main__':\n    items =").replace(
+        "\nprint(", "\n    print(")
+    script.write_text(guarded)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "8"
 
 
 def test_val_folder_is_the_test_split(tmp_path):

@@ -9,6 +9,7 @@ data.stream=True decoded again for every batch (`ssl_jax.data.stream`). The work
 archive root (`train/n01440764/n01440764_10026.JPEG`).
 """
 import collections
+import concurrent.futures
 import ctypes
 import gzip
 import io
@@ -17,6 +18,7 @@ import os
 import posixpath
 import sys
 import tarfile
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from PIL import Image
@@ -28,6 +30,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _TEST_DIRS = ("test", "val")
 _MIN_IMAGES_FOR_POOL = 512  # below this, starting worker processes costs more than it saves
 _IN_MEMORY_ARCHIVE_BYTES = 1 << 30  # .tar.gz archives up to this size are decompressed in memory
+# What a decoding worker's death (imagefolder.decode_images, stream.DecodePool) is reported as.
+WORKER_DIED = ("an image decoding worker process died: out of memory (try a lower data.num_workers), or it failed "
+               "on start (its error is printed above; a script that loads data needs `if __name__ == "
+               "\"__main__\":`)")
 _CHUNK = 64  # images per worker task; a few tasks per worker are kept in flight
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
@@ -231,15 +237,15 @@ def _decode_batch(items, image_size):
 
 
 class _Ready:
-    """The result of a batch decoded in this process, with the interface of multiprocessing's AsyncResult."""
+    """The result of a batch decoded in this process, with the interface of concurrent.futures.Future."""
 
     def __init__(self, value):
         self.value = value
 
-    def ready(self):
+    def done(self):
         return True
 
-    def get(self):
+    def result(self):
         return self.value
 
 
@@ -250,27 +256,34 @@ def decode_images(items, count, image_size, num_workers=0, desc="decode"):
     (0 = all CPUs), a bounded number of batches ahead; a file that fails to decode raises DataError naming it.
     """
     num_workers = num_workers or data_lib.default_num_workers()
-    bar = tqdm(total=count, desc=desc, unit="img", mininterval=0.5, file=sys.stderr)
     pool = None
+    if num_workers > 1 and count >= _MIN_IMAGES_FOR_POOL:
+        pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=init_decode_worker)
+    bar = tqdm(total=count, desc=desc, unit="img", mininterval=0.5, file=sys.stderr)
     try:
-        if num_workers > 1 and count >= _MIN_IMAGES_FOR_POOL:
-            pool = multiprocessing.get_context("spawn").Pool(num_workers, initializer=init_decode_worker)
         pending = collections.deque()
         for chunk in _chunks(items, _CHUNK):
-            pending.append(pool.apply_async(_decode_batch, (chunk, image_size)) if pool
+            pending.append(pool.submit(_decode_batch, chunk, image_size) if pool
                            else _Ready(_decode_batch(chunk, image_size)))
-            while pending and (len(pending) > 4 * num_workers or pending[0].ready()):
+            while pending and (len(pending) > 4 * num_workers or pending[0].done()):
                 yield from _drain(pending.popleft(), bar)
         while pending:
             yield from _drain(pending.popleft(), bar)
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _drain(async_result, bar):
-    meta, images, error = async_result.get()
+def _drain(future, bar):
+    try:
+        meta, images, error = future.result()
+    except BrokenProcessPool as e:
+        # A worker that dies (killed for memory, or failing on start) would leave multiprocessing.Pool waiting
+        # forever; the executor reports it. A worker fails on start when the parent's main script, which a
+        # spawned process runs again as __mp_main__, loads data outside an `if __name__ == "__main__":` block.
+        raise data_lib.DataError(WORKER_DIED) from e
     for (index, name, label), image in zip(meta, images):
         yield index, name, image, label
     if error is not None:

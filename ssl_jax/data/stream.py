@@ -234,8 +234,7 @@ class DecodePool:
         try:
             outputs = [f.result() for f in job.futures]
         except BrokenProcessPool as e:
-            raise data_lib.DataError("a JPEG decoding worker process died (out of memory? try a lower "
-                                     "data.num_workers)") from e
+            raise data_lib.DataError(imagefolder.WORKER_DIED) from e
         size = self._images.image_size
         if job.slot is None:
             for error, _ in outputs:
