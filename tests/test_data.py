@@ -213,8 +213,11 @@ def test_a_script_that_loads_data_without_a_main_guard_fails_with_a_clear_error(
         items = [(i, "img%d.png" % i, np.zeros((8, 8, 3), np.uint8), 0) for i in range(8)]
         print(len(list(imagefolder.decode_images(items, 8, 8, num_workers=2))))
     """))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    def run():
+        return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                              cwd=pathlib.Path(__file__).resolve().parents[1])
+
+    done = run()
     assert done.returncode != 0
     assert "DataError: an image decoding worker process died" in done.stderr
     assert 'if __name__ == "__main__":' in done.stderr
@@ -222,8 +225,7 @@ def test_a_script_that_loads_data_without_a_main_guard_fails_with_a_clear_error(
     guarded = script.read_text().replace("items =", "if __name__ == '__main__':\n    items =").replace(
         "\nprint(", "\n    print(")
     script.write_text(guarded)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    done = run()
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "8"
 
