@@ -236,17 +236,11 @@ def _decode_batch(items, image_size):
     return meta, images, None
 
 
-class _Ready:
-    """The result of a batch decoded in this process, with the interface of concurrent.futures.Future."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def done(self):
-        return True
-
-    def result(self):
-        return self.value
+def _ready(value):
+    """Returns a finished Future holding `value`: a batch decoded in this process, queued like the pool's."""
+    future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
 
 
 def decode_images(items, count, image_size, num_workers=0, desc="decode"):
@@ -265,7 +259,7 @@ def decode_images(items, count, image_size, num_workers=0, desc="decode"):
         pending = collections.deque()
         for chunk in _chunks(items, _CHUNK):
             pending.append(pool.submit(_decode_batch, chunk, image_size) if pool
-                           else _Ready(_decode_batch(chunk, image_size)))
+                           else _ready(_decode_batch(chunk, image_size)))
             while pending and (len(pending) > 4 * num_workers or pending[0].done()):
                 yield from _drain(pending.popleft(), bar)
         while pending:
@@ -280,9 +274,9 @@ def _drain(future, bar):
     try:
         meta, images, error = future.result()
     except BrokenProcessPool as e:
-        # A worker that dies (killed for memory, or failing on start) would leave multiprocessing.Pool waiting
-        # forever; the executor reports it. A worker fails on start when the parent's main script, which a
-        # spawned process runs again as __mp_main__, loads data outside an `if __name__ == "__main__":` block.
+        # A worker that dies (killed for memory, or failing on start) breaks the executor's futures. It fails on
+        # start when the parent's main script, which a spawned process runs again as __mp_main__, loads data
+        # outside an `if __name__ == "__main__":` block.
         raise data_lib.DataError(WORKER_DIED) from e
     for (index, name, label), image in zip(meta, images):
         yield index, name, image, label
