@@ -22,7 +22,8 @@ def make_manager(workdir, max_to_keep=2, async_save=True):
     """Returns an orbax CheckpointManager for `workdir`/checkpoints keeping the newest `max_to_keep`."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())  # item_metadata reads shapes
 
 
 def latest_step(manager):
@@ -32,6 +33,54 @@ def latest_step(manager):
 
 class CheckpointSaveError(RuntimeError):
     """Writing a checkpoint failed (disk full, quota, permissions); the finished checkpoints are intact."""
+
+
+class CheckpointReadError(RuntimeError):
+    """No finished checkpoint of a run could be read back (every one damaged)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds other arrays (names, shapes or dtypes) than the state of the config restoring it:
+    it was written by another model, method or head, so it cannot be resumed or evaluated with this config."""
+
+
+def _leaves(tree):
+    """Returns {dotted path: (shape, dtype)} of a tree of arrays, ShapeDtypeStructs or orbax array metadata."""
+    def name(key):
+        for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, "shape", None)
+        dtype = getattr(leaf, "dtype", None)
+        out[".".join(name(k) for k in path)] = (None if shape is None else tuple(shape),
+                                                 None if dtype is None else str(dtype))
+    return out
+
+
+def mismatch(saved, expected, limit=3):
+    """Returns how the arrays of `saved` differ from those of `expected` (missing, unexpected, other shape or
+    dtype), naming up to `limit` of each kind, or None when they match."""
+    have, want = _leaves(saved), _leaves(expected)
+
+    def listed(kind, keys, fmt=str):
+        keys = sorted(keys)
+        more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+        return f"{len(keys)} {kind} ({', '.join(fmt(k) for k in keys[:limit])}{more})"
+
+    parts = []
+    if set(want) - set(have):
+        parts.append(listed("arrays this config has and the checkpoint lacks", set(want) - set(have)))
+    if set(have) - set(want):
+        parts.append(listed("arrays of the checkpoint this config lacks", set(have) - set(want)))
+    differ = [k for k in set(have) & set(want) if None not in have[k] and None not in want[k] and have[k] != want[k]]
+    if differ:
+        show = lambda k: f"{k}: {have[k][0]} {have[k][1]} saved, {want[k][0]} {want[k][1]} here"  # noqa: E731
+        parts.append(listed("arrays of another shape or dtype", differ, show))
+    return "; ".join(parts) or None
 
 
 def finished_steps(directory):
@@ -77,9 +126,12 @@ def restore(manager, abstract_state, step=None):
     of `abstract_state`.
 
     Without `step`, a checkpoint that fails to read (truncated or corrupt files) is skipped with a warning
-    and the next older one is tried, so one damaged save does not lose the run.
+    and the next older one is tried, so one damaged save does not lose the run. A checkpoint whose arrays
+    differ from `abstract_state` (another model, method or head) raises CheckpointMismatchError at once: that
+    is not damage, and the older checkpoints of the same run differ in the same way.
     """
     if step is not None:
+        _check_matches(manager, step, abstract_state, required=False)
         return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -87,12 +139,36 @@ def restore(manager, abstract_state, step=None):
     errors = []
     for candidate in steps:
         try:
+            _check_matches(manager, candidate, abstract_state)
             return manager.restore(candidate, args=ocp.args.StandardRestore(abstract_state))
+        except CheckpointMismatchError:
+            raise
         except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
             errors.append(f"step {candidate}: {type(e).__name__}: {str(e)[:200]}")
             warnings.warn(f"checkpoint at step {candidate} in {manager.directory} could not be read "
                           f"({type(e).__name__}); trying the previous one", RuntimeWarning, stacklevel=2)
-    raise RuntimeError(f"no checkpoint in {manager.directory} could be read:\n" + "\n".join(errors))
+    raise CheckpointReadError(f"no checkpoint in {manager.directory} could be read:\n" + "\n".join(errors))
+
+
+def _check_matches(manager, step, abstract_state, required=True):
+    """Raises CheckpointMismatchError when checkpoint `step`'s arrays differ from `abstract_state`'s.
+
+    Unreadable metadata raises its own error when `required` (the caller then treats the step as damaged);
+    otherwise the check is skipped and the restore itself reports the damage.
+    """
+    try:
+        meta = manager.item_metadata(step)
+        saved = getattr(meta, "tree", meta)
+    except Exception:  # pylint: disable=broad-except  (damaged metadata: orbax/tensorstore raise many kinds)
+        if required:
+            raise
+        return
+    if saved is None:  # no metadata written (orbax writes it for every StandardSave): leave it to the restore
+        return
+    difference = mismatch(saved, abstract_state)
+    if difference:
+        raise CheckpointMismatchError(
+            f"the checkpoint at step {step} in {manager.directory} does not fit this config's state: {difference}")
 
 
 def abstract_like(state):

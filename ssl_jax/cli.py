@@ -2,6 +2,7 @@
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 
@@ -26,7 +27,8 @@ def _parser():
                         help="this process's index, 0 .. num-processes - 1 (with --distributed)")
 
     t = sub.add_parser("train", help="pretrain (resumes from DIR's newest checkpoint)", epilog=USAGE_OVERRIDES)
-    t.add_argument("--config", required=True, help="configs/<method>.py:<preset>")
+    t.add_argument("--config", default=None, help="configs/<method>.py:<preset>, or a run's config.json "
+                   "(default: WORKDIR/config.json, to resume a run with the config it was started with)")
     t.add_argument("--workdir", required=True, help="run directory: config.json, metrics.jsonl, checkpoints")
     common(t)
     e = sub.add_parser("eval", help="evaluate a run's newest checkpoint", epilog=USAGE_OVERRIDES)
@@ -94,11 +96,15 @@ def main(argv=None):
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from ssl_jax import checkpoint, config as config_lib, data, train  # pylint: disable=import-outside-toplevel
     expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, checkpoint.CheckpointSaveError,
-                FileNotFoundError, ValueError)
+                checkpoint.CheckpointReadError, FileNotFoundError, ValueError)
     command = "ssl-jax " + shlex.join(argv)
     try:
         if args.command == "train":
-            config = config_lib.load_config(args.config, overrides)
+            spec = args.config or os.path.join(args.workdir, "config.json")
+            if not args.config and not os.path.isfile(spec):
+                raise config_lib.ConfigError(f"--config is needed: {args.workdir} holds no run to resume ({spec} "
+                                             f"does not exist)")
+            config = config_lib.load_config(spec, overrides)
             train.train(config, args.workdir, progress=not args.no_progress, command=command)
         elif args.command == "eval":
             from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel

@@ -19,7 +19,16 @@ class ConfigError(ValueError):
 
 
 def load_config(spec, overrides=()):
-    """Returns the locked ConfigDict for `path.py[:arg]` with `KEY=VALUE` overrides applied."""
+    """Returns the locked ConfigDict for `path.py[:arg]`, or for a run's `config.json`, with `KEY=VALUE`
+    overrides applied."""
+    if spec.endswith(".json"):
+        if not os.path.isfile(spec):
+            raise ConfigError(f"config file not found: {spec!r}")
+        try:
+            config = from_json_file(spec)
+        except ValueError as e:  # json.JSONDecodeError
+            raise ConfigError(f"{spec} is not a run's config.json: {e}") from e
+        return _finish(config, overrides)
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path!r}")
@@ -31,6 +40,11 @@ def load_config(spec, overrides=()):
     config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    return _finish(config, overrides)
+
+
+def _finish(config, overrides):
+    """Locks `config`, applies the `KEY=VALUE` overrides, validates it and returns it."""
     config.lock()
     for override in overrides:
         key, sep, value = override.partition("=")
@@ -107,6 +121,27 @@ def validate(config):
 def to_json(config):
     """Returns the config as pretty JSON text (tuples become lists)."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def differences(old, new):
+    """Returns [(dotted key, old value, new value)] for every leaf where two configs differ, sorted by key.
+
+    Both are compared as their JSON (tuples and lists alike); a key only one of them has shows the string
+    '<absent>' on the other side.
+    """
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                out.update(flat(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: node}
+
+    a = flat(json.loads(to_json(old)) if isinstance(old, ml_collections.ConfigDict) else old)
+    b = flat(json.loads(to_json(new)) if isinstance(new, ml_collections.ConfigDict) else new)
+    absent = "<absent>"
+    pairs = ((k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b)))
+    return [(k, old_value, new_value) for k, old_value, new_value in pairs if old_value != new_value]
 
 
 def from_json_file(path):

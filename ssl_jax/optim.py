@@ -74,7 +74,9 @@ def _step_schedule(optim_cfg, batch_size: int, steps_per_epoch: int, num_epochs:
     if total_steps <= 0:
         raise ValueError(f"The schedule needs at least one step, got {steps_per_epoch} steps x {num_epochs}.")
     if warmup_steps >= total_steps:
-        raise ValueError(f"Warmup ({warmup_steps} steps) must be shorter than training ({total_steps}).")
+        raise ValueError(f"optim.warmup_epochs={optim_cfg.get('warmup_epochs', 0)} ({warmup_steps} steps) must be "
+                         f"shorter than the whole run ({total_steps} steps); lower --config.optim.warmup_epochs "
+                         f"or raise --config.num_epochs")
     milestones = tuple(optim_cfg.get("step_milestones", ()) or ())
     if milestones:  # step decay (MoCo v1, the ResNet recipes): lr x step_factor at each milestone epoch
         factor = optim_cfg.get("step_factor", 0.1)

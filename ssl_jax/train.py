@@ -177,6 +177,42 @@ def check_finite(step, record):
             f"(try a lower --config.optim.lr or --config.model.dtype=float32)")
 
 
+def _describe(changes, limit=8):
+    """Returns 'key: old -> new, ...' for (key, old, new) triples, the first `limit` of them."""
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:limit])
+    return shown + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def _mismatch_hint(workdir, changes):
+    if not changes:
+        return f"{workdir} holds a checkpoint of another run; give a new --workdir"
+    return (f"{workdir} holds a checkpoint of another run. Its config.json differs from this config in: "
+            f"{_describe(changes)}. To resume it, run `ssl-jax train --workdir {workdir}` without --config (its own "
+            f"config.json; overrides such as --config.num_epochs still apply), or give a new --workdir")
+
+
+def resume_changes(workdir, config):
+    """Returns the (key, old, new) differences between DIR/config.json and `config` for a resume.
+
+    Raises CheckpointMismatchError when the method differs: a checkpoint of one method is never resumed as
+    another, even where their arrays happen to have the same shapes. Other changes (a longer `num_epochs`,
+    another evaluation interval or data path) are allowed; the caller reports them. Changes that alter the
+    state's arrays (model, head, queue size) fail in the restore, whose error then names these differences.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    changes = config_lib.differences(saved, config)
+    if saved.get("method") != config.method:
+        raise checkpoint.CheckpointMismatchError(
+            f"{workdir} holds a checkpoint of a {saved.get('method')} run and this config trains {config.method}; "
+            f"to resume it, run `ssl-jax train --workdir {workdir}` without --config (its own config.json), or give "
+            f"a new --workdir")
+    return changes
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
@@ -193,32 +229,48 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
     is_main = jax.process_index() == 0
     setup = build(config, devices=devices)
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
 
-    # Checkpoint: resume from the newest one if there is one.
+    # Checkpoint: resume from the newest one if there is one. DIR/config.json is (re)written only once the
+    # checkpoint has been restored: a resume with another model or method fails and leaves the run's record
+    # (which `ssl-jax eval` and `export` read) as it was.
     manager = checkpoint.make_manager(workdir, max_to_keep=config.checkpoint.keep)
     state = initial_state(setup)
     start = checkpoint.latest_step(manager)
+    changes = []
     if start is not None:
-        state = checkpoint.restore(manager, checkpoint.abstract_like(state))
+        try:
+            changes = resume_changes(workdir, config)  # another method: CheckpointMismatchError
+            try:
+                state = checkpoint.restore(manager, checkpoint.abstract_like(state))
+            except checkpoint.CheckpointMismatchError as e:  # another model or head: name the config keys
+                raise checkpoint.CheckpointMismatchError(f"{e}. {_mismatch_hint(workdir, changes)}") from e
+        except BaseException:
+            manager.close()
+            raise
         start = int(state["step"])
         print(f"resuming from the checkpoint at step {start} in {checkpoint.checkpoint_dir(workdir)}",
               file=sys.stderr)
+        if changes:
+            print("the config differs from the run's config.json in: " + _describe(changes), file=sys.stderr)
     start = start or 0
     if start >= setup.total_steps:
         print(f"nothing to do: step {start} >= {setup.total_steps} steps of {config.num_epochs} epochs",
               file=sys.stderr)
         manager.close()
         return state
+    if is_main:  # written whole, then renamed: a crash never leaves half a config.json
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
+            f.write(config_lib.to_json(config))
+        os.replace(path + ".tmp", path)
 
     elapsed_before = metrics_lib.last_value(os.path.join(workdir, "metrics.jsonl"), "elapsed_s") if start else 0.0
     run_start = time.perf_counter()
     if is_main:
         metrics_lib.append_run_info(workdir, start_step=start, devices=setup.mesh.devices.size,
                                     device_kind=jax.devices()[0].device_kind, processes=jax.process_count(),
-                                    jax_version=jax.__version__, **({"command": command} if command else {}))
+                                    jax_version=jax.__version__, **({"command": command} if command else {}),
+                                    **({"config_changes": {k: [a, b] for k, a, b in changes}} if changes else {}))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     guard = checkpoint.PreemptionGuard(manager)
     batches = loader(setup, start)

@@ -1,8 +1,10 @@
 """Checkpoints: the whole train state round-trips exactly; SIGTERM becomes a flag the loop polls."""
 import os
+import re
 import signal
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -83,6 +85,26 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     np.testing.assert_array_equal(restored["x"], np.full((64,), 1, np.float32))
     with pytest.raises(Exception):
         checkpoint.restore(manager, target, step=2)  # asking for the damaged step itself is still an error
+    manager.close()
+
+
+def test_a_checkpoint_of_other_arrays_is_a_mismatch_not_damage(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=3, async_save=False)
+    saved = {"a": np.zeros((4, 2), np.float32), "b": {"c": np.zeros((3,), np.float32)}, "gone": np.zeros(2)}
+    for step in (1, 2):
+        checkpoint.save(manager, step, saved, force=True)
+    target = {"a": jax.ShapeDtypeStruct((4, 3), np.float32), "b": {"c": jax.ShapeDtypeStruct((3,), np.float32)},
+              "new": jax.ShapeDtypeStruct((), np.int32)}
+    assert checkpoint.mismatch(saved, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved)) is None
+    expected = ("1 arrays this config has and the checkpoint lacks (new); 1 arrays of the checkpoint this config "
+                "lacks (gone); 1 arrays of another shape or dtype (a: (4, 2) float32 saved, (4, 3) float32 here)")
+    assert checkpoint.mismatch(saved, target) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not be read; trying the previous one": step 1 is no better
+        with pytest.raises(checkpoint.CheckpointMismatchError, match="step 2 .*" + re.escape(expected)):
+            checkpoint.restore(manager, target)
+        with pytest.raises(checkpoint.CheckpointMismatchError, match="step 1 "):
+            checkpoint.restore(manager, target, step=1)
     manager.close()
 
 

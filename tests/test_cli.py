@@ -126,6 +126,44 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert code == 0
 
 
+def test_a_resume_with_another_model_or_method_is_refused_and_the_run_is_left_as_it_was(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    short = ["--config.num_epochs=1", "--config.optim.warmup_epochs=0", "--config.eval.knn_every_epochs=0"]
+    assert _in_process(capsys, "train", "--config", SMOKE, "--workdir", workdir, *short)[0] == 0
+    config_path = os.path.join(workdir, "config.json")
+    record = open(config_path).read()
+
+    # Another head: the checkpoint's arrays do not fit. The error names the arrays and the config keys that
+    # differ, is not taken for a damaged checkpoint (no fallback warnings), and config.json (which eval and
+    # export read) is left as it was.
+    code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", workdir, *short,
+                            "--config.head.hidden_dim=48")
+    assert code == 2, err
+    assert "step 8" in err and "does not fit this config's state" in err and "(32,) float32 saved, (48,)" in err
+    assert "head.hidden_dim: 32 -> 48" in err and f"ssl-jax train --workdir {workdir}" in err
+    assert "could not be read" not in err
+    # Another method: refused even before the arrays are compared.
+    code, err = _in_process(capsys, "train", "--config", SMOKE.replace("simclr.py", "byol.py"), "--workdir", workdir,
+                            *short)
+    assert code == 2 and "holds a checkpoint of a simclr run and this config trains byol" in err, err
+    # Evaluating with an override that changes the arrays is the same clear error.
+    code, err = _in_process(capsys, "eval", "--workdir", workdir, "--protocol", "knn", "--config.head.hidden_dim=48")
+    assert code == 2 and "does not fit this config's state" in err, err
+    assert open(config_path).read() == record
+    assert checkpoint.finished_steps(checkpoint.checkpoint_dir(workdir)) == [8]
+
+    # Without --config, train resumes with the run's own config.json; the changed keys are reported and
+    # recorded with the run.
+    code, err = _in_process(capsys, "train", "--workdir", workdir, "--config.num_epochs=2")
+    assert code == 0, err
+    assert "resuming from the checkpoint at step 8" in err and "num_epochs: 1 -> 2" in err
+    assert metrics.read_jsonl(os.path.join(workdir, "runs.jsonl"))[-1]["config_changes"] == {"num_epochs": [1, 2]}
+    assert json.load(open(config_path))["num_epochs"] == 2
+    assert checkpoint.finished_steps(checkpoint.checkpoint_dir(workdir))[-1] == 16
+    code, err = _in_process(capsys, "train", "--workdir", str(tmp_path / "empty"))
+    assert code == 2 and "--config is needed" in err, err
+
+
 def _tar_with_corrupt_image(path):
     with tarfile.open(path, "w:gz") as tar:
         for split in ("train", "test"):

@@ -148,3 +148,14 @@ def test_json_round_trip(tmp_path):
     assert back.to_dict() == c.to_dict()
     with pytest.raises(config_lib.ConfigError):
         config_lib.apply_override(back, "nope", "1")
+    # A run's config.json is itself a config: typed overrides apply, and the differences are listed.
+    again = config_lib.load_config(str(path), ["num_epochs=5", "augment.jitter=(0.1, 0.2, 0.3, 0.4)"])
+    assert again.num_epochs == 5 and again.augment.jitter == (0.1, 0.2, 0.3, 0.4)
+    assert config_lib.differences(c, again) == [("augment.jitter", list(c.augment.jitter), [0.1, 0.2, 0.3, 0.4]),
+                                               ("num_epochs", c.num_epochs, 5)]
+    assert config_lib.differences({"a": {"b": 1}}, {"a": {"c": 1}}) == [("a.b", 1, "<absent>"), ("a.c", "<absent>", 1)]
+    with pytest.raises(config_lib.ConfigError, match="config key 'num_epochs' expects a int"):
+        config_lib.load_config(str(path), ["num_epochs=2.5"])
+    path.write_text("{not json")
+    with pytest.raises(config_lib.ConfigError, match="is not a run's config.json"):
+        config_lib.load_config(str(path))

@@ -219,10 +219,11 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=Non
     setup = train_lib.build(config)
     manager = checkpoint.make_manager(workdir, async_save=False)
     try:
-        step = checkpoint.latest_step(manager)
-        if step is None:
+        if checkpoint.latest_step(manager) is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
-        state = checkpoint.restore(manager, checkpoint.abstract_like(train_lib.initial_state(setup)), step)
+        # The newest checkpoint that reads back (a damaged one is skipped with a warning, as when training).
+        state = checkpoint.restore(manager, checkpoint.abstract_like(train_lib.initial_state(setup)))
+        step = int(state["step"])
     finally:
         manager.close()
     print(f"evaluating step {step} of {workdir} with the {protocol} protocol", file=sys.stderr)
