@@ -101,6 +101,9 @@ def apply_override(config, key, text):
     """Sets `config.<key>` from the string `text`, typed like the existing value."""
     parent, leaf = _lookup(config, key)
     current = parent[leaf]
+    if key == "method" and text != current:
+        raise ConfigError(f"config key 'method' cannot be overridden ({current!r} -> {text!r}): a method's settings "
+                          f"come with its config file; use --config configs/<method>.py:<preset>")
     if isinstance(current, ml_collections.ConfigDict):
         raise ConfigError(f"config key {key!r} is a group; set one of its fields: {', '.join(current.keys())}")
     value = _parse(key, text, current)

@@ -122,6 +122,12 @@ def test_unknown_key_is_named_with_a_suggestion():
         config_lib.load_config(f"{SIMCLR}:smoke", ["batch_sise=8"])
 
 
+def test_the_method_comes_with_its_config_file():
+    with pytest.raises(config_lib.ConfigError, match="'method' cannot be overridden .*configs/<method>.py"):
+        config_lib.load_config(f"{SIMCLR}:smoke", ["method=byol"])
+    assert config_lib.load_config(f"{SIMCLR}:smoke", ["method=simclr"]).method == "simclr"
+
+
 def test_wrong_type_bool_and_group():
     with pytest.raises(config_lib.ConfigError, match="data.resident.*bool"):
         config_lib.load_config(f"{SIMCLR}:smoke", ["data.resident=maybe"])
