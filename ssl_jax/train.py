@@ -184,8 +184,10 @@ def _describe(changes, limit=8):
 
 
 def _mismatch_hint(workdir, changes):
-    if not changes:
-        return f"{workdir} holds a checkpoint of another run; give a new --workdir"
+    if not changes:  # same config (or none recorded): the state's layout changed between ssl_jax versions
+        return (f"{workdir}/config.json does not differ from this config (or is missing), so the checkpoint was "
+                f"probably written by another version of ssl_jax; evaluate or export it with that version, or give "
+                f"a new --workdir")
     return (f"{workdir} holds a checkpoint of another run. Its config.json differs from this config in: "
             f"{_describe(changes)}. To resume it, run `ssl-jax train --workdir {workdir}` without --config (its own "
             f"config.json; overrides such as --config.num_epochs still apply), or give a new --workdir")
