@@ -4,6 +4,7 @@ A config file defines `get_config(arg)` returning an `ml_collections.ConfigDict`
 type of the field they replace; unknown keys and values of the wrong type are errors that name the key.
 """
 import ast
+import copy
 import difflib
 import importlib.util
 import json
@@ -124,6 +125,25 @@ def validate(config):
 def to_json(config):
     """Returns the config as pretty JSON text (tuples become lists)."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+PATH_KEYS = ("data.path", "data.cache_dir", "data.tfds_data_dir")
+
+
+def with_absolute_paths(config):
+    """Returns a copy of `config` whose PATH_KEYS that name local paths are absolute (`~` expanded), so a run's
+    config.json still finds its data when `ssl-jax eval` or a resume starts in another directory. Empty values
+    (the defaults) and URLs (gs://...) are kept as they are."""
+    config = copy.deepcopy(config)
+    for key in PATH_KEYS:
+        try:
+            parent, leaf = _lookup(config, key)
+        except ConfigError:  # a config of one's own may leave the optional ones out
+            continue
+        value = parent[leaf]
+        if isinstance(value, str) and value and "://" not in value:
+            parent[leaf] = os.path.abspath(os.path.expanduser(value))
+    return config
 
 
 def differences(old, new):

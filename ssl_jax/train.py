@@ -229,6 +229,7 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
     from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
     evaluate_fn = evaluate_fn or protocols.monitor
     is_main = jax.process_index() == 0
+    config = config_lib.with_absolute_paths(config)  # config.json records where the data is, whatever the cwd
     setup = build(config, devices=devices)
     os.makedirs(workdir, exist_ok=True)
 

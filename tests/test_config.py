@@ -1,4 +1,6 @@
 """Config files, presets and typed overrides; unknown keys and wrong types are errors naming the key."""
+import os
+
 import pytest
 
 from ssl_jax import config as config_lib
@@ -165,3 +167,17 @@ def test_json_round_trip(tmp_path):
     path.write_text("{not json")
     with pytest.raises(config_lib.ConfigError, match="is not a run's config.json"):
         config_lib.load_config(str(path))
+
+
+def test_local_data_paths_are_made_absolute_for_the_record(monkeypatch, tmp_path):
+    spec = os.path.abspath(SIMCLR) + ":smoke"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    c = config_lib.load_config(spec, ["data.path=data/cifar.tar.gz", "data.cache_dir=~/cache",
+                                                   "data.tfds_data_dir=gs://bucket/tfds"])
+    resolved = config_lib.with_absolute_paths(c)
+    assert resolved.data.path == str(tmp_path / "data" / "cifar.tar.gz")
+    assert resolved.data.cache_dir == str(tmp_path / "home" / "cache")
+    assert resolved.data.tfds_data_dir == "gs://bucket/tfds"  # URLs are kept
+    assert c.data.path == "data/cifar.tar.gz"  # a copy: the caller's config is unchanged
+    assert config_lib.with_absolute_paths(config_lib.load_config(spec)).data.path == ""
