@@ -109,6 +109,9 @@ def test_name_with_path_reads_imagefolder(tmp_path):
     top, _ = _make_tree(tmp_path / "tree")
     source = data.get_source(_cfg(tmp_path, name="cifar10", path=str(top)), "test")
     assert source.name == "cifar10" and source.class_names == ["ant", "bee", "cat"]
+    # ...also under the smoke preset's name: the path given is read, not silently replaced by synthetic images.
+    source = data.get_source(_cfg(tmp_path, name="synthetic", path=str(top), num_examples=512, num_classes=4), "test")
+    assert source.class_names == ["ant", "bee", "cat"] and len(source) < 512
 
 
 def test_cache_is_reused_and_memory_mapped(tmp_path, monkeypatch):

@@ -85,6 +85,10 @@ def get_source(data_cfg, split):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     name, path = data_cfg.name, data_cfg.get("path", "")
+    if path:  # a path always means ImageFolder, whatever the name says (e.g. name=cifar10 + a local archive, or
+        # the smoke preset's name=synthetic: real images through the smoke settings)
+        from ssl_jax.data import imagefolder
+        return imagefolder.load(path, split, data_cfg)
     if name == "synthetic":
         from ssl_jax.data import synthetic
         num_examples = data_cfg.get("num_examples", 0) or synthetic.DEFAULT_NUM_EXAMPLES
@@ -93,9 +97,6 @@ def get_source(data_cfg, split):
         return synthetic.make_synthetic(num_examples, data_cfg.get("num_classes", 0) or 10,
                                         data_cfg.get("image_size", 0) or synthetic.DEFAULT_IMAGE_SIZE,
                                         seed=SPLITS.index(split))
-    if path:  # a path always means ImageFolder, whatever the name says (e.g. name=cifar10 + a local archive)
-        from ssl_jax.data import imagefolder
-        return imagefolder.load(path, split, data_cfg)
     if name == "imagefolder":
         raise DataError("data.name='imagefolder' needs data.path (a directory or .tar/.tar.gz archive)")
     if data_cfg.get("stream", False):
