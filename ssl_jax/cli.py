@@ -94,7 +94,9 @@ def main(argv=None):
     if args.distributed:
         from ssl_jax import parallel  # pylint: disable=import-outside-toplevel
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from ssl_jax import checkpoint, config as config_lib, data, train  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from ssl_jax import checkpoint, config as config_lib, data, metrics, train
+    metrics.show_progress(not args.no_progress)
     expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, checkpoint.CheckpointSaveError,
                 checkpoint.CheckpointReadError, FileNotFoundError, ValueError)
     command = "ssl-jax " + shlex.join(argv)

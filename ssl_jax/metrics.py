@@ -80,8 +80,17 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def progress_bar(total, initial=0, desc="train", enabled=True):
-    """Returns a tqdm bar on stderr (disabled when not `enabled` or not process 0)."""
+_SHOW_PROGRESS = [True]
+
+
+def show_progress(enabled):
+    """Turns every progress bar of this process on or off (the CLI's --no-progress), the data decoding's too."""
+    _SHOW_PROGRESS[0] = bool(enabled)
+
+
+def progress_bar(total, initial=0, desc="train", enabled=True, unit="step", mininterval=1.0):
+    """Returns a tqdm bar on stderr (disabled when not `enabled`, e.g. not process 0, or after
+    show_progress(False))."""
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0, unit="step")
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and _SHOW_PROGRESS[0]),
+                file=sys.stderr, dynamic_ncols=True, mininterval=mininterval, unit=unit)

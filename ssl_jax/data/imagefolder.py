@@ -22,9 +22,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from ssl_jax import data as data_lib
+from ssl_jax import data as data_lib, metrics
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _TEST_DIRS = ("test", "val")
@@ -254,7 +253,7 @@ def decode_images(items, count, image_size, num_workers=0, desc="decode"):
     if num_workers > 1 and count >= _MIN_IMAGES_FOR_POOL:
         pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
                                                       initializer=init_decode_worker)
-    bar = tqdm(total=count, desc=desc, unit="img", mininterval=0.5, file=sys.stderr)
+    bar = metrics.progress_bar(count, desc=desc, unit="img", mininterval=0.5)
     try:
         pending = collections.deque()
         for chunk in _chunks(items, _CHUNK):
