@@ -204,8 +204,12 @@ def resume_changes(workdir, config):
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:  # damaged (older versions wrote it in place): the restore still checks the arrays
+        print(f"warning: {path} cannot be read ({e}); it is written anew", file=sys.stderr)
+        return []
     changes = config_lib.differences(saved, config)
     if saved.get("method") != config.method:
         raise checkpoint.CheckpointMismatchError(

@@ -162,6 +162,12 @@ def test_a_resume_with_another_model_or_method_is_refused_and_the_run_is_left_as
     assert checkpoint.finished_steps(checkpoint.checkpoint_dir(workdir))[-1] == 16
     code, err = _in_process(capsys, "train", "--workdir", str(tmp_path / "empty"))
     assert code == 2 and "--config is needed" in err, err
+    # A damaged config.json does not block a resume with the config file: the restore checks the arrays.
+    with open(config_path, "w") as f:
+        f.write(record[:50])
+    code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", workdir, *short, "--config.num_epochs=3")
+    assert code == 0 and "cannot be read" in err and "resuming from the checkpoint at step 16" in err, err
+    assert json.load(open(config_path))["num_epochs"] == 3
 
 
 def _tar_with_corrupt_image(path):
