@@ -80,17 +80,18 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-_SHOW_PROGRESS = [True]
+_show_progress = True  # pylint: disable=invalid-name  (module state, set by show_progress)
 
 
 def show_progress(enabled):
     """Turns every progress bar of this process on or off (the CLI's --no-progress), the data decoding's too."""
-    _SHOW_PROGRESS[0] = bool(enabled)
+    global _show_progress  # pylint: disable=global-statement
+    _show_progress = bool(enabled)
 
 
 def progress_bar(total, initial=0, desc="train", enabled=True, unit="step", mininterval=1.0):
     """Returns a tqdm bar on stderr (disabled when not `enabled`, e.g. not process 0, or after
     show_progress(False))."""
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and _SHOW_PROGRESS[0]),
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and _show_progress),
                 file=sys.stderr, dynamic_ncols=True, mininterval=mininterval, unit=unit)

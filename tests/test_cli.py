@@ -206,3 +206,4 @@ def test_corrupt_image_error_names_the_file(tmp_path, capsys):
                             "--config.data.name=imagefolder", f"--config.data.path={archive}",
                             f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.num_workers=1")
     assert code == 2 and "tiny/train/b/003.png" in err, err
+    assert "decoding 16 images" in err and "%|" not in err  # --no-progress hides the decoding bar too
