@@ -46,18 +46,12 @@ class CheckpointMismatchError(ValueError):
 
 def _leaves(tree):
     """Returns {dotted path: (shape, dtype)} of a tree of arrays, ShapeDtypeStructs or orbax array metadata."""
-    def name(key):
-        for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
-            if hasattr(key, attr):
-                return str(getattr(key, attr))
-        return str(key)
-
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         shape = getattr(leaf, "shape", None)
         dtype = getattr(leaf, "dtype", None)
-        out[".".join(name(k) for k in path)] = (None if shape is None else tuple(shape),
-                                                 None if dtype is None else str(dtype))
+        out[jax.tree_util.keystr(path, simple=True, separator=".")] = (
+            None if shape is None else tuple(shape), None if dtype is None else str(dtype))
     return out
 
 

@@ -219,9 +219,8 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=Non
     setup = train_lib.build(config)
     manager = checkpoint.make_manager(workdir, async_save=False)
     try:
-        if checkpoint.latest_step(manager) is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
-        # The newest checkpoint that reads back (a damaged one is skipped with a warning, as when training).
+        # The newest checkpoint that reads back (a damaged one is skipped with a warning, as when training); none
+        # at all is a FileNotFoundError.
         state = checkpoint.restore(manager, checkpoint.abstract_like(train_lib.initial_state(setup)))
         step = int(state["step"])
     finally:
