@@ -112,14 +112,78 @@ def apply_override(config, key, text):
         parent[leaf] = value
 
 
+# Where each number may lie, as an interval: "[" / "]" include the bound, "(" / ")" exclude it. A rule applies
+# wherever its key exists, so the methods' own sections (loss, head, moco, swav, ...) are checked with the
+# shared ones; 0 is allowed where it is documented to mean "off" or "the default".
+RANGES = {
+    "seed": "[0, inf)", "num_epochs": "[1, inf)", "batch_size": "[1, inf)", "grad_accum_steps": "[1, inf)",
+    "log_every_steps": "[1, inf)",
+    "data.image_size": "[0, inf)", "data.num_workers": "[0, inf)", "data.num_examples": "[0, inf)",
+    "data.num_classes": "[0, inf)",
+    "model.width_multiplier": "[1, inf)", "model.sk_ratio": "[0, 1)",
+    "augment.crop_size": "[1, inf)", "augment.min_scale": "(0, 1]", "augment.max_scale": "(0, 1]",
+    "augment.flip_p": "[0, 1]", "augment.jitter_strength": "[0, inf)", "augment.jitter_p": "[0, 1]",
+    "augment.grayscale_p": "[0, 1]", "augment.blur_p": "[0, 1]", "augment.solarize_p": "[0, 1]",
+    "optim.lr": "(0, inf)", "optim.weight_decay": "[0, inf)", "optim.momentum": "[0, 1)",
+    "optim.warmup_epochs": "[0, inf)", "optim.end_lr_factor": "[0, 1]", "optim.trust_coefficient": "(0, inf)",
+    "optim.bias_lr_factor": "[0, inf)", "optim.step_factor": "(0, 1]",
+    "checkpoint.every_epochs": "[1, inf)", "checkpoint.keep": "[1, inf)",
+    "eval.knn_every_epochs": "[0, inf)", "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)",
+    "eval.knn_train_examples": "[0, inf)", "eval.batch_size": "[1, inf)", "eval.linear_epochs": "[1, inf)",
+    "eval.linear_lr": "(0, inf)", "eval.linear_batch_size": "[1, inf)", "eval.linear_weight_decay": "[0, inf)",
+    "loss.temperature": "(0, inf)", "loss.scale": "(0, inf)", "loss.chunk_size": "[0, inf)",
+    "loss.lambd": "(0, inf)",
+    "head.hidden_dim": "[0, inf)", "head.out_dim": "[1, inf)", "head.num_layers": "[1, inf)",
+    "head.init_std": "[0, inf)", "head.finetune_layer": "[0, inf)",
+    "projector.hidden_dim": "[1, inf)", "projector.out_dim": "[1, inf)", "projector.num_layers": "[1, inf)",
+    "predictor.hidden_dim": "[1, inf)",
+    "moco.momentum": "[0, 1]", "moco.queue_size": "[1, inf)", "moco.shuffle_groups": "[0, inf)",
+    "moco.query_bn_groups": "[0, inf)",
+    "byol.tau_base": "[0, 1]", "byol.view2_blur_p": "[0, 1]", "byol.view2_solarize_p": "[0, 1]",
+    "barlow_twins.view2_blur_p": "[0, 1]", "barlow_twins.view2_solarize_p": "[0, 1]",
+    "swav.epsilon": "(0, inf)", "swav.temperature": "(0, inf)", "swav.sinkhorn_iterations": "[1, inf)",
+    "swav.num_prototypes": "[1, inf)", "swav.num_large_crops": "[1, inf)", "swav.num_small_crops": "[0, inf)",
+    "swav.small_crop_size": "[1, inf)", "swav.small_min_scale": "(0, 1]", "swav.small_max_scale": "(0, 1]",
+    "swav.queue_length": "[0, inf)", "swav.queue_start_epoch": "[0, inf)", "swav.freeze_prototypes_epochs": "[0, inf)",
+}
+# Pairs (low key, high key) whose values must be ordered low <= high.
+ORDERED = (("augment.min_scale", "augment.max_scale"), ("swav.small_min_scale", "swav.small_max_scale"))
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _get(config, key):
+    """Returns config.<key>, or None when a section or field of the dotted key is absent."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def in_range(value, interval):
+    """Returns whether the number `value` lies in `interval` ("[0, 1)", "(0, inf)", ...)."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
 def validate(config):
-    """Raises ConfigError when a required key is missing or a number is out of range."""
+    """Raises ConfigError when a required key is missing or a value is out of its range (RANGES, ORDERED)."""
     for key in REQUIRED_KEYS:
         _lookup(config, key)
-    if config.batch_size <= 0:
-        raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
-    if config.num_epochs <= 0:
-        raise ConfigError(f"num_epochs must be positive, got {config.num_epochs}")
+    for key, interval in RANGES.items():
+        value = _get(config, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not in_range(value, interval):
+            raise ConfigError(f"config key {key!r} must be in {interval}, got {value!r}")
+    for low_key, high_key in ORDERED:
+        low, high = _get(config, low_key), _get(config, high_key)
+        if low is not None and high is not None and low > high:
+            raise ConfigError(f"config key {low_key!r} ({low!r}) must not exceed {high_key!r} ({high!r})")
+    dtype = _get(config, "model.dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"config key 'model.dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def to_json(config):

@@ -59,6 +59,7 @@ class Setup:
 # ----------------------------------------------------------------------------------------------
 def build(config, train_source=None, devices=None):
     """Returns the Setup for `config`: mesh (over `devices`, default all), data source, optimizer, step."""
+    config_lib.validate(config)  # configs built in Python, not only those load_config read
     mesh = parallel.make_mesh(devices)
     parallel.check_batch_size(config.batch_size, mesh)
     method = get_method(config)

@@ -144,8 +144,54 @@ def test_bad_file_preset_and_form():
         config_lib.load_config(f"{SIMCLR}:mnist")
     with pytest.raises(config_lib.ConfigError, match="KEY=VALUE"):
         config_lib.load_config(f"{SIMCLR}:smoke", ["optim.lr"])
-    with pytest.raises(config_lib.ConfigError, match="batch_size must be positive"):
+    with pytest.raises(config_lib.ConfigError, match=r"'batch_size' must be in \[1, inf\), got 0"):
         config_lib.load_config(f"{SIMCLR}:smoke", ["batch_size=0"])
+
+
+@pytest.mark.parametrize("method,override,message", [
+    ("simclr", "eval.knn_k=0", r"'eval.knn_k' must be in \[1, inf\), got 0"),
+    ("simclr", "eval.knn_temperature=0", r"'eval.knn_temperature' must be in \(0, inf\), got 0.0"),
+    ("simclr", "checkpoint.every_epochs=0", r"'checkpoint.every_epochs' must be in \[1, inf\)"),
+    ("simclr", "log_every_steps=0", r"'log_every_steps' must be in \[1, inf\)"),
+    ("simclr", "augment.flip_p=2", r"'augment.flip_p' must be in \[0, 1\], got 2.0"),
+    ("simclr", "augment.min_scale=0", r"'augment.min_scale' must be in \(0, 1\]"),
+    ("simclr", "augment.max_scale=0.2", r"'augment.min_scale' \(0.3\) must not exceed 'augment.max_scale' \(0.2\)"),
+    ("simclr", "optim.lr=-1", r"'optim.lr' must be in \(0, inf\), got -1.0"),
+    ("simclr", "optim.lr=nan", r"'optim.lr' must be in \(0, inf\), got nan"),
+    ("simclr", "optim.momentum=1", r"'optim.momentum' must be in \[0, 1\)"),
+    ("simclr", "optim.end_lr_factor=2", r"'optim.end_lr_factor' must be in \[0, 1\]"),
+    ("simclr", "model.width_multiplier=0", r"'model.width_multiplier' must be in \[1, inf\)"),
+    ("simclr", "model.dtype=float8", r"'model.dtype' must be one of float32, bfloat16, float16, got 'float8'"),
+    ("simclr", "seed=-1", r"'seed' must be in \[0, inf\)"),
+    ("simclr", "loss.temperature=0", r"'loss.temperature' must be in \(0, inf\)"),
+    ("simclr", "head.num_layers=0", r"'head.num_layers' must be in \[1, inf\)"),
+    ("moco_v2", "moco.momentum=1.5", r"'moco.momentum' must be in \[0, 1\], got 1.5"),
+    ("byol", "byol.tau_base=-0.1", r"'byol.tau_base' must be in \[0, 1\]"),
+    ("byol", "predictor.hidden_dim=0", r"'predictor.hidden_dim' must be in \[1, inf\)"),
+    ("swav", "swav.epsilon=0", r"'swav.epsilon' must be in \(0, inf\)"),
+    ("swav", "swav.num_prototypes=0", r"'swav.num_prototypes' must be in \[1, inf\)"),
+    ("swav", "swav.small_min_scale=0.5", r"'swav.small_min_scale' \(0.5\) must not exceed 'swav.small_max_scale'"),
+    ("barlow_twins", "loss.lambd=-1", r"'loss.lambd' must be in \(0, inf\)"),
+])
+def test_values_out_of_range_are_errors_naming_the_key(method, override, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.load_config(f"configs/{method}.py:smoke", [override])
+
+
+def test_every_range_rule_names_a_key_of_some_config():
+    """A misspelt key in config.RANGES would silently check nothing."""
+    keys = set()
+    for name in sorted(os.listdir("configs")):
+        for preset in ("cifar10", "imagenet", "smoke"):
+            keys |= set(_flat(config_lib.load_config(f"configs/{name}:{preset}").to_dict()))
+    rules = set(config_lib.RANGES) | {k for pair in config_lib.ORDERED for k in pair} | {"model.dtype"}
+    assert rules - keys == set()
+
+
+def test_ranges_include_and_exclude_their_bounds():
+    assert config_lib.in_range(0, "[0, 1)") and not config_lib.in_range(1, "[0, 1)")
+    assert config_lib.in_range(1, "(0, 1]") and not config_lib.in_range(0, "(0, 1]")
+    assert config_lib.in_range(1e30, "(0, inf)") and not config_lib.in_range(float("nan"), "[0, inf)")
 
 
 def test_json_round_trip(tmp_path):

@@ -91,3 +91,11 @@ def test_batch_not_divisible_by_device_count_is_an_error():
     source = _source()
     with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the number of devices \(8\)"):
         train.build(_config("batch_size=12"), source)
+
+
+def test_a_config_changed_in_python_is_checked_like_an_override():
+    config = _config()
+    with config.unlocked():
+        config.eval.knn_temperature = 0.0
+    with pytest.raises(config_lib.ConfigError, match=r"'eval.knn_temperature' must be in \(0, inf\), got 0.0"):
+        train.build(config, _source())
