@@ -40,7 +40,8 @@ from ssl_jax import presets
 def get_config(arg="cifar10"):
     """Returns the preset named `arg`: cifar10, imagenet or smoke."""
     c = presets.apply(presets.base("barlow_twins"), arg)
-    # The projector: (num_layers - 1) hidden Dense-BN-ReLU layers of hidden_dim, then a Dense to out_dim.
+    # The projector: (num_layers - 1) hidden Dense-BN-ReLU layers of hidden_dim (0: the
+    # backbone's width), then a Dense to out_dim.
     c.head = ml_collections.ConfigDict(dict(num_layers=3, hidden_dim=2048, out_dim=2048))
     c.loss = ml_collections.ConfigDict(dict(lambd=0.0051))
     # config.augment is view 1; view 2 differs in blur and solarisation (the same convention as configs/byol.py).

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ssl_jax import config as config_lib, flops
+from ssl_jax import config as config_lib, flops, train
 from ssl_jax.methods import common
 from ssl_jax.models import LinearClassifier, MLPHead, get_backbone
 from ssl_jax.models.resnet import BasicBlock, BottleneckBlock, conv_kernel_init
@@ -565,3 +565,12 @@ def test_sk_needs_a_bottleneck_resnet_and_a_positive_ratio(name, sk_ratio):
     model, _ = get_backbone(name, sk_ratio=sk_ratio)
     with pytest.raises(ValueError, match="sk_ratio"):
         abstract_init(model, 32)
+
+
+@pytest.mark.parametrize("method", ["simclr_v2", "moco_v2", "swav", "barlow_twins"])
+def test_head_hidden_dim_zero_is_the_backbone_width(method):
+    """head.hidden_dim = 0 (SimCLR v2's head) means as wide as the backbone for every method with a `head`."""
+    config = config_lib.load_config(f"configs/{method}.py:smoke", ["model.name=resnet18", "head.hidden_dim=0"])
+    params, _, _ = train.get_method(config).init(RNG, config, jnp.zeros((2, 16, 16, 3)))
+    assert common.feature_dim(config) == 512
+    assert params["head"]["dense0"]["kernel"].shape == (512, 512)

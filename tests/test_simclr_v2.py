@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ssl_jax import config as config_lib
-from ssl_jax.methods import simclr
+from ssl_jax.methods import common, simclr
 from harness import assert_updates_close, cli_smoke_rows, delta, largest, one_and_all_devices, random_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def test_finetune_features_layer_0_is_encode_and_layer_1_the_first_hidden_activa
     images = rs.randn(4, 16, 16, 3).astype(np.float32)
     backbone_features = np.asarray(simclr.encode(params, stats, images, config), np.float64)
     layer_1 = np.asarray(simclr.finetune_features(params, stats, images, config), np.float64)
-    hidden = simclr.head_hidden_dim(config)
+    hidden = common.head_hidden_dim(config)
     assert hidden == simclr.feature_dim(config) == 16 and layer_1.shape == (4, hidden)
     bn, kernel = params["head"]["bn0"], np.asarray(params["head"]["dense0"]["kernel"], np.float64)
     pre = backbone_features @ kernel
@@ -105,7 +105,7 @@ def test_presets():
     assert imagenet.optim.weight_decay == 1e-4 and imagenet.model.name == "resnet50"
     cifar = _config(f"{V2}:cifar10")
     assert cifar.model.name == "resnet18" and cifar.loss.temperature == 0.5 and cifar.augment.blur_p == 0.0
-    assert simclr.head_hidden_dim(cifar) == 512
+    assert common.head_hidden_dim(cifar) == 512
 
 
 def test_loss_scale_two_is_the_official_sum_of_both_directions():

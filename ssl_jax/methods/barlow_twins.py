@@ -38,7 +38,7 @@ def networks(config, axis_name=None, bn_groups=1):
     bn_axis = common.bn_axis(config, axis_name)
     backbone = common.backbone(config, axis_name, bn_groups=bn_groups)
     projector = models.MLPHead(
-        hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
+        hidden_dims=(common.head_hidden_dim(config),) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
         use_bn=True, last_bn=False, dtype=common.compute_dtype(config), bn_axis_name=bn_axis, bn_groups=bn_groups)
     return backbone, projector
 

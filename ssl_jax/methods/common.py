@@ -32,6 +32,12 @@ def feature_dim(config):
     return models.backbone_from_config(config.model)[1]
 
 
+def head_hidden_dim(config):
+    """Returns the head's hidden width: head.hidden_dim, or the backbone's feature width when it is 0 (SimCLR v2's
+    head; the same for every method whose head is configured by `head`)."""
+    return config.head.hidden_dim or feature_dim(config)
+
+
 def encode(params, batch_stats, images, config):
     """Returns float32 backbone features_BxD of preprocessed images, BatchNorm in inference mode."""
     return backbone(config).apply({"params": params["backbone"], "batch_stats": batch_stats["backbone"]},

@@ -40,7 +40,7 @@ def networks(config, axis_name=None, bn_groups=1):
     bn_axis = common.bn_axis(config, axis_name)
     backbone = common.backbone(config, axis_name, bn_groups=bn_groups)
     head = models.MLPHead(
-        hidden_dims=(head_hidden_dim(config),) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
+        hidden_dims=(common.head_hidden_dim(config),) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
         use_bn=config.head.use_bn, last_bn=config.head.last_bn,
         last_bn_scale=config.head.get("last_bn_scale", False), dtype=common.compute_dtype(config),
         bn_axis_name=bn_axis, bn_groups=bn_groups, kernel_init_std=config.head.get("init_std", 0.0))
@@ -50,11 +50,6 @@ def networks(config, axis_name=None, bn_groups=1):
 def bn_per_view(config):
     """Returns simclr.bn_per_view: BatchNorm statistics per view (True) or over both views together (False)."""
     return bool(config.get("simclr", {}).get("bn_per_view", False))
-
-
-def head_hidden_dim(config):
-    """Returns the head's hidden width: head.hidden_dim, or the backbone's feature width when it is 0 (v2)."""
-    return config.head.hidden_dim or feature_dim(config)
 
 
 def init(rng, config, sample_images):

@@ -53,7 +53,7 @@ def networks(config, axis_name=None, head_bn_groups=1):
     backbone = common.backbone(config, axis_name)
     # Official head: Linear -> BN -> ReLU -> Linear (src/resnet50.py, hidden_mlp=2048, output_dim=128).
     head = models.MLPHead(
-        hidden_dims=(config.head.hidden_dim,) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
+        hidden_dims=(common.head_hidden_dim(config),) * (config.head.num_layers - 1), out_dim=config.head.out_dim,
         use_bn=config.head.use_bn, last_bn=config.head.last_bn, dtype=common.compute_dtype(config),
         bn_axis_name=bn_axis, bn_groups=head_bn_groups)
     return backbone, head
