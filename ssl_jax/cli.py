@@ -102,6 +102,7 @@ def main(argv=None):
     command = "ssl-jax " + shlex.join(argv)
     try:
         if args.command == "train":
+            train.check_workdir(args.workdir)
             spec = args.config or os.path.join(args.workdir, "config.json")
             if not args.config and not os.path.isfile(spec):
                 raise config_lib.ConfigError(f"--config is needed: {args.workdir} holds no run to resume ({spec} "

@@ -223,6 +223,12 @@ def resume_changes(workdir, config):
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
+def check_workdir(workdir):
+    """Raises ValueError when `workdir` exists and is not a directory."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"the workdir {workdir} is a file, not a directory")
+
+
 def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, devices=None):
     """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final state.
 
@@ -234,9 +240,13 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
     from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
     evaluate_fn = evaluate_fn or protocols.monitor
     is_main = jax.process_index() == 0
+    check_workdir(workdir)  # before the data is loaded: a bad --workdir fails at once
     config = config_lib.with_absolute_paths(config)  # config.json records where the data is, whatever the cwd
     setup = build(config, devices=devices)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the workdir {workdir}: {e.strerror or e}") from e
 
     # Checkpoint: resume from the newest one if there is one. DIR/config.json is (re)written only once the
     # checkpoint has been restored: a resume with another model or method fails and leaves the run's record
