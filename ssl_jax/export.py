@@ -242,23 +242,60 @@ def describe(config, step, params, fmt):
 
 
 def write_backbone(params, batch_stats, fmt, path, info):
-    """Writes the backbone to `path` in `fmt` and its sidecar to `path`.json; returns `path`."""
+    """Writes the backbone to `path` in `fmt` and its sidecar to `path`.json; returns `path`.
+
+    `path` must end in the format's extension (EXTENSIONS), by which `load_backbone` tells the format. Both files
+    are written beside their destination under temporary names and then renamed over it: an export that fails
+    (disk full, a missing optional package) leaves an earlier export at `path` as it was.
+    """
     if fmt not in EXTENSIONS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXTENSIONS)}")
+    if os.path.splitext(path)[1] != EXTENSIONS[fmt]:
+        raise ValueError(f"the {fmt} export {path} must end in {EXTENSIONS[fmt]}: the format is told by the "
+                         "file's extension when it is loaded")
+    writer = _writer(fmt)  # a missing optional package is an error before anything is written
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = {p: f"{p}.tmp-{os.getpid()}" for p in (path, path + ".json")}  # one sidecar per file: formats side by side
+    try:
+        writer(params, batch_stats, tmp[path], info)
+        with open(tmp[path + ".json"], "w") as f:
+            json.dump(info, f, indent=2)
+        mode = 0o666 & ~_umask()  # what open() gives; some writers create their file private (0600)
+        for final, temporary in tmp.items():
+            os.chmod(temporary, mode)
+            os.replace(temporary, final)
+    finally:
+        for temporary in tmp.values():
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    return path
+
+
+def _umask():
+    """Returns the process's umask (read by setting it, then set back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _writer(fmt):
+    """Returns fn(params, batch_stats, path, info) that writes the backbone as `fmt` to `path`."""
     if fmt == "npz":
-        with open(path, "wb") as f:  # a file object: np.savez would append '.npz' to other names
-            np.savez(f, **flatten(params, batch_stats))
+        def write(params, batch_stats, path, info):  # pylint: disable=unused-argument
+            with open(path, "wb") as f:  # a file object: np.savez would append '.npz' to other names
+                np.savez(f, **flatten(params, batch_stats))
     elif fmt == "safetensors":
         safetensors_numpy = _require("safetensors.numpy", fmt)
-        safetensors_numpy.save_file(flatten(params, batch_stats), path, metadata={"ssl_jax": json.dumps(info)})
+
+        def write(params, batch_stats, path, info):
+            safetensors_numpy.save_file(flatten(params, batch_stats), path, metadata={"ssl_jax": json.dumps(info)})
     else:
         torch = _require("torch", fmt)
-        state_dict = torch_state_dict(params, batch_stats, info.get("step", 0))
-        torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, path)
-    with open(path + ".json", "w") as f:  # one per file: exports of several formats side by side
-        json.dump(info, f, indent=2)
-    return path
+
+        def write(params, batch_stats, path, info):
+            state_dict = torch_state_dict(params, batch_stats, info.get("step", 0))
+            torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, path)
+    return write
 
 
 def export_workdir(workdir, fmt, out=None):

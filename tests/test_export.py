@@ -104,6 +104,40 @@ def test_clear_errors(run, tmp_path, monkeypatch):
     assert isinstance(e.value, ValueError)  # the CLI reports ValueErrors as one line, no traceback
 
 
+def test_out_must_end_in_the_formats_extension(run, tmp_path, capsys):
+    workdir, _, _ = run
+    out = tmp_path / "w.safetensors"
+    assert cli.main(["export", "--workdir", workdir, "--format", "npz", "--out", str(out)]) == 2
+    assert f"the npz export {out} must end in .npz" in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "torch"])
+def test_export_files_get_the_umasks_mode_and_replace_an_earlier_export_only_when_complete(run, tmp_path,
+                                                                                            monkeypatch, fmt):
+    pytest.importorskip({"npz": "numpy", "safetensors": "safetensors", "torch": "torch"}[fmt])
+    workdir, _, (params, _) = run
+    path = str(tmp_path / f"backbone{export.EXTENSIONS[fmt]}")
+    old_umask = os.umask(0o027)
+    try:
+        export.export_workdir(workdir, fmt, path)
+    finally:
+        os.umask(old_umask)
+    for written in (path, path + ".json"):  # as open() makes them under umask 027: group-readable, not private
+        assert os.stat(written).st_mode & 0o777 == 0o640, written
+    before = {p: open(p, "rb").read() for p in (path, path + ".json")}
+
+    def fail(*args, **kwargs):  # the disk fills up halfway through the weights
+        with open(args[2], "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_writer", lambda fmt: fail)
+    with pytest.raises(OSError, match="No space left"):
+        export.write_backbone(params, {}, fmt, path, {"step": 99})
+    assert {p: open(p, "rb").read() for p in before} == before  # the earlier export, whole
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in before)  # no temporary left
+
+
 def _random_backbone(name, cifar_stem, rs, stem_relu=True, project_first_block=False):
     """Returns (module, params, batch_stats) shaped like `name`, every leaf random (numpy, no compute)."""
     model, _ = models.get_backbone(name, cifar_stem=cifar_stem, stem_relu=stem_relu,
