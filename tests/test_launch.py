@@ -337,7 +337,7 @@ def test_method_table_real_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = open(os.path.join(root, "report_smoke", "report.md")).read()
     workdir = os.path.join(root, "simsiam_smoke")
-    assert f"| simsiam_smoke | simsiam | tiny | 2/2 | 64 |" in text
+    assert "| simsiam_smoke | simsiam | tiny | 2/2 | 64 |" in text
     assert (f"| simsiam_smoke | train | `ssl-jax train --config configs/simsiam.py:smoke --workdir {workdir} "
             "--no-progress` |") in text
     assert f"| simsiam_smoke | eval knn | `ssl-jax eval --workdir {workdir} --protocol knn --no-progress` |" in text
@@ -403,6 +403,7 @@ def test_device_session_runs_each_step_once_within_its_budget(tmp_path):
     assert len(calls.read_text().splitlines()) == 10
 
     variant = session("200", "simclr_e50_ours_lightly")  # lightly's recipe details on our trainer
+    assert variant.returncode == 0, variant.stderr
     argv = calls.read_text().splitlines()[-1].split()
     assert "--workdir" in argv and argv[argv.index("--workdir") + 1] == "runs/simclr_e50_ours_lightly_cifar10"
     assert {"--config.model.zero_init_residual=false", "--config.optim.warmup_epochs=0",
