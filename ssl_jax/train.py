@@ -243,6 +243,13 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
     check_workdir(workdir)  # before the data is loaded: a bad --workdir fails at once
     config = config_lib.with_absolute_paths(config)  # config.json records where the data is, whatever the cwd
     setup = build(config, devices=devices)
+    if config.eval.knn_every_epochs and evaluate_fn is protocols.monitor:
+        try:  # the test split now (it is loaded once a process), not after the first epoch of training
+            protocols.eval_source(config, "test")
+        except data_lib.DataError as e:
+            raise data_lib.DataError(f"{e}; the kNN monitor (eval.knn_every_epochs={config.eval.knn_every_epochs}) "
+                                     "evaluates on it: add the split, or train without the monitor with "
+                                     "--config.eval.knn_every_epochs=0") from e
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:

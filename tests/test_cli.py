@@ -219,3 +219,19 @@ def test_a_workdir_that_is_a_file_or_cannot_be_created_is_an_error_naming_it(tmp
     under_a_file = a_file / "run"  # its parent is a file: makedirs fails with NotADirectoryError
     code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", str(under_a_file))
     assert code == 2 and f"cannot create the workdir {under_a_file}" in err
+
+
+def test_no_test_split_for_the_knn_monitor_is_an_error_before_training(tmp_path, capsys):
+    rs = np.random.RandomState(0)
+    for c in "ab":
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rs.randint(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", SMOKE, "--workdir", str(workdir), f"--config.data.path={tmp_path / 'data'}",
+            "--config.batch_size=8", "--config.num_epochs=2", "--config.optim.warmup_epochs=0"]
+    code, err = _in_process(capsys, *argv)
+    assert code == 2 and "no test split" in err and "--config.eval.knn_every_epochs=0" in err
+    assert not workdir.exists()  # failed before a step was taken: nothing written
+    assert _in_process(capsys, *argv, "--config.eval.knn_every_epochs=0")[0] == 0
+    assert "2" in os.listdir(workdir / "checkpoints")  # the whole run, trained without the monitor
