@@ -88,8 +88,9 @@ def finished_steps(directory):
 def _save_failed(manager, step, error):
     kept = finished_steps(str(manager.directory))
     newest = f"step {kept[-1]}" if kept else "none"
+    which = "" if step is None else f" of step {step}"
     return CheckpointSaveError(
-        f"saving the checkpoint{'' if step is None else f' of step {step}'} in {manager.directory} failed ({type(error).__name__}: "
+        f"saving the checkpoint{which} in {manager.directory} failed ({type(error).__name__}: "
         f"{str(error)[:300]}). The checkpoints already written are intact (newest: {newest}); free disk space "
         f"and run the same command again to resume from it")
 

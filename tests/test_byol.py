@@ -88,8 +88,8 @@ def test_loss_pairs_views_and_the_target_gets_no_gradient():
 
 def test_cifar10_preset_takes_lightlys_sgd_steps_for_a_loss_four_times_as_large():
     # lightly's BYOL: loss 0.5 (-cos - cos), torch SGD lr 0.06 x 512/128, momentum 0.9, weight decay 5e-4,
-    # cosine decay set once per epoch. Ours: (2 - 2 cos) + (2 - 2 cos), 4x its gradient. The preset's optimizer fed 4x a gradient
-    # must move the parameters exactly as torch SGD with lightly's values, written out here in NumPy.
+    # cosine decay set once per epoch. Ours: (2 - 2 cos) + (2 - 2 cos), 4x its gradient. The preset's optimizer fed
+    # 4x a gradient must move the parameters exactly as torch SGD with lightly's values, written out here in NumPy.
     from ssl_jax import optim  # pylint: disable=import-outside-toplevel
     config = config_lib.load_config(f"{CONFIG}:cifar10")
     steps_per_epoch, epochs = 5, 4

@@ -224,9 +224,10 @@ def test_a_workdir_that_is_a_file_or_cannot_be_created_is_an_error_naming_it(tmp
 def test_no_test_split_for_the_knn_monitor_is_an_error_before_training(tmp_path, capsys):
     rs = np.random.RandomState(0)
     for c in "ab":
-        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        folder = tmp_path / "data" / "train" / c
+        folder.mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rs.randint(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / "data" / "train" / c / f"{i}.png")
+            Image.fromarray(rs.randint(0, 256, (16, 16, 3), np.uint8)).save(folder / f"{i}.png")
     workdir = tmp_path / "run"
     argv = ["train", "--config", SMOKE, "--workdir", str(workdir), f"--config.data.path={tmp_path / 'data'}",
             "--config.batch_size=8", "--config.num_epochs=2", "--config.optim.warmup_epochs=0"]
