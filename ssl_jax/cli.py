@@ -88,6 +88,14 @@ def main(argv=None):
     cluster_flags = (args.coordinator, args.num_processes, args.process_id)
     if not args.distributed and any(f is not None for f in cluster_flags):
         parser.error("--coordinator, --num-processes and --process-id need --distributed")
+    if args.cpu_devices < 0:
+        parser.error(f"--cpu-devices must be >= 0 (0: the devices the machine has), got {args.cpu_devices}")
+    if args.num_processes is not None and args.num_processes < 1:
+        parser.error(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or float("inf")):
+        last = "num-processes - 1" if args.num_processes is None else f"{args.num_processes - 1} (--num-processes " \
+            f"{args.num_processes})"
+        parser.error(f"--process-id must be in 0 .. {last}, got {args.process_id}")
     import jax  # pylint: disable=import-outside-toplevel  (after parsing: --help stays fast)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)

@@ -236,3 +236,17 @@ def test_no_test_split_for_the_knn_monitor_is_an_error_before_training(tmp_path,
     assert not workdir.exists()  # failed before a step was taken: nothing written
     assert _in_process(capsys, *argv, "--config.eval.knn_every_epochs=0")[0] == 0
     assert "2" in os.listdir(workdir / "checkpoints")  # the whole run, trained without the monitor
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cpu-devices", "-3"], "--cpu-devices must be >= 0 (0: the devices the machine has), got -3"),
+    (["--num-processes", "2"], "--coordinator, --num-processes and --process-id need --distributed"),
+    (["--distributed", "--num-processes", "0"], "--num-processes must be >= 1, got 0"),
+    (["--distributed", "--num-processes", "2", "--process-id", "5"],
+     "--process-id must be in 0 .. 1 (--num-processes 2), got 5"),
+    (["--distributed", "--process-id", "-1"], "--process-id must be in 0 .. num-processes - 1, got -1"),
+])
+def test_bad_device_and_cluster_flags_are_usage_errors_before_jax_starts(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:  # argparse's usage error: exit status 2, nothing initialized or written
+        cli.main(["train", "--config", SMOKE, "--workdir", str(tmp_path / "run"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "run").exists()
