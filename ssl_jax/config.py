@@ -112,16 +112,18 @@ def apply_override(config, key, text):
         parent[leaf] = value
 
 
-# Where each number may lie, as an interval: "[" / "]" include the bound, "(" / ")" exclude it. A rule applies
-# wherever its key exists, so the methods' own sections (loss, head, moco, swav, ...) are checked with the
-# shared ones; 0 is allowed where it is documented to mean "off" or "the default".
+# Where each number may lie, as an interval: "[" / "]" include the bound, "(" / ")" exclude it (for a tuple, each
+# of its numbers). A rule applies wherever its key exists, so the methods' own sections (loss, head, moco, swav,
+# ...) and the eval keys that evaluators.protocols.EVAL_DEFAULTS adds are checked with the shared ones; 0 is
+# allowed where it is documented to mean "off" or "the default".
 RANGES = {
     "seed": "[0, inf)", "num_epochs": "[1, inf)", "batch_size": "[1, inf)", "grad_accum_steps": "[1, inf)",
     "log_every_steps": "[1, inf)",
     "data.image_size": "[0, inf)", "data.num_workers": "[0, inf)", "data.num_examples": "[0, inf)",
     "data.num_classes": "[0, inf)",
     "model.width_multiplier": "[1, inf)", "model.sk_ratio": "[0, 1)",
-    "augment.crop_size": "[1, inf)", "augment.min_scale": "(0, 1]", "augment.max_scale": "(0, 1]",
+    "augment.crop_size": "[1, inf)", "augment.mean": "[0, 1]", "augment.std": "(0, inf)",
+    "augment.min_scale": "(0, 1]", "augment.max_scale": "(0, 1]",
     "augment.flip_p": "[0, 1]", "augment.jitter_strength": "[0, inf)", "augment.jitter_p": "[0, 1]",
     "augment.grayscale_p": "[0, 1]", "augment.blur_p": "[0, 1]", "augment.solarize_p": "[0, 1]",
     "optim.lr": "(0, inf)", "optim.weight_decay": "[0, inf)", "optim.momentum": "[0, 1)",
@@ -131,6 +133,10 @@ RANGES = {
     "eval.knn_every_epochs": "[0, inf)", "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)",
     "eval.knn_train_examples": "[0, inf)", "eval.batch_size": "[1, inf)", "eval.linear_epochs": "[1, inf)",
     "eval.linear_lr": "(0, inf)", "eval.linear_batch_size": "[1, inf)", "eval.linear_weight_decay": "[0, inf)",
+    "eval.fewshot_shots": "[1, inf)", "eval.fewshot_l2": "(0, inf)", "eval.fewshot_seed": "[0, inf)",
+    "eval.semi_seed": "[0, inf)", "eval.semi1_epochs": "[1, inf)", "eval.semi10_epochs": "[1, inf)",
+    "eval.semi_batch_size": "[1, inf)", "eval.semi_lr": "(0, inf)", "eval.semi_backbone_lr_factor": "[0, inf)",
+    "eval.semi_weight_decay": "[0, inf)",
     "loss.temperature": "(0, inf)", "loss.scale": "(0, inf)", "loss.chunk_size": "[0, inf)",
     "loss.lambd": "(0, inf)",
     "head.hidden_dim": "[0, inf)", "head.out_dim": "[1, inf)", "head.num_layers": "[1, inf)",
@@ -175,8 +181,9 @@ def validate(config):
         _lookup(config, key)
     for key, interval in RANGES.items():
         value = _get(config, key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not in_range(value, interval):
-            raise ConfigError(f"config key {key!r} must be in {interval}, got {value!r}")
+        for number in value if isinstance(value, (tuple, list)) else (value,):  # a tuple: each of its numbers
+            if isinstance(number, (int, float)) and not isinstance(number, bool) and not in_range(number, interval):
+                raise ConfigError(f"config key {key!r} must be in {interval}, got {value!r}")
     for low_key, high_key in ORDERED:
         low, high = _get(config, low_key), _get(config, high_key)
         if low is not None and high is not None and low > high:

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from ssl_jax import config as config_lib
+from ssl_jax.evaluators import protocols
 
 SIMCLR = "configs/simclr.py"
 
@@ -172,6 +173,7 @@ def test_bad_file_preset_and_form():
     ("swav", "swav.num_prototypes=0", r"'swav.num_prototypes' must be in \[1, inf\)"),
     ("swav", "swav.small_min_scale=0.5", r"'swav.small_min_scale' \(0.5\) must not exceed 'swav.small_max_scale'"),
     ("barlow_twins", "loss.lambd=-1", r"'loss.lambd' must be in \(0, inf\)"),
+    ("simclr", "augment.std=(0.25, 0.0, 0.25)", r"'augment.std' must be in \(0, inf\), got \(0.25, 0.0, 0.25\)"),
 ])
 def test_values_out_of_range_are_errors_naming_the_key(method, override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
@@ -183,9 +185,21 @@ def test_every_range_rule_names_a_key_of_some_config():
     keys = set()
     for name in sorted(os.listdir("configs")):
         for preset in ("cifar10", "imagenet", "smoke"):
-            keys |= set(_flat(config_lib.load_config(f"configs/{name}:{preset}").to_dict()))
+            config = protocols.with_eval_defaults(config_lib.load_config(f"configs/{name}:{preset}"))
+            keys |= set(_flat(config.to_dict()))
     rules = set(config_lib.RANGES) | {k for pair in config_lib.ORDERED for k in pair} | {"model.dtype"}
     assert rules - keys == set()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.semi_lr=0", r"'eval.semi_lr' must be in \(0, inf\), got 0.0"),
+    ("eval.fewshot_shots=(0, 5)", r"'eval.fewshot_shots' must be in \[1, inf\), got \(0, 5\)"),
+])
+def test_eval_keys_added_at_evaluation_are_range_checked_too(override, message):
+    config = protocols.with_eval_defaults(config_lib.load_config(f"{SIMCLR}:smoke"))
+    config_lib.apply_override(config, *override.split("=", 1))
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
 
 
 def test_ranges_include_and_exclude_their_bounds():
