@@ -16,8 +16,7 @@ import numpy as np
 import optax
 
 from ssl_jax import accumulate, checkpoint, config as config_lib, losses, metrics as metrics_lib, monitors, optim
-from ssl_jax import parallel
-from ssl_jax import data as data_lib
+from ssl_jax import data as data_lib, parallel
 from ssl_jax.data import pipeline
 from ssl_jax.models import LinearClassifier
 
