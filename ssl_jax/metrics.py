@@ -89,6 +89,11 @@ def show_progress(enabled):
     _show_progress = bool(enabled)
 
 
+def progress_shown():
+    """Returns whether progress bars are on (see show_progress)."""
+    return _show_progress
+
+
 def progress_bar(total, initial=0, desc="train", enabled=True, unit="step", mininterval=1.0):
     """Returns a tqdm bar on stderr (disabled when not `enabled`, e.g. not process 0, or after
     show_progress(False))."""

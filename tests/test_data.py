@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ssl_jax import data
+from ssl_jax import data, metrics
 from ssl_jax.data import imagefolder, pipeline, synthetic, tfds_source
 
 CIFAR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -392,6 +392,22 @@ def test_tfds_data_source_without_tensorflow(tmp_path):
     resized = data.get_source(_cfg(tmp_path, name="ssl_jax_tiny_images", image_size=4, tfds_data_dir=str(data_dir)),
                               "train")
     assert resized.images.shape == (7, 4, 4, 3)
+
+
+def test_tfds_prepares_a_data_dir_without_tensorflow_and_its_bars_follow_no_progress(tmp_path, capfd, monkeypatch):
+    from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(tqdm_utils, "_active", True)  # tfds's own switch, put back after the test
+    errs = []
+    # Prepared on first use (download=True) into data.tfds_data_dir, a new folder each time: as array_record (tfds's
+    # default there is TFRecord, which needs TensorFlow to write and which tfds.data_source cannot read).
+    for shown in (True, False):
+        monkeypatch.setattr(metrics, "_show_progress", shown)
+        data_dir = tmp_path / f"tfds_{shown}"
+        source = data.get_source(_cfg(tmp_path / f"c_{shown}", name="ssl_jax_tiny_images", image_size=0,
+                                      tfds_data_dir=str(data_dir)), "train")
+        assert len(source.images) == 7
+        errs.append(capfd.readouterr().err)
+    assert "Generating" in errs[0] and "Generating" not in errs[1], errs  # tfds's "Generating splits..." bar
 
 
 def test_tfds_mock_cifar10(tmp_path):

@@ -11,11 +11,14 @@ import sys
 
 import numpy as np
 
-from ssl_jax import data as data_lib
+from ssl_jax import data as data_lib, metrics
 from ssl_jax.data import imagefolder
 
 _TEST_SPLITS = ("test", "validation")  # 'test' means the first of these that exists and has labels
 _DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+# Random-access records, prepared without TensorFlow. tfds.data_source picks them itself only when no data_dir is
+# given: with data.tfds_data_dir it would prepare TFRecords (TensorFlow needed), which it then cannot read.
+_ARRAY_RECORD = {"file_format": "array_record"}
 
 
 def load(name, split, data_cfg):
@@ -44,8 +47,10 @@ def load(name, split, data_cfg):
     if source is not None:
         return source
 
+    if not metrics.progress_shown():
+        tfds.disable_progress_bar()  # its download and preparation bars obey --no-progress too
     try:  # prepares (downloads) the dataset on first use; a no-op once prepared
-        all_splits = tfds.data_source(name, split=None, data_dir=data_dir, download=True)
+        all_splits = tfds.data_source(name, split=None, data_dir=data_dir, download=True, builder_kwargs=_ARRAY_RECORD)
     except Exception as e:  # pylint: disable=broad-except  (re-raised with what to do about it)
         raise data_lib.DataError(_prepare_error(name, data_dir, e)) from e
     tfds_split = resolve_split(name, split, all_splits, label_key)
@@ -80,7 +85,7 @@ def resolve_split(name, split, all_splits, label_key):
 
 
 def _open_split(tfds, name, tfds_split, data_dir, image_key):
-    raw = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False,
+    raw = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False, builder_kwargs=_ARRAY_RECORD,
                            decoders={image_key: tfds.decode.SkipDecoding()})
     try:
         raw[0]
@@ -88,7 +93,7 @@ def _open_split(tfds, name, tfds_split, data_dir, image_key):
     except Exception:  # pylint: disable=broad-except
         # Records that cannot be read undecoded (tfds.testing.mock_data encodes its fake images on the fly,
         # which needs TensorFlow): read decoded images instead, decoded here rather than in the workers.
-        return tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False)
+        return tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False, builder_kwargs=_ARRAY_RECORD)
 
 
 def examples_to_items(examples, image_key, label_key, origin, file_names=None):
