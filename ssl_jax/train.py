@@ -197,8 +197,9 @@ def _mismatch_hint(workdir, changes):
 def resume_changes(workdir, config):
     """Returns the (key, old, new) differences between DIR/config.json and `config` for a resume.
 
-    Raises CheckpointMismatchError when the method differs: a checkpoint of one method is never resumed as
-    another, even where their arrays happen to have the same shapes. Other changes (a longer `num_epochs`,
+    Raises CheckpointMismatchError when the method differs (a checkpoint of one method is never resumed as
+    another, even where their arrays happen to have the same shapes) or the batch size does (the step counts
+    batches). Other changes (a longer `num_epochs`,
     another evaluation interval or data path) are allowed; the caller reports them. Changes that alter the
     state's arrays (model, head, queue size) fail in the restore, whose error then names these differences.
     """
@@ -217,6 +218,14 @@ def resume_changes(workdir, config):
             f"{workdir} holds a checkpoint of a {saved.get('method')} run and this config trains {config.method}; "
             f"to resume it, run `ssl-jax train --workdir {workdir}` without --config (its own config.json), or give "
             f"a new --workdir")
+    if saved.get("batch_size", config.batch_size) != config.batch_size:
+        # The checkpoint's step counts batches of the saved size: the data order, the epoch and the learning-rate
+        # schedule (whose count lives in the optimizer state) would all resume at another point of the run.
+        raise checkpoint.CheckpointMismatchError(
+            f"{workdir} holds a checkpoint of a run with batch_size={saved['batch_size']}, whose step counts batches "
+            f"of that size; resuming it with batch_size={config.batch_size} would repeat or skip data and move the "
+            f"learning-rate schedule. Resume with --config.batch_size={saved['batch_size']} (to save memory, "
+            f"--config.grad_accum_steps splits each batch), or give a new --workdir")
     return changes
 
 

@@ -146,6 +146,11 @@ def test_a_resume_with_another_model_or_method_is_refused_and_the_run_is_left_as
     code, err = _in_process(capsys, "train", "--config", SMOKE.replace("simclr.py", "byol.py"), "--workdir", workdir,
                             *short)
     assert code == 2 and "holds a checkpoint of a simclr run and this config trains byol" in err, err
+    # Another batch size: the step counts batches of the saved size, so the data order, the epoch and the
+    # schedule would resume elsewhere. Refused, also as an override of a resume without --config.
+    for extra in (["--config", SMOKE, *short], []):
+        code, err = _in_process(capsys, "train", *extra, "--workdir", workdir, "--config.batch_size=32")
+        assert code == 2 and "batch_size=64, whose step counts batches" in err and "--config.batch_size=64" in err, err
     # Evaluating with an override that changes the arrays is the same clear error.
     code, err = _in_process(capsys, "eval", "--workdir", workdir, "--protocol", "knn", "--config.head.hidden_dim=48")
     assert code == 2 and "does not fit this config's state" in err, err
