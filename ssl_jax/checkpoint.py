@@ -6,6 +6,7 @@ parameter norm were checked finite, so a failing run never replaces the last goo
 """
 import os
 import signal
+import sys
 import threading
 import warnings
 
@@ -176,6 +177,8 @@ class PreemptionGuard:
 
     The loop then saves a checkpoint and exits cleanly instead of dying mid-step. orbax's own
     `reached_preemption` is consulted too; it only works after `jax.distributed.initialize()`.
+    A second SIGINT (Ctrl-C pressed again while the step, an evaluation or the save runs) raises
+    KeyboardInterrupt at once, without waiting for the save.
     """
 
     def __init__(self, manager=None, signals=(signal.SIGTERM,)):
@@ -189,8 +192,13 @@ class PreemptionGuard:
 
     def _handle(self, signum, frame):
         del frame
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
         self._flag.set()
+        if signum == signal.SIGINT:
+            print("\ninterrupted: a checkpoint is saved after this step, then the run stops (Ctrl-C again stops at "
+                  "once, without saving)", file=sys.stderr, flush=True)
 
     def requested(self, step):
         """Returns True once a stop was signalled (by a signal or by the platform's preemption notice)."""

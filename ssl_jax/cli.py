@@ -149,6 +149,9 @@ def main(argv=None):
     except expected as e:
         print(f"ssl-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C; `train` has saved a checkpoint first (a second Ctrl-C does not wait)
+        print(f"ssl-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -244,7 +245,8 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
     `command` (the command line that started this run, if any) is recorded in DIR/runs.jsonl, where
     `ssl-jax report` finds it. `devices`: the mesh's devices (default all). A checkpoint written on another
     number of devices resumes here: the state is replicated and the data order and augmentation keys are those
-    of the global batch.
+    of the global batch. SIGTERM saves a checkpoint after the current step and returns; SIGINT (Ctrl-C) saves
+    one too, then raises KeyboardInterrupt (a second SIGINT raises it at once).
     """
     from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
     evaluate_fn = evaluate_fn or protocols.monitor
@@ -306,7 +308,7 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
                                     jax_version=jax.__version__, **({"command": command} if command else {}),
                                     **({"config_changes": {k: [a, b] for k, a, b in changes}} if changes else {}))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-    guard = checkpoint.PreemptionGuard(manager)
+    guard = checkpoint.PreemptionGuard(manager, signals=(signal.SIGTERM, signal.SIGINT))  # Ctrl-C saves too
     batches = loader(setup, start)
     bar = metrics_lib.progress_bar(setup.total_steps, start, desc=config.method, enabled=progress and is_main)
     spe, every = setup.steps_per_epoch, config.log_every_steps
@@ -371,4 +373,6 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
             manager.close()
             writer.close()
             guard.restore_handlers()
+    if guard.signal_name == "SIGINT":  # saved; now stop as an interrupt does (the CLI exits with status 130)
+        raise KeyboardInterrupt
     return state

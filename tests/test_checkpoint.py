@@ -64,6 +64,20 @@ def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_ctrl_c_sets_the_stop_flag_and_a_second_one_interrupts_at_once(capsys):
+    before = signal.getsignal(signal.SIGINT)
+    guard = checkpoint.PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT))
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.requested(1) and guard.signal_name == "SIGINT"
+        assert "a checkpoint is saved after this step" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        guard.restore_handlers()
+    assert signal.getsignal(signal.SIGINT) == before
+
+
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     manager = checkpoint.make_manager(str(tmp_path), max_to_keep=3, async_save=False)
     for step in (1, 2):

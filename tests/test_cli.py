@@ -88,7 +88,9 @@ def test_eval_protocols_append_to_metrics(smoke_run):
     assert [what for what, _ in commands][-2:] == ["eval knn", "eval linear"]
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_saves_and_exits_cleanly(tmp_path, sig, code):
+    """SIGTERM (a preempted VM) saves and exits with status 0; Ctrl-C saves too, then exits as interrupted."""
     workdir = str(tmp_path / "run")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ssl_jax", "train", "--config", SMOKE, "--workdir", workdir, "--no-progress",
@@ -99,10 +101,12 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (os.path.exists(path) and len(open(path).readlines()) >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert "stop requested (SIGTERM)" in err
+    assert proc.returncode == code, err
+    assert f"stop requested ({sig.name})" in err and "Traceback" not in err
+    if sig == signal.SIGINT:
+        assert "Ctrl-C again stops at once" in err and err.rstrip().endswith("ssl-jax train: interrupted")
     manager = checkpoint.make_manager(workdir, async_save=False)
     step = checkpoint.latest_step(manager)
     manager.close()

@@ -178,3 +178,14 @@ def test_bench_jpeg_runs(tmp_path, capsys):
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [r[1].strip() for r in rows] == ["in process", "DecodePool"]
     assert all(float(r[4]) > 0 for r in rows)
+
+
+def test_decoding_workers_ignore_ctrl_c():
+    """Ctrl-C signals the whole process group; the parent stops (training saves first) and shuts the pool down.
+    A worker that took the signal itself died with a traceback and broke the pool under the saving run."""
+    import concurrent.futures  # pylint: disable=import-outside-toplevel
+    import signal  # pylint: disable=import-outside-toplevel
+    from ssl_jax.data import imagefolder  # pylint: disable=import-outside-toplevel
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=imagefolder.init_decode_worker) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=120) == signal.SIG_IGN
