@@ -234,7 +234,10 @@ def resume_changes(workdir, config):
 # The loop.
 # ----------------------------------------------------------------------------------------------
 def check_workdir(workdir):
-    """Raises ValueError when `workdir` exists and is not a directory."""
+    """Raises ValueError when `workdir` exists and is not a directory, or is a URL (gs://...)."""
+    if "://" in workdir:  # os.makedirs would create a local folder named "gs:", and TensorBoard crash in it
+        raise ValueError(f"the workdir {workdir} is a URL; runs are written through the local filesystem, so use a "
+                         f"local or mounted folder (launch/tpu_vm.sh's SYNC_TO={workdir} copies a run to a bucket)")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"the workdir {workdir} is a file, not a directory")
 

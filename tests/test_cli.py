@@ -218,13 +218,16 @@ def test_corrupt_image_error_names_the_file(tmp_path, capsys):
     assert "decoding 16 images" in err and "%|" not in err  # --no-progress hides the decoding bar too
 
 
-def test_a_workdir_that_is_a_file_or_cannot_be_created_is_an_error_naming_it(tmp_path, capsys):
+def test_a_workdir_that_is_a_file_or_cannot_be_created_is_an_error_naming_it(tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine\n")
     for extra in (["--config", SMOKE], []):  # a new run, and a resume (no --config)
         code, err = _in_process(capsys, "train", *extra, "--workdir", str(a_file))
         assert code == 2 and f"the workdir {a_file} is a file, not a directory" in err and "Traceback" not in err
     assert a_file.read_text() == "mine\n"
+    monkeypatch.chdir(tmp_path)  # where a local folder named "gs:" would appear
+    code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", "gs://bucket/run")
+    assert code == 2 and "the workdir gs://bucket/run is a URL" in err and not os.path.exists("gs:"), err
     under_a_file = a_file / "run"  # its parent is a file: makedirs fails with NotADirectoryError
     code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", str(under_a_file))
     assert code == 2 and f"cannot create the workdir {under_a_file}" in err
