@@ -3,11 +3,14 @@
 Read top to bottom: mesh, input, method and state, the sharded update step, checkpoint, evaluation, loop.
 The trainer never branches on the method's name: it calls the contract in ssl_jax/methods/simclr.py.
 """
+import contextlib
 import dataclasses
+import fcntl
 import importlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -233,6 +236,47 @@ def resume_changes(workdir, config):
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
+class WorkdirLockedError(ValueError):
+    """Another process is training in the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, enabled=True):
+    """Holds an exclusive lock on DIR/.lock (flock: released when the process dies, so never stale).
+
+    Raises WorkdirLockedError when another process holds it: two runs writing one workdir's checkpoints and
+    metrics would corrupt each other. Only process 0 of a job locks (a shared workdir has one writer). A
+    filesystem without locks (some network mounts) gets a warning and no lock.
+    """
+    if not enabled:
+        yield
+        return
+    path = os.path.join(workdir, ".lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise WorkdirLockedError(f"the workdir {workdir} is in use by another training run ({holder}); wait for "
+                                     f"it to end, stop it (SIGTERM saves a checkpoint), or give another --workdir"
+                                     ) from e
+        except OSError as e:
+            print(f"warning: cannot lock {path} ({e.strerror or e}); make sure no other run uses this workdir",
+                  file=sys.stderr)
+            yield
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def check_workdir(workdir):
     """Raises ValueError when `workdir` exists and is not a directory, or is a URL (gs://...)."""
     if "://" in workdir:  # os.makedirs would create a local folder named "gs:", and TensorBoard crash in it
@@ -269,6 +313,13 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
     except OSError as e:
         raise ValueError(f"cannot create the workdir {workdir}: {e.strerror or e}") from e
 
+    with workdir_lock(workdir, enabled=is_main):  # a second run in the same workdir fails here, before any write
+        return _train_in(workdir, setup, evaluate_fn, progress, command)
+
+
+def _train_in(workdir, setup, evaluate_fn, progress, command):
+    """The body of `train` once the workdir exists and is locked: resume, loop, checkpoints, metrics."""
+    config, is_main = setup.config, jax.process_index() == 0
     # Checkpoint: resume from the newest one if there is one. DIR/config.json is (re)written only once the
     # checkpoint has been restored: a resume with another model or method fails and leaves the run's record
     # (which `ssl-jax eval` and `export` read) as it was.
