@@ -19,10 +19,16 @@ def checkpoint_dir(workdir):
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
-def make_manager(workdir, max_to_keep=2, async_save=True):
-    """Returns an orbax CheckpointManager for `workdir`/checkpoints keeping the newest `max_to_keep`."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+def make_manager(workdir, max_to_keep=2, async_save=True, read_only=False):
+    """Returns an orbax CheckpointManager for `workdir`/checkpoints keeping the newest `max_to_keep`.
+
+    `read_only`: for readers (evaluation) of a run that may still be training: it never saves or deletes.
+    """
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+    else:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                  item_handlers=ocp.StandardCheckpointHandler())  # item_metadata reads shapes
 
@@ -132,17 +138,27 @@ def restore(manager, abstract_state, step=None):
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    errors = []
-    for candidate in steps:
+    errors, tried = [], set()
+    while steps:
+        candidate = steps.pop(0)
+        tried.add(candidate)
         try:
             _check_matches(manager, candidate, abstract_state)
             return manager.restore(candidate, args=ocp.args.StandardRestore(abstract_state))
         except CheckpointMismatchError:
             raise
         except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+            if not os.path.isdir(os.path.join(str(manager.directory), str(candidate))):
+                # Deleted while we read it: the run is still training (it keeps only the newest few) and has
+                # saved newer ones since. Not damage: list the checkpoints again.
+                manager.reload()
+                steps = sorted((s for s in manager.all_steps() if s not in tried), reverse=True)
+                continue
             errors.append(f"step {candidate}: {type(e).__name__}: {str(e)[:200]}")
             warnings.warn(f"checkpoint at step {candidate} in {manager.directory} could not be read "
                           f"({type(e).__name__}); trying the previous one", RuntimeWarning, stacklevel=2)
+    if not errors:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory} (each was deleted while being read)")
     raise CheckpointReadError(f"no checkpoint in {manager.directory} could be read:\n" + "\n".join(errors))
 
 

@@ -69,23 +69,36 @@ def restore_backbone(workdir):
     ckpt_dir = checkpoint.checkpoint_dir(workdir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    manager = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.PyTreeCheckpointHandler())
+    # read_only: the run may still be training; it never saves or deletes.
+    options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=ocp.PyTreeCheckpointHandler())
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        meta = manager.item_metadata(step)
-        tree = getattr(meta, "tree", meta)
-        # Partial restore into host NumPy: only the backbone is read, and the devices the run was saved
-        # from (8 GPUs, a pod slice) need not exist here.
-        item = {"params": {"model": {"backbone": tree["params"]["model"]["backbone"]}},
-                "batch_stats": {"backbone": tree["batch_stats"]["backbone"]}}
-        restore_args = _map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        state = manager.restore(step, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        for attempt in range(3):
+            step = manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+            try:
+                state = _restore_backbone_at(manager, step)
+                break
+            except Exception:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+                if attempt == 2 or os.path.isdir(os.path.join(ckpt_dir, str(step))):
+                    raise
+                manager.reload()  # deleted while we read it by the run, still training, that saved newer ones
     finally:
         manager.close()
     return config, int(step), state["params"]["model"]["backbone"], state["batch_stats"]["backbone"]
+
+
+def _restore_backbone_at(manager, step):
+    meta = manager.item_metadata(step)
+    tree = getattr(meta, "tree", meta)
+    # Partial restore into host NumPy: only the backbone is read, and the devices the run was saved
+    # from (8 GPUs, a pod slice) need not exist here.
+    item = {"params": {"model": {"backbone": tree["params"]["model"]["backbone"]}},
+            "batch_stats": {"backbone": tree["batch_stats"]["backbone"]}}
+    restore_args = _map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    return manager.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                             partial_restore=True))
 
 
 def _map(fn, tree):

@@ -78,6 +78,25 @@ def test_ctrl_c_sets_the_stop_flag_and_a_second_one_interrupts_at_once(capsys):
     assert signal.getsignal(signal.SIGINT) == before
 
 
+def test_a_reader_restores_the_newest_checkpoint_of_a_run_that_deletes_the_ones_it_listed(tmp_path):
+    """`ssl-jax eval` on a run still training: the checkpoints it listed are deleted (only the newest `keep` stay)
+    before it reads them. That is not damage: it reads the newer ones."""
+    writer = checkpoint.make_manager(str(tmp_path), max_to_keep=2, async_save=False)
+    for step in (1, 2):
+        checkpoint.save(writer, step, {"x": np.full((4,), step, np.float32)}, force=True)
+    reader = checkpoint.make_manager(str(tmp_path), read_only=True)
+    assert sorted(reader.all_steps()) == [1, 2]
+    for step in (3, 4):  # the run goes on, deleting 1 and 2
+        checkpoint.save(writer, step, {"x": np.full((4,), step, np.float32)}, force=True)
+    writer.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not be read" warning: nothing is damaged
+        state = checkpoint.restore(reader, {"x": jax.ShapeDtypeStruct((4,), np.float32)})
+    reader.close()
+    np.testing.assert_array_equal(state["x"], np.full((4,), 4, np.float32))
+    assert checkpoint.finished_steps(checkpoint.checkpoint_dir(str(tmp_path))) == [3, 4]  # the reader deleted none
+
+
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     manager = checkpoint.make_manager(str(tmp_path), max_to_keep=3, async_save=False)
     for step in (1, 2):

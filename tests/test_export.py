@@ -280,3 +280,31 @@ def test_sidecar_says_how_to_drop_the_stem_relu_in_torchvision():
         info = export.describe(config, 7, params, "torch")
         assert info["model"]["stem_relu"] is stem_relu and info["model"]["torchvision_arch"] == "resnet18"
         assert ("model.relu = torch.nn.Identity()" in info["torch_setup"]) is (not stem_relu)
+
+
+def test_exporting_a_run_still_training_reads_the_newest_checkpoint_when_the_listed_one_is_deleted(
+        run, tmp_path, monkeypatch):
+    """The run saves newer checkpoints and deletes the one the export listed before it was read: the export
+    lists again and reads the newest, instead of failing."""
+    workdir, config, backbone = run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+    source_manager = checkpoint.make_manager(workdir, async_save=False)
+    state = source_manager.restore(STEP)
+    source_manager.close()
+    writer = checkpoint.make_manager(str(copy), max_to_keep=1, async_save=False)
+    checkpoint.save(writer, STEP, state, force=True)
+    original, calls = export._restore_backbone_at, []  # pylint: disable=protected-access
+
+    def racing(manager, step):
+        calls.append(step)
+        if len(calls) == 1:  # the training run saves step STEP + 1 and deletes step STEP meanwhile
+            checkpoint.save(writer, STEP + 1, state, force=True)
+        return original(manager, step)
+
+    monkeypatch.setattr(export, "_restore_backbone_at", racing)
+    _, step, params, batch_stats = export.restore_backbone(str(copy))
+    writer.close()
+    assert calls == [STEP, STEP + 1] and step == STEP + 1
+    _assert_trees_equal((params, batch_stats), backbone)

@@ -217,11 +217,13 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=Non
         key, _, value = override.partition("=")
         config_lib.apply_override(config, key, value)
     setup = train_lib.build(config)
-    manager = checkpoint.make_manager(workdir, async_save=False)
+    abstract_state = checkpoint.abstract_like(train_lib.initial_state(setup))  # before listing the checkpoints
+    manager = checkpoint.make_manager(workdir, read_only=True)  # the run may still be training
     try:
-        # The newest checkpoint that reads back (a damaged one is skipped with a warning, as when training); none
-        # at all is a FileNotFoundError.
-        state = checkpoint.restore(manager, checkpoint.abstract_like(train_lib.initial_state(setup)))
+        # The newest checkpoint that reads back (a damaged one is skipped with a warning, as when training; one
+        # that a run still training deletes meanwhile is passed over for the newer ones); none at all is a
+        # FileNotFoundError.
+        state = checkpoint.restore(manager, abstract_state)
         step = int(state["step"])
     finally:
         manager.close()
