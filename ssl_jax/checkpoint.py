@@ -109,6 +109,7 @@ def save(manager, step, state, *, force=False):
     save never touches finished checkpoints: orbax writes into a temporary directory and renames it last,
     and deletes old checkpoints (max_to_keep) only after a save has finished.
     """
+    wait(manager)  # the previous save first (orbax would wait for it too): its failure names its own step
     try:
         return manager.save(step, args=ocp.args.StandardSave(state), force=force)
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise ValueError, OSError, ...)
@@ -120,7 +121,15 @@ def wait(manager):
     try:
         manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-        raise _save_failed(manager, None, e) from e
+        raise _save_failed(manager, _unfinished_step(manager), e) from e
+
+
+def _unfinished_step(manager):
+    """Returns the step of the newest unfinished save (orbax's `<step>.orbax-checkpoint-tmp...` folder), or None."""
+    directory = str(manager.directory)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    steps = [int(n.split(".", 1)[0]) for n in names if ".orbax-checkpoint-tmp" in n and n.split(".", 1)[0].isdigit()]
+    return max(steps, default=None)
 
 
 def restore(manager, abstract_state, step=None):

@@ -178,7 +178,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_the_run_resumes_from_it
     # leave step 8 byte for byte as it was, and not present a half-written step 16 as a checkpoint.
     full = _train_cli(workdir, "--config.num_epochs=2", max_file_bytes=16 * 1024)
     assert full.returncode == 2, full.stderr[-3000:]
-    assert "ssl-jax train: error: saving the checkpoint" in full.stderr
+    assert "ssl-jax train: error: saving the checkpoint of step 16 " in full.stderr  # the save that failed
     assert "newest: step 8" in full.stderr and "File too large" in full.stderr
     assert checkpoint.finished_steps(ckpt_dir) == [8]
     assert _files(os.path.join(ckpt_dir, "8")) == before
