@@ -106,7 +106,7 @@ def main(argv=None):
     from ssl_jax import checkpoint, config as config_lib, data, metrics, train
     metrics.show_progress(not args.no_progress)
     expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, checkpoint.CheckpointSaveError,
-                checkpoint.CheckpointReadError, FileNotFoundError, ValueError)
+                checkpoint.CheckpointReadError, metrics.MetricsWriteError, OSError, ValueError)
     command = "ssl-jax " + shlex.join(argv)
     try:
         if args.command == "train":

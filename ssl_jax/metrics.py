@@ -20,6 +20,10 @@ def _plain(value):
     return out if math.isfinite(out) else str(out)
 
 
+class MetricsWriteError(RuntimeError):
+    """metrics.jsonl could not be written (disk full, quota, permissions)."""
+
+
 class MetricWriter:
     """Appends records to metrics.jsonl and TensorBoard; only process 0 writes."""
 
@@ -40,7 +44,12 @@ class MetricWriter:
         row = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
         if not self.enabled:
             return row
-        self._file.write(json.dumps(row) + "\n")
+        try:
+            self._file.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise MetricsWriteError(f"cannot write the metrics of step {row['step']} to {self._file.name}: "
+                                    f"{e.strerror or e}; the checkpoints already written are intact: free disk "
+                                    f"space and run the same command again to resume") from e
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -48,13 +57,34 @@ class MetricWriter:
         return row
 
     def close(self):
-        """Flushes and closes the outputs."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Flushes and closes the outputs. A flush that fails (disk full) is a warning, not an error: close runs
+        in the trainer's `finally`, where an error would hide the one that stopped the run."""
+        file, tb, self._file, self._tb = self._file, self._tb, None, None
+        for what, output in (("metrics.jsonl", file), ("TensorBoard", tb)):
+            if output is None:
+                continue
+            try:
+                output.close()
+            except OSError as e:
+                print(f"warning: the last {what} records could not be written: {e.strerror or e}", file=sys.stderr)
+                if output is tb:
+                    _abandon(tb)
+
+
+def _abandon(summary_writer):
+    """Marks a tensorboardX SummaryWriter whose flush failed as closed, so that its exit hook does not try again
+    (and print the same error as a traceback)."""
+    for file_writer in (getattr(summary_writer, "all_writers", None) or {}).values():
+        event_writer = getattr(file_writer, "event_writer", None)
+        if event_writer is None:
+            continue
+        worker = getattr(event_writer, "_worker", None)
+        if worker is not None:
+            try:
+                worker.stop()
+            except Exception:  # pylint: disable=broad-except  (best effort: its queue may be broken too)
+                pass
+        event_writer._closed = True  # pylint: disable=protected-access  (tensorboardX has no public "abandon")
 
 
 def last_value(path, key, default=0.0):

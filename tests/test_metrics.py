@@ -1,0 +1,58 @@
+"""metrics.MetricWriter on a disk that fills up: a clear error for a record it cannot write, and a close that
+never hides the error that stopped the run."""
+import errno
+import os
+
+import pytest
+
+from ssl_jax import cli, metrics
+
+
+class _FullDisk:
+    """A file whose writes and flushes fail as on a full disk."""
+    name = "/full/metrics.jsonl"
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    close = flush = lambda self: self.write("")
+
+
+def test_a_record_that_cannot_be_written_is_an_error_naming_the_file_and_the_step(tmp_path):
+    writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    writer.write(1, {"loss": 1.0})
+    writer._file = _FullDisk()  # pylint: disable=protected-access
+    with pytest.raises(metrics.MetricsWriteError, match="cannot write the metrics of step 2 to /full/metrics.jsonl: "
+                                                        "No space left on device; the checkpoints"):
+        writer.write(2, {"loss": 0.5})
+    assert [r["step"] for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1]
+
+
+def test_close_warns_instead_of_raising_when_the_last_records_cannot_be_flushed(tmp_path, capsys):
+    writer = metrics.MetricWriter(str(tmp_path), tensorboard=True)
+    writer.write(1, {"loss": 1.0})
+    real_file = writer._file  # pylint: disable=protected-access
+    writer._file = _FullDisk()  # pylint: disable=protected-access
+    tb_writer = writer._tb.file_writer.event_writer._ev_writer  # pylint: disable=protected-access
+    tb_writer.flush = _FullDisk().flush  # the event file's flush fails too
+    writer.close()  # in the trainer's `finally`: an error here would replace the one that stopped the run
+    err = capsys.readouterr().err
+    assert "warning: the last metrics.jsonl records could not be written: No space left on device" in err
+    assert "warning: the last TensorBoard records could not be written: No space left on device" in err
+    assert writer._tb is None and writer._file is None  # pylint: disable=protected-access
+    real_file.close()
+
+
+def test_the_cli_reports_an_os_error_in_one_line(tmp_path, capsys, monkeypatch):
+    """An I/O failure the trainer does not name itself (config.json on a full disk) is a one-line error."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "config.json.tmp"))
+
+    from ssl_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(config_lib, "to_json", full)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = cli.main(["train", "--config", os.path.join(root, "configs", "simclr.py") + ":smoke", "--workdir",
+                     str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ssl-jax train: error: [Errno 28] No space left on device:" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "run" / "config.json")
