@@ -34,7 +34,7 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        self._file = _open_for_append(os.path.join(workdir, "metrics.jsonl"))
         if tensorboard:
             from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -99,15 +99,44 @@ def append_run_info(workdir, **info):
     """Appends one JSON line describing this (re)start of a run to DIR/runs.jsonl: devices, versions, time."""
     import datetime  # pylint: disable=import-outside-toplevel
     row = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **info}
-    with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
+    with _open_for_append(os.path.join(workdir, "runs.jsonl")) as f:
         f.write(json.dumps(row) + "\n")
     return row
 
 
 def read_jsonl(path):
-    """Returns the list of records in a metrics.jsonl file."""
+    """Returns the list of records in a metrics.jsonl (or runs.jsonl) file.
+
+    A line that is not a JSON object (a record cut short when a run was killed while writing it, or when the
+    disk filled up) is skipped with a warning: it must not block a resume or a report.
+    """
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                print(f"warning: skipping line {number} of {path}: not a JSON record (cut short when the run was "
+                      f"killed?): {line.strip()[:80]!r}", file=sys.stderr)
+                continue
+            records.append(record)
+    return records
+
+
+def _open_for_append(path):
+    """Returns `path` opened for appending lines; a last line cut short (no newline) is ended first, so the
+    next record starts on a line of its own instead of completing the broken one."""
+    f = open(path, "a+", buffering=1)  # pylint: disable=consider-using-with  (closed by MetricWriter.close)
+    if f.tell() > 0:
+        f.seek(f.tell() - 1)
+        last = f.read(1)
+        if last != "\n":
+            f.write("\n")
+    return f
 
 
 _show_progress = True  # pylint: disable=invalid-name  (module state, set by show_progress)

@@ -56,3 +56,24 @@ def test_the_cli_reports_an_os_error_in_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "ssl-jax train: error: [Errno 28] No space left on device:" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_a_record_cut_short_is_skipped_when_read_and_the_next_record_gets_a_line_of_its_own(tmp_path, capsys):
+    """A run killed while writing a record (or on a full disk) leaves half a line: reading must not fail (a resume
+    reads elapsed_s from metrics.jsonl, `ssl-jax report` reads every record) and appending must not glue the
+    next record onto it."""
+    writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    writer.write(1, {"loss": 1.0, "elapsed_s": 5.0})
+    writer.close()
+    path = str(tmp_path / "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"step": 2, "loss": 0.')  # killed here
+    assert metrics.read_jsonl(path) == [{"step": 1, "loss": 1.0, "elapsed_s": 5.0}]
+    assert metrics.last_value(path, "elapsed_s") == 5.0
+    assert "skipping line 2 of" in capsys.readouterr().err
+    writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)  # the resumed run
+    writer.write(2, {"loss": 0.5})
+    writer.close()
+    metrics.append_run_info(str(tmp_path), start_step=1)
+    assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2]
+    assert metrics.read_jsonl(str(tmp_path / "runs.jsonl"))[0]["start_step"] == 1
