@@ -2,11 +2,13 @@
 import io
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import tarfile
 import textwrap
 import threading
+import time
 
 import ml_collections
 import numpy as np
@@ -160,6 +162,31 @@ def test_interrupted_decode_leaves_no_cache(tmp_path, monkeypatch):
     assert leftovers == []
     monkeypatch.setattr(imagefolder, "decode_images", real)
     assert len(data.get_source(_cfg(tmp_path, path=str(top)), "train")) == 8
+
+
+def test_temporaries_of_a_killed_decode_are_removed_by_the_next_one(tmp_path):
+    """A decode killed outright (SIGKILL, a preempted VM) runs no cleanup; its temporaries (ImageNet's are tens of
+    GB) must not pile up with every restart. A live writer's stay (several hosts may share one cache)."""
+    top, _ = _make_tree(tmp_path / "tree")
+    cfg = _cfg(tmp_path, path=str(top))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    folder = data.get_source(cfg, "test")  # creates the cache folder (its test split)
+    del folder
+    (cache,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    killed = cache / f"train_images.npy.tmp-{host}-{dead.pid}-0123abcd"  # this host, process gone
+    live = cache / f"train_images.npy.tmp-{host}-{os.getpid()}-4567abcd"  # this host, still running
+    other_old = cache / "train_labels.npy.tmp-otherhost-12-89abcdef"  # another host, untouched for two hours
+    other_new = cache / "train_labels.npy.tmp-otherhost-13-89abcdef"  # another host, being written
+    legacy = cache / "train_meta.json.tmp-4242-0123abcd"  # an older ssl_jax's name, two hours old
+    for path in (killed, live, other_old, other_new, legacy):
+        path.write_bytes(b"x" * 100)
+    for path in (other_old, legacy):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    assert len(data.get_source(cfg, "train")) == 8
+    left = sorted(p.name for p in cache.iterdir() if ".tmp-" in p.name)
+    assert left == sorted([live.name, other_new.name])
 
 
 def test_worker_pool_matches_in_process_decoding(tmp_path, monkeypatch):

@@ -20,6 +20,8 @@ import hashlib
 import json
 import os
 import re
+import socket
+import time
 import uuid
 from typing import Optional, Sequence
 
@@ -153,6 +155,43 @@ def load_cache(path, split, name):
     return Source(images, labels.astype(np.int32, copy=False), list(meta["class_names"]), name, file_names)
 
 
+_STALE_AFTER_S = 3600  # a temporary cache file of another host untouched this long belongs to a writer that died
+
+
+def remove_stale_temporaries(path):
+    """Removes the temporary files of cache writes that died (killed, preempted) in the cache folder `path`.
+
+    A decode killed before it finished leaves its temporaries behind (ImageNet's can be tens of GB); each
+    restart would add its own. Removed: those of this host whose process is gone, and any not modified for an
+    hour (another host's, or an older ssl_jax's); a live writer's (several hosts may share one cache) stay.
+    """
+    host, now = socket.gethostname(), time.time()
+    for name in os.listdir(path):
+        if ".tmp-" not in name:
+            continue
+        full = os.path.join(path, name)
+        owner = name.split(".tmp-", 1)[1].rsplit("-", 2)  # [host, pid, random]
+        try:
+            if len(owner) == 3 and owner[0] == host and owner[1].isdigit():
+                stale = not _process_alive(int(owner[1]))
+            else:
+                stale = now - os.path.getmtime(full) > _STALE_AFTER_S
+            if stale:
+                os.remove(full)
+        except OSError:  # removed meanwhile by another process
+            pass
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def write_cache(path, split, decoded, count, class_names, name, origin, file_names=None):
     """Writes `decoded` items (index, item_name, image_HxWx3 uint8, label) to the cache and returns the Source.
 
@@ -165,7 +204,8 @@ def write_cache(path, split, decoded, count, class_names, name, origin, file_nam
     """
     os.makedirs(path, exist_ok=True)
     files = _files(path, split)
-    tmp = {k: f"{v}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" for k, v in files.items()}
+    remove_stale_temporaries(path)
+    tmp = {k: f"{v}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}" for k, v in files.items()}
     images, labels, seen = None, np.full((count,), -1, np.int32), np.zeros((count,), bool)
     try:
         for index, item_name, image, label in decoded:
