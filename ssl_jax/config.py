@@ -9,6 +9,7 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -35,7 +36,17 @@ def load_config(spec, overrides=()):
         raise ConfigError(f"config file not found: {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"_ssl_jax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    # A config may build on another: `import simclr` (a file beside it) or `from configs import simclr` (from the
+    # working directory). `python -m ssl_jax` has the working directory on sys.path and the `ssl-jax` script
+    # does not; during the import both do.
+    added = [d for d in (os.path.dirname(os.path.abspath(path)), os.getcwd()) if d not in sys.path]
+    sys.path[:0] = added
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        for d in added:
+            if d in sys.path:
+                sys.path.remove(d)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg)")
     config = module.get_config(arg) if arg else module.get_config()

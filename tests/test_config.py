@@ -1,5 +1,6 @@
 """Config files, presets and typed overrides; unknown keys and wrong types are errors naming the key."""
 import os
+import sys
 
 import pytest
 
@@ -241,3 +242,22 @@ def test_local_data_paths_are_made_absolute_for_the_record(monkeypatch, tmp_path
     assert resolved.data.tfds_data_dir == "gs://bucket/tfds"  # URLs are kept
     assert c.data.path == "data/cifar.tar.gz"  # a copy: the caller's config is unchanged
     assert config_lib.with_absolute_paths(config_lib.load_config(spec)).data.path == ""
+
+
+def test_a_config_file_can_build_on_another(tmp_path, monkeypatch):
+    """A variant beside its base (`import base`), or one importing ours as `from configs import simclr` from the
+    repository root: the `ssl-jax` script has neither folder on sys.path (`python -m ssl_jax` has the second)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", root, str(tmp_path))])
+    for name in ("configs", "configs.simclr", "base"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    (tmp_path / "base.py").write_text(open(os.path.join(root, "configs", "simclr.py")).read())
+    (tmp_path / "variant.py").write_text("import base\n\ndef get_config(arg='smoke'):\n    c = base.get_config(arg)\n"
+                                         "    c.num_epochs = 7\n    return c\n")
+    (tmp_path / "ours.py").write_text("from configs import simclr\n\ndef get_config():\n"
+                                      "    c = simclr.get_config('smoke')\n    c.batch_size = 32\n    return c\n")
+    path_before = list(sys.path)
+    assert config_lib.load_config(str(tmp_path / "variant.py") + ":smoke").num_epochs == 7
+    monkeypatch.chdir(root)
+    assert config_lib.load_config(str(tmp_path / "ours.py")).batch_size == 32
+    assert sys.path == path_before  # the folders were on sys.path only while the config was imported
