@@ -153,9 +153,22 @@ def progress_shown():
     return _show_progress
 
 
-def progress_bar(total, initial=0, desc="train", enabled=True, unit="step", mininterval=1.0):
+def progress_bar(total, initial=0, desc="train", enabled=True, unit="step", mininterval=1.0, iterable=None):
     """Returns a tqdm bar on stderr (disabled when not `enabled`, e.g. not process 0, or after
-    show_progress(False))."""
+    show_progress(False)). When stderr is not a terminal (a SLURM or nohup log file) the bar is redrawn at most
+    every NON_TTY_INTERVAL_S seconds, not every second: each redraw stays in the file."""
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and _show_progress),
+    if not _isatty(sys.stderr):
+        mininterval = max(mininterval, NON_TTY_INTERVAL_S)
+    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=not (enabled and _show_progress),
                 file=sys.stderr, dynamic_ncols=True, mininterval=mininterval, unit=unit)
+
+
+NON_TTY_INTERVAL_S = 30.0
+
+
+def _isatty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False

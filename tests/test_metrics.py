@@ -77,3 +77,20 @@ def test_a_record_cut_short_is_skipped_when_read_and_the_next_record_gets_a_line
     metrics.append_run_info(str(tmp_path), start_step=1)
     assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2]
     assert metrics.read_jsonl(str(tmp_path / "runs.jsonl"))[0]["start_step"] == 1
+
+
+def test_the_progress_bar_redraws_rarely_into_a_log_file(monkeypatch):
+    """Under SLURM or nohup stderr is a file, where every redraw of the bar stays: once a second over a day's
+    run is 86,400 copies of it."""
+    import io  # pylint: disable=import-outside-toplevel
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(metrics, "_show_progress", True)
+    for stream, interval in ((io.StringIO(), metrics.NON_TTY_INTERVAL_S), (Terminal(), 1.0)):
+        monkeypatch.setattr("sys.stderr", stream)
+        bar = metrics.progress_bar(10)
+        assert bar.mininterval == interval
+        bar.close()

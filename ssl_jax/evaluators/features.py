@@ -10,8 +10,8 @@ from typing import Callable, Iterable, Optional, Tuple
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
+from ssl_jax import metrics
 from ssl_jax.parallel import DATA_AXIS as _DATA_AXIS
 
 
@@ -61,7 +61,8 @@ def extract_features(
         labels.append(np.asarray(labels_B, dtype=np.int32)[keep_B])
 
     pending = None
-    for images_b, labels_b, mask_b in tqdm(batches, desc=desc, total=total, disable=not progress):
+    for images_b, labels_b, mask_b in metrics.progress_bar(total, desc=desc, enabled=progress, unit="batch",
+                                                           iterable=batches):
         out_BxD = encode(shard_batch(images_b, mesh))
         if out_BxD.is_fully_addressable:
             labels_B, mask_B = labels_b, mask_b

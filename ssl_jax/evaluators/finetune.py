@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from ssl_jax import augment, models, parallel
+from ssl_jax import augment, metrics, models, parallel
 from ssl_jax.data import pipeline
 from ssl_jax.evaluators import features as features_lib
 
@@ -168,7 +167,8 @@ def fit(model: Model, config, source, mesh, recipe: Recipe, progress=False) -> L
     key = jax.random.PRNGKey(recipe.seed)
     history = []
     try:
-        for epoch in tqdm(range(recipe.epochs), desc="fine-tune", disable=not progress):
+        for epoch in metrics.progress_bar(recipe.epochs, desc="fine-tune", enabled=progress, unit="epoch",
+                                          iterable=range(recipe.epochs)):
             accs = []
             for i in range(steps_per_epoch):
                 b = parallel.put_batch(next(loader), mesh)
