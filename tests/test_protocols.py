@@ -212,3 +212,25 @@ def test_eval_fewshot_semi_and_linear_full_append_results(smoke_run, capsys, tmp
                    "--config.eval.linear_batch_size=64")
     assert np.isfinite(out["linear_full_top1"]) and "linear_full_top5" not in out  # 4 classes: no top-5
     assert metrics.read_jsonl(path)[-1]["linear_full_top1"] == out["linear_full_top1"]
+
+
+def test_knn_train_examples_are_drawn_from_every_class_and_read_lazily():
+    """eval.knn_train_examples (100,000 in the imagenet preset) took the *first* examples: an ImageFolder is
+    sorted by class, so ImageNet's kNN monitor saw 78 of 1000 classes. They are now a fixed random draw, with the
+    features the whole set gives those examples."""
+    config = config_lib.load_config(SMOKE, ["data.num_examples=256"])
+    setup = train_lib.build(config)
+    state = train_lib.initial_state(setup)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 64).astype(np.int32)  # sorted by class, as an ImageFolder is
+    source = data.Source(rng.integers(0, 256, (256, 16, 16, 3), dtype=np.uint8), labels, list("abcd"), "sorted")
+    all_x, all_y = protocols.features(setup, state, source)
+    sub_x, sub_y = protocols.features(setup, state, source, limit=40)
+    assert len(sub_y) == 40 and set(sub_y.tolist()) == {0, 1, 2, 3}
+    again_x, again_y = protocols.features(setup, state, source, limit=40)
+    np.testing.assert_array_equal(again_y, sub_y)  # the same draw every time
+    np.testing.assert_array_equal(again_x, sub_x)
+    # Each drawn example has the features (and label) it has in the whole set.
+    rows = [int(np.flatnonzero((all_x == x).all(axis=1))[0]) for x in sub_x]
+    assert rows == sorted(rows) and len(set(rows)) == 40
+    np.testing.assert_array_equal(all_y[rows], sub_y)
