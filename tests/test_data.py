@@ -180,13 +180,17 @@ def test_temporaries_of_a_killed_decode_are_removed_by_the_next_one(tmp_path):
     other_old = cache / "train_labels.npy.tmp-otherhost-12-89abcdef"  # another host, untouched for two hours
     other_new = cache / "train_labels.npy.tmp-otherhost-13-89abcdef"  # another host, being written
     legacy = cache / "train_meta.json.tmp-4242-0123abcd"  # an older ssl_jax's name, two hours old
-    for path in (killed, live, other_old, other_new, legacy):
+    # this host, process gone a moment ago: perhaps a live writer in another PID namespace of the same host name
+    just_now = cache / f"train_labels.npy.tmp-{host}-{dead.pid}-fedc0123"
+    for path in (killed, live, other_old, other_new, legacy, just_now):
         path.write_bytes(b"x" * 100)
     for path in (other_old, legacy):
         os.utime(path, (time.time() - 7200, time.time() - 7200))
+    for path in (killed, live):
+        os.utime(path, (time.time() - 600, time.time() - 600))
     assert len(data.get_source(cfg, "train")) == 8
     left = sorted(p.name for p in cache.iterdir() if ".tmp-" in p.name)
-    assert left == sorted([live.name, other_new.name])
+    assert left == sorted([live.name, other_new.name, just_now.name])
 
 
 def test_worker_pool_matches_in_process_decoding(tmp_path, monkeypatch):

@@ -156,14 +156,16 @@ def load_cache(path, split, name):
 
 
 _STALE_AFTER_S = 3600  # a temporary cache file of another host untouched this long belongs to a writer that died
+_DEAD_WRITER_GRACE_S = 300  # ... and one of this host whose process is gone, untouched this long
 
 
 def remove_stale_temporaries(path):
     """Removes the temporary files of cache writes that died (killed, preempted) in the cache folder `path`.
 
     A decode killed before it finished leaves its temporaries behind (ImageNet's can be tens of GB); each
-    restart would add its own. Removed: those of this host whose process is gone, and any not modified for an
-    hour (another host's, or an older ssl_jax's); a live writer's (several hosts may share one cache) stay.
+    restart would add its own. Removed: those of this host whose process is gone (and not modified for five
+    minutes), and any not modified for an hour (another host's, or an older ssl_jax's); a live writer's (several
+    hosts may share one cache) stay.
     """
     host, now = socket.gethostname(), time.time()
     for name in os.listdir(path):
@@ -172,10 +174,13 @@ def remove_stale_temporaries(path):
         full = os.path.join(path, name)
         owner = name.split(".tmp-", 1)[1].rsplit("-", 2)  # [host, pid, random]
         try:
+            idle = now - os.path.getmtime(full)
             if len(owner) == 3 and owner[0] == host and owner[1].isdigit():
-                stale = not _process_alive(int(owner[1]))
+                # Its process is gone. The few minutes' grace covers a writer in another PID namespace that
+                # shares the host name (containers with host networking), whose pid means nothing here.
+                stale = idle > _DEAD_WRITER_GRACE_S and not _process_alive(int(owner[1]))
             else:
-                stale = now - os.path.getmtime(full) > _STALE_AFTER_S
+                stale = idle > _STALE_AFTER_S
             if stale:
                 os.remove(full)
         except OSError:  # removed meanwhile by another process
