@@ -290,8 +290,14 @@ def test_missing_path_split_and_classes(tmp_path):
     only_train = tmp_path / "only_train"
     _save(only_train / "train/a/1.png", _pixels(1))
     assert len(data.get_source(_cfg(tmp_path, path=str(only_train)), "train")) == 1
-    with pytest.raises(data.DataError, match="no test split.*test/.*val/"):
+    with pytest.raises(data.DataError, match="no test split.*test/.*val/") as info:
         data.get_source(_cfg(tmp_path, path=str(only_train)), "test")
+    assert "without class folders" not in str(info.value)
+    # ImageNet's validation set as distributed: the images directly in val/, labels in another file.
+    _save(only_train / "val/ILSVRC2012_val_00000001.JPEG", _pixels(3))
+    with pytest.raises(data.DataError, match=r"val/ holds images directly, without class folders.*valprep\.sh"):
+        data.get_source(_cfg(tmp_path, path=str(only_train)), "test")
+    os.remove(only_train / "val/ILSVRC2012_val_00000001.JPEG")
 
     _save(only_train / "test/b/1.png", _pixels(2))
     with pytest.raises(data.DataError, match=r"missing \['a'\], extra \['b'\]"):

@@ -153,8 +153,13 @@ def layout(paths, split, origin):
         found = [(d, _by_class(paths, f"{root}{d}/")) for d in _TEST_DIRS]
         found = [(d, c) for d, c in found if c]
         if not found:
+            flat = [d for d in _TEST_DIRS if any(p.startswith(f"{root}{d}/") and "/" not in p[len(root) + len(d) + 1:]
+                                                 for p in paths)]
+            hint = (f"; {root}{flat[0]}/ holds images directly, without class folders (as ImageNet's validation "
+                    f"set is distributed: sort it into {root}{flat[0]}/<class>/ first, as the PyTorch ImageNet "
+                    f"example's valprep.sh does)") if flat else ""
             raise data_lib.DataError(f"{origin}: no test split: neither {root}test/ nor {root}val/ holds "
-                                     f"<class>/<image> files")
+                                     f"<class>/<image> files{hint}")
         split_dir, by_class = found[0]
         if sorted(by_class) != class_names:
             missing, extra = sorted(set(class_names) - set(by_class)), sorted(set(by_class) - set(class_names))
