@@ -1,4 +1,5 @@
 """Tests for ssl_jax.data: ImageFolder dirs and archives, the uint8 cache, tfds, synthetic data, host pipeline."""
+import collections
 import io
 import os
 import pathlib
@@ -191,6 +192,17 @@ def test_temporaries_of_a_killed_decode_are_removed_by_the_next_one(tmp_path):
     assert len(data.get_source(cfg, "train")) == 8
     left = sorted(p.name for p in cache.iterdir() if ".tmp-" in p.name)
     assert left == sorted([live.name, other_new.name, just_now.name])
+
+
+def test_a_cache_that_does_not_fit_on_its_disk_is_an_error_before_writing(tmp_path, monkeypatch):
+    """The cache is written through a memory map; a full disk then kills the process with SIGBUS, no message."""
+    top, _ = _make_tree(tmp_path / "tree")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(data.DataError, match=r"the cache needs 0\.00 GB in .* but its disk has 0\.00 GB free; set "
+                                             r"data\.cache_dir"):
+        data.get_source(_cfg(tmp_path, path=str(top)), "train")
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
 
 
 def test_worker_pool_matches_in_process_decoding(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -187,6 +188,19 @@ def remove_stale_temporaries(path):
             pass
 
 
+def check_free_space(path, needed):
+    """Raises DataError when the file system of `path` has less than `needed` bytes free.
+
+    The cache is written through a memory map, and a memory-mapped write that finds the disk full kills the
+    process with SIGBUS ("Bus error", no message), possibly hours into decoding ImageNet.
+    """
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise DataError(f"the cache needs {needed / 1e9:.2f} GB in {path} but its disk has {free / 1e9:.2f} GB free; "
+                        f"set data.cache_dir to a folder on a larger disk, or data.stream=true to decode the images "
+                        f"for every batch instead of caching them")
+
+
 def _process_alive(pid):
     try:
         os.kill(pid, 0)
@@ -216,6 +230,7 @@ def write_cache(path, split, decoded, count, class_names, name, origin, file_nam
         for index, item_name, image, label in decoded:
             if images is None:
                 height, width = image.shape[:2]
+                check_free_space(path, count * height * width * 3)
                 images = np.lib.format.open_memmap(tmp["images.npy"], mode="w+", dtype=np.uint8,
                                                    shape=(count, height, width, 3))
             if image.shape != images.shape[1:]:
