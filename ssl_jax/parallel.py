@@ -62,6 +62,16 @@ def put_replicated(tree, mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
+def device_memory_bytes(device):
+    """Returns the memory one accelerator has for arrays (memory_stats' bytes_limit), or None (CPU, unknown)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except  (not implemented on some backends)
+        return None
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit) if limit else None
+
+
 def put_batch(tree, mesh):
     """Returns the global sharded arrays built from this process's slice of the batch (numpy leaves)."""
     sharding = batch_sharded(mesh)

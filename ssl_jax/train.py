@@ -153,11 +153,29 @@ def build(config, train_source=None, devices=None):
     step_fn = parallel.shard_step(step, mesh, n_replicated=2, n_sharded=1, donate=(0,))
     views_step_fn = parallel.shard_step(views_step, mesh, n_replicated=1, n_sharded=2, donate=(0,))
     if config.data.resident:
+        check_resident_fits(source, mesh)
         dataset = parallel.put_replicated(np.asarray(source.images), mesh)
     else:
         dataset = parallel.put_replicated(np.zeros((1,), np.uint8), mesh)
     return Setup(config, method, mesh, source, steps_per_epoch, total_steps, tx, schedule, init_jit, step_fn,
                  dataset, views_step_fn)
+
+
+RESIDENT_FRACTION = 0.5  # of one device's memory, at most, for a resident train set (the model needs the rest)
+
+
+def check_resident_fits(source, mesh):
+    """Raises ConfigError when data.resident's copy of the train set on every device would take more than
+    RESIDENT_FRACTION of a device's memory (known on GPUs and TPUs), instead of an out-of-memory error from
+    XLA after the whole set was read into host memory."""
+    needed = int(np.prod(source.images.shape)) * np.dtype(np.uint8).itemsize
+    limit = parallel.device_memory_bytes(mesh.devices.flat[0])
+    if limit and needed > RESIDENT_FRACTION * limit:
+        raise config_lib.ConfigError(
+            f"data.resident=true keeps the whole train set on every device: {len(source)} images of "
+            f"{'x'.join(map(str, source.images.shape[1:]))} are {needed / 2**30:.1f} GiB, more than "
+            f"{RESIDENT_FRACTION:.0%} of a device's {limit / 2**30:.1f} GiB; set --config.data.resident=false "
+            f"(the host pipeline feeds the batches) or a smaller data.image_size")
 
 
 def initial_state(setup):

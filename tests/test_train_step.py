@@ -93,6 +93,21 @@ def test_batch_not_divisible_by_device_count_is_an_error():
         train.build(_config("batch_size=12"), source)
 
 
+def test_a_resident_train_set_too_large_for_a_device_is_a_config_error(monkeypatch):
+    """Before, the whole set was read into host memory and then failed in XLA with RESOURCE_EXHAUSTED."""
+    source = _source()
+    nbytes = source.images.size
+    monkeypatch.setattr(parallel, "device_memory_bytes", lambda device: 2 * nbytes - 1)  # half is just too little
+    with pytest.raises(config_lib.ConfigError, match=r"data\.resident=true keeps the whole train set on every "
+                                                     r"device: .* --config\.data\.resident=false"):
+        train.build(_config(), source)
+    train.build(_config("data.resident=false"), source)  # the host pipeline needs no room for it
+    monkeypatch.setattr(parallel, "device_memory_bytes", lambda device: 2 * nbytes)
+    train.build(_config(), source)
+    monkeypatch.setattr(parallel, "device_memory_bytes", lambda device: None)  # unknown (CPU): no check
+    train.build(_config(), source)
+
+
 def test_a_config_changed_in_python_is_checked_like_an_override():
     config = _config()
     with config.unlocked():
