@@ -4,6 +4,7 @@ orbax writes each step into a temporary directory and renames it when complete, 
 leaves a half checkpoint that looks finished. The trainer only saves states whose loss, gradient norm and
 parameter norm were checked finite, so a failing run never replaces the last good checkpoint.
 """
+import logging
 import os
 import signal
 import sys
@@ -25,12 +26,32 @@ def make_manager(workdir, max_to_keep=2, async_save=True, read_only=False):
     `read_only`: for readers (evaluation) of a run that may still be training: it never saves or deletes.
     """
     if read_only:
-        options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+        options = read_only_options()
     else:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                  item_handlers=ocp.StandardCheckpointHandler())  # item_metadata reads shapes
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """Drops orbax's "Given directory is read only" warning: a read-only manager is what a reader asks for."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+_READ_ONLY_FILTER = _DropReadOnlyNotice()
+
+
+def read_only_options():
+    """Returns CheckpointManagerOptions for a manager that never saves or deletes (a reader of a run that may
+    still be training), set so that orbax has nothing to warn about."""
+    logger = logging.getLogger("absl")
+    if _READ_ONLY_FILTER not in logger.filters:
+        logger.addFilter(_READ_ONLY_FILTER)
+    return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
+                                        enable_async_checkpointing=False)
 
 
 def latest_step(manager):

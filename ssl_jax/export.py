@@ -70,8 +70,8 @@ def restore_backbone(workdir):
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     # read_only: the run may still be training; it never saves or deletes.
-    options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=ocp.PyTreeCheckpointHandler())
+    manager = ocp.CheckpointManager(ckpt_dir, options=checkpoint.read_only_options(),
+                                    item_handlers=ocp.PyTreeCheckpointHandler())
     try:
         for attempt in range(3):
             step = manager.latest_step()
