@@ -221,9 +221,9 @@ def resume_changes(workdir, config):
 
     Raises CheckpointMismatchError when the method differs (a checkpoint of one method is never resumed as
     another, even where their arrays happen to have the same shapes) or the batch size does (the step counts
-    batches). Other changes (a longer `num_epochs`,
-    another evaluation interval or data path) are allowed; the caller reports them. Changes that alter the
-    state's arrays (model, head, queue size) fail in the restore, whose error then names these differences.
+    batches). Other changes (a longer `num_epochs`, another evaluation interval or data path) are allowed; the
+    caller reports them. Changes that alter the state's arrays (model, head, queue size) fail in the restore,
+    whose error then names these differences.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
