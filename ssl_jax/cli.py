@@ -103,14 +103,14 @@ def main(argv=None):
         from ssl_jax import parallel  # pylint: disable=import-outside-toplevel
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     # pylint: disable-next=import-outside-toplevel
-    from ssl_jax import checkpoint, config as config_lib, data, metrics, train
+    from ssl_jax import checkpoint, config as config_lib, data, metrics, train, workdir as workdir_lib
     metrics.show_progress(not args.no_progress)
     expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, checkpoint.CheckpointSaveError,
                 checkpoint.CheckpointReadError, metrics.MetricsWriteError, OSError, ValueError)
     command = "ssl-jax " + shlex.join(argv)
     try:
         if args.command == "train":
-            train.check_workdir(args.workdir)
+            workdir_lib.check_workdir(args.workdir)
             spec = args.config or os.path.join(args.workdir, "config.json")
             if not args.config and not os.path.isfile(spec):
                 raise config_lib.ConfigError(f"--config is needed: {args.workdir} holds no run to resume ({spec} "

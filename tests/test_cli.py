@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssl_jax import checkpoint, cli, metrics, report, train
+from ssl_jax import checkpoint, cli, metrics, report, workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "simclr.py") + ":smoke"
@@ -236,14 +236,14 @@ def test_a_workdir_that_is_a_file_or_cannot_be_created_is_an_error_naming_it(tmp
 def test_a_second_run_in_a_workdir_in_use_is_refused(tmp_path, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    with train.workdir_lock(str(workdir)):  # as a running `ssl-jax train` holds it
+    with workdir_lib.workdir_lock(str(workdir)):  # as a running `ssl-jax train` holds it
         code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", str(workdir))
         assert code == 2 and f"the workdir {workdir} is in use by another training run (pid {os.getpid()} on" in err
         assert sorted(os.listdir(workdir)) == [".lock"]  # nothing written, nothing resumed
     # Released when the run ends (or its process dies): the workdir is usable again.
     short = ["--config.num_epochs=1", "--config.optim.warmup_epochs=0", "--config.eval.knn_every_epochs=0"]
     assert _in_process(capsys, "train", "--config", SMOKE, "--workdir", str(workdir), *short)[0] == 0
-    with train.workdir_lock(str(workdir)):
+    with workdir_lib.workdir_lock(str(workdir)):
         pass
 
 

@@ -1,0 +1,112 @@
+"""A run's directory: its lock, its checks, and what a resume may change (used by ssl_jax.train and the CLI)."""
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+from ssl_jax import checkpoint, config as config_lib
+
+
+def describe(changes, limit=8):
+    """Returns 'key: old -> new, ...' for (key, old, new) triples, the first `limit` of them."""
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:limit])
+    return shown + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def mismatch_hint(workdir, changes):
+    """Returns what to do about a checkpoint whose arrays do not fit the config, naming the keys that differ."""
+    if not changes:  # same config (or none recorded): the state's layout changed between ssl_jax versions
+        return (f"{workdir}/config.json does not differ from this config (or is missing), so the checkpoint was "
+                f"probably written by another version of ssl_jax; evaluate or export it with that version, or give "
+                f"a new --workdir")
+    return (f"{workdir} holds a checkpoint of another run. Its config.json differs from this config in: "
+            f"{describe(changes)}. To resume it, run `ssl-jax train --workdir {workdir}` without --config (its own "
+            f"config.json; overrides such as --config.num_epochs still apply), or give a new --workdir")
+
+
+def resume_changes(workdir, config):
+    """Returns the (key, old, new) differences between DIR/config.json and `config` for a resume.
+
+    Raises CheckpointMismatchError when the method differs (a checkpoint of one method is never resumed as
+    another, even where their arrays happen to have the same shapes) or the batch size does (the step counts
+    batches). Other changes (a longer `num_epochs`, another evaluation interval or data path) are allowed; the
+    caller reports them. Changes that alter the state's arrays (model, head, queue size) fail in the restore,
+    whose error then names these differences.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:  # damaged (older versions wrote it in place): the restore still checks the arrays
+        print(f"warning: {path} cannot be read ({e}); it is written anew", file=sys.stderr)
+        return []
+    changes = config_lib.differences(saved, config)
+    if saved.get("method") != config.method:
+        raise checkpoint.CheckpointMismatchError(
+            f"{workdir} holds a checkpoint of a {saved.get('method')} run and this config trains {config.method}; "
+            f"to resume it, run `ssl-jax train --workdir {workdir}` without --config (its own config.json), or give "
+            f"a new --workdir")
+    if saved.get("batch_size", config.batch_size) != config.batch_size:
+        # The checkpoint's step counts batches of the saved size: the data order, the epoch and the learning-rate
+        # schedule (whose count lives in the optimizer state) would all resume at another point of the run.
+        raise checkpoint.CheckpointMismatchError(
+            f"{workdir} holds a checkpoint of a run with batch_size={saved['batch_size']}, whose step counts batches "
+            f"of that size; resuming it with batch_size={config.batch_size} would repeat or skip data and move the "
+            f"learning-rate schedule. Resume with --config.batch_size={saved['batch_size']} (to save memory, "
+            f"--config.grad_accum_steps splits each batch), or give a new --workdir")
+    return changes
+
+
+class WorkdirLockedError(ValueError):
+    """Another process is training in the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, enabled=True):
+    """Holds an exclusive lock on DIR/.lock (flock: released when the process dies, so never stale).
+
+    Raises WorkdirLockedError when another process holds it: two runs writing one workdir's checkpoints and
+    metrics would corrupt each other. Only process 0 of a job locks (a shared workdir has one writer). A
+    filesystem without locks (some network mounts) gets a warning and no lock.
+    """
+    if not enabled:
+        yield
+        return
+    path = os.path.join(workdir, ".lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise WorkdirLockedError(f"the workdir {workdir} is in use by another training run ({holder}); wait for "
+                                     f"it to end, stop it (SIGTERM saves a checkpoint), or give another --workdir"
+                                     ) from e
+        except OSError as e:
+            print(f"warning: cannot lock {path} ({e.strerror or e}); make sure no other run uses this workdir",
+                  file=sys.stderr)
+            yield
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_workdir(workdir):
+    """Raises ValueError when `workdir` exists and is not a directory, or is a URL (gs://...)."""
+    if "://" in workdir:  # os.makedirs would create a local folder named "gs:", and TensorBoard crash in it
+        raise ValueError(f"the workdir {workdir} is a URL; runs are written through the local filesystem, so use a "
+                         f"local or mounted folder (launch/tpu_vm.sh's SYNC_TO={workdir} copies a run to a bucket)")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"the workdir {workdir} is a file, not a directory")
