@@ -6,6 +6,7 @@ parameter norm were checked finite, so a failing run never replaces the last goo
 """
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -24,10 +25,15 @@ def make_manager(workdir, max_to_keep=2, async_save=True, read_only=False):
     """Returns an orbax CheckpointManager for `workdir`/checkpoints keeping the newest `max_to_keep`.
 
     `read_only`: for readers (evaluation) of a run that may still be training: it never saves or deletes.
+    A writer first removes the unfinished step directories (`<step>.orbax-checkpoint-tmp-*`) that a process killed
+    mid-save left behind; each is the size of a checkpoint, and a step the run never reaches again would keep
+    its own forever. Only the one writer of a workdir (the trainer holds its lock) may do that.
     """
     if read_only:
         options = read_only_options()
     else:
+        if jax.process_index() == 0:
+            remove_unfinished(checkpoint_dir(workdir))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
@@ -145,12 +151,26 @@ def wait(manager):
         raise _save_failed(manager, _unfinished_step(manager), e) from e
 
 
-def _unfinished_step(manager):
-    """Returns the step of the newest unfinished save (orbax's `<step>.orbax-checkpoint-tmp...` folder), or None."""
-    directory = str(manager.directory)
+def _unfinished(directory):
+    """Returns the sorted (step, folder name) of the unfinished saves in `directory` (orbax's
+    `<step>.orbax-checkpoint-tmp-<time>` folders, renamed to `<step>` once complete; a step may have several)."""
     names = os.listdir(directory) if os.path.isdir(directory) else []
-    steps = [int(n.split(".", 1)[0]) for n in names if ".orbax-checkpoint-tmp" in n and n.split(".", 1)[0].isdigit()]
-    return max(steps, default=None)
+    return sorted((int(n.split(".", 1)[0]), n) for n in names
+                  if ".orbax-checkpoint-tmp" in n and n.split(".", 1)[0].isdigit())
+
+
+def _unfinished_step(manager):
+    """Returns the step of the newest unfinished save, or None."""
+    return max((step for step, _ in _unfinished(str(manager.directory))), default=None)
+
+
+def remove_unfinished(directory):
+    """Deletes the unfinished saves in `directory`, saying so on stderr. Only a workdir's one writer may call
+    this: a save in progress looks the same."""
+    for step, name in _unfinished(directory):
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        print(f"removed {name}, the unfinished save of step {step} of a process that stopped mid-save",
+              file=sys.stderr)
 
 
 def restore(manager, abstract_state, step=None):

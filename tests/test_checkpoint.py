@@ -54,6 +54,30 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert sorted(os.listdir(checkpoint.checkpoint_dir(str(tmp_path)))) == ["2", "3"]
 
 
+def test_a_writer_removes_unfinished_saves_of_a_killed_run_and_a_reader_leaves_them(tmp_path, capsys):
+    # A process killed mid-save (SIGKILL, a preempted VM) leaves orbax's temporary step directory, as big as a
+    # checkpoint. A run resumed from an earlier step may never save that step again: nothing else removes it.
+    manager = checkpoint.make_manager(str(tmp_path), async_save=False)
+    checkpoint.save(manager, 8, {"x": np.zeros((2,), np.float32)}, force=True)
+    manager.close()
+    ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+    for name in ("16.orbax-checkpoint-tmp-1700000000", "40.orbax-checkpoint-tmp-1700000001",
+                 "40.orbax-checkpoint-tmp-1700000002"):  # killed twice at the same step
+        os.makedirs(os.path.join(ckpt_dir, name, "default"))
+        with open(os.path.join(ckpt_dir, name, "default", "half_written"), "wb") as f:
+            f.write(b"0" * 1000)
+    reader = checkpoint.make_manager(str(tmp_path), read_only=True)  # the run may be saving right now
+    assert reader.latest_step() == 8
+    reader.close()
+    assert len(os.listdir(ckpt_dir)) == 4
+    writer = checkpoint.make_manager(str(tmp_path))
+    assert os.listdir(ckpt_dir) == ["8"]
+    assert writer.latest_step() == 8
+    writer.close()
+    err = capsys.readouterr().err
+    assert "removed 16.orbax-checkpoint-tmp-1700000000, the unfinished save of step 16" in err and "step 40" in err
+
+
 def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM)
     guard = checkpoint.PreemptionGuard()
@@ -187,3 +211,5 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_the_run_resumes_from_it
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from the checkpoint at step 8" in again.stderr
     assert checkpoint.finished_steps(ckpt_dir)[-1] == 16
+    assert "the unfinished save of step 16" in again.stderr  # the failed save's folder, removed at the start
+    assert not [n for n in os.listdir(ckpt_dir) if not n.isdigit()]
