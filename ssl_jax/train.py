@@ -197,6 +197,21 @@ def check_finite(step, record):
             f"(try a lower --config.optim.lr or --config.model.dtype=float32)")
 
 
+def check_train_size(workdir, setup, start):
+    """Warns when the training set has another size than at the run's previous start (images added to or
+    removed from its folder, a copy that was incomplete): the step counts batches, so the epoch, the checkpoint
+    and evaluation intervals and the learning-rate schedule all move to the new size from step `start` on."""
+    before = int(metrics_lib.last_value(os.path.join(workdir, "runs.jsonl"), "train_examples", 0))
+    now = len(setup.train_source)
+    if before and before != now:
+        spe_before = before // setup.config.batch_size
+        print(f"warning: the training set has {now} images; when this run last started it had {before}. An "
+              f"epoch is now {setup.steps_per_epoch} steps (was {spe_before}), so the resumed step {start} is "
+              f"epoch {start / setup.steps_per_epoch:.2f} (was {start / max(spe_before, 1):.2f}), and the "
+              f"learning-rate schedule and the checkpoint and evaluation intervals follow the new size. If the "
+              f"data is incomplete, stop (Ctrl-C saves) and fix it", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
@@ -268,12 +283,15 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
             f.write(config_lib.to_json(config))
         os.replace(path + ".tmp", path)
 
+    if start:
+        check_train_size(workdir, setup, start)
     elapsed_before = metrics_lib.last_value(os.path.join(workdir, "metrics.jsonl"), "elapsed_s") if start else 0.0
     run_start = time.perf_counter()
     if is_main:
         metrics_lib.append_run_info(workdir, start_step=start, devices=setup.mesh.devices.size,
                                     device_kind=jax.devices()[0].device_kind, processes=jax.process_count(),
-                                    jax_version=jax.__version__, **({"command": command} if command else {}),
+                                    jax_version=jax.__version__, train_examples=len(setup.train_source),
+                                    steps_per_epoch=setup.steps_per_epoch, **({"command": command} if command else {}),
                                     **({"config_changes": {k: [a, b] for k, a, b in changes}} if changes else {}))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     guard = checkpoint.PreemptionGuard(manager, signals=(signal.SIGTERM, signal.SIGINT))  # Ctrl-C saves too

@@ -103,3 +103,25 @@ def test_a_checkpoint_resumes_on_another_number_of_devices(tmp_path, monkeypatch
                  final["batch_stats"], expected["batch_stats"])
     runs = metrics.read_jsonl(os.path.join(moved, "runs.jsonl"))
     assert [(r["start_step"], r["devices"]) for r in runs] == [(0, 8), (10, 2)]
+
+
+def test_a_resume_on_a_training_set_of_another_size_warns_and_records_it(tmp_path, capsys):
+    # Images added to the run's folder (a copy that was incomplete at the first start): the step counts batches,
+    # so the epoch and the schedule move to the new size. The resume says so; runs.jsonl records each size.
+    workdir = str(tmp_path / "run")
+    train.train(config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["num_epochs=1", "optim.warmup_epochs=0"]), workdir,
+                progress=False)
+    capsys.readouterr()
+    bigger = config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["num_epochs=2", "data.num_examples=640"])
+    train.train(bigger, workdir, progress=False)
+    err = capsys.readouterr().err
+    assert "warning: the training set has 640 images; when this run last started it had 512" in err
+    assert "An epoch is now 10 steps (was 8), so the resumed step 8 is epoch 0.80 (was 1.00)" in err
+    starts = metrics.read_jsonl(os.path.join(workdir, "runs.jsonl"))
+    assert [(r["start_step"], r["train_examples"], r["steps_per_epoch"]) for r in starts] == [(0, 512, 8), (8, 640, 10)]
+    assert metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]["step"] == 20
+
+    train.train(config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["num_epochs=3",
+                                                                              "data.num_examples=640"]),
+                workdir, progress=False)
+    assert "training set has" not in capsys.readouterr().err  # the same size as at the last start
