@@ -116,7 +116,12 @@ def main(argv=None):
                 raise config_lib.ConfigError(f"--config is needed: {args.workdir} holds no run to resume ({spec} "
                                              f"does not exist)")
             config = config_lib.load_config(spec, overrides)
-            train.train(config, args.workdir, progress=not args.no_progress, command=command)
+            try:
+                train.train(config, args.workdir, progress=not args.no_progress, command=command)
+            except data.MissingDataError as e:
+                if args.config:
+                    raise
+                raise data.moved_data_error(e, spec) from e  # the run's own config.json: the data may have moved
         elif args.command == "eval":
             from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
             result = protocols.evaluate_workdir(args.workdir, args.protocol, overrides, progress=not args.no_progress,

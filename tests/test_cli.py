@@ -247,6 +247,35 @@ def test_a_second_run_in_a_workdir_in_use_is_refused(tmp_path, capsys):
         pass
 
 
+def test_a_run_whose_data_moved_says_how_to_give_the_new_path(tmp_path, capsys):
+    rs = np.random.RandomState(0)
+    for split in ("train", "test"):
+        for c in "ab":
+            folder = tmp_path / "data" / split / c
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rs.randint(0, 256, (16, 16, 3), np.uint8)).save(folder / f"{i}.png")
+    workdir = str(tmp_path / "run")
+    code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", workdir,
+                            f"--config.data.path={tmp_path / 'data'}", "--config.batch_size=8", "--config.num_epochs=1",
+                            "--config.optim.warmup_epochs=0", "--config.eval.knn_every_epochs=0",
+                            f"--config.data.cache_dir={tmp_path / 'cache'}")
+    assert code == 0, err
+    os.rename(tmp_path / "data", tmp_path / "moved")  # config.json records the absolute path it had
+    hint = f"{os.path.join(workdir, 'config.json')} records where the run's data was: if it has moved, give " \
+        "--config.data.path=NEW_PATH"
+    for argv in (["eval", "--workdir", workdir, "--protocol", "knn"], ["train", "--workdir", workdir]):
+        code, err = _in_process(capsys, *argv)
+        assert code == 2 and f"{tmp_path / 'data'}' does not exist" in err and hint in err, err
+    code, err = _in_process(capsys, "eval", "--workdir", workdir, "--protocol", "knn",
+                            f"--config.data.path={tmp_path / 'moved'}")
+    assert code == 0 and "evaluating step 2" in err, err
+    # A config file given on the command line is the user's own: its missing path gets the plain error.
+    code, err = _in_process(capsys, "train", "--config", SMOKE, "--workdir", str(tmp_path / "other"),
+                            f"--config.data.path={tmp_path / 'data'}")
+    assert code == 2 and "does not exist" in err and "records where" not in err, err
+
+
 def test_no_test_split_for_the_knn_monitor_is_an_error_before_training(tmp_path, capsys):
     rs = np.random.RandomState(0)
     for c in "ab":

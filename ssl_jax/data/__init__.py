@@ -40,6 +40,12 @@ class MissingDataError(DataError, FileNotFoundError):
     """A dataset path does not exist (catchable as DataError or FileNotFoundError)."""
 
 
+def moved_data_error(error, config_path):
+    """Returns a MissingDataError for `error` raised with a run's recorded config: the data may have moved."""
+    return MissingDataError(f"{error}; {config_path} records where the run's data was: if it has moved, give "
+                            f"--config.data.path=NEW_PATH")
+
+
 @dataclasses.dataclass
 class Source:
     """A labelled image set: images_NxHxWx3 uint8 (ndarray, read-only memmap or stream.EncodedImages), labels_N

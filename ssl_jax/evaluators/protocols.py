@@ -223,7 +223,10 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=Non
     for override in overrides:
         key, _, value = override.partition("=")
         config_lib.apply_override(config, key, value)
-    setup = train_lib.build(config)
+    try:
+        setup = train_lib.build(config)
+    except data_lib.MissingDataError as e:
+        raise data_lib.moved_data_error(e, config_path) from e
     abstract_state = checkpoint.abstract_like(train_lib.initial_state(setup))  # before listing the checkpoints
     manager = checkpoint.make_manager(workdir, read_only=True)  # the run may still be training
     try:
