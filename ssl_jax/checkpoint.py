@@ -266,9 +266,19 @@ class PreemptionGuard:
             print("\ninterrupted: a checkpoint is saved after this step, then the run stops (Ctrl-C again stops at "
                   "once, without saving)", file=sys.stderr, flush=True)
 
-    def requested(self, step):
-        """Returns True once a stop was signalled (by a signal or by the platform's preemption notice)."""
-        if self._flag.is_set():
+    @property
+    def signalled(self):
+        """Whether this process received one of the signals."""
+        return self._flag.is_set()
+
+    def requested(self, step, agreed=None):
+        """Returns True once a stop was signalled (by a signal or by the platform's preemption notice).
+
+        `agreed`: in a job of several processes, whether any of them was signalled, as they agreed on it
+        (parallel.any_process_vote); it replaces this process's own flag, so that every process stops at the
+        same step.
+        """
+        if self._flag.is_set() if agreed is None else agreed:
             return True
         if self._manager is not None and jax.process_count() > 1:
             try:

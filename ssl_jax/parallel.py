@@ -88,6 +88,24 @@ def shard_step(fn, mesh, *, n_replicated, n_sharded, donate=(0,)):
     return jax.jit(mapped, donate_argnums=donate)
 
 
+def any_process_vote(mesh):
+    """Returns vote(flag) -> a replicated device scalar, nonzero when `flag` was true on any process.
+
+    A collective: every process calls it at the same point of its loop, with its own flag. A job of several
+    processes agrees this way on a stop that only some of them were told of (SIGTERM reaches hosts at different
+    moments, or one host only); a process stopping on its own flag would leave the others waiting forever in the
+    next step's collectives. The loop fetches the result one step later, with that step's metrics, so the vote
+    adds no wait.
+    """
+    voted = jax.jit(jax.shard_map(lambda flags: lax.pmax(jnp.max(flags), DATA_AXIS), mesh=mesh,
+                                  in_specs=P(DATA_AXIS), out_specs=P()))
+    sharding, local = batch_sharded(mesh), len(mesh.local_devices)
+
+    def vote(flag):
+        return voted(jax.make_array_from_process_local_data(sharding, np.full((local,), int(bool(flag)), np.int32)))
+    return vote
+
+
 def axis_size(axis_name):
     """Returns the number of devices along `axis_name` (1 when unsharded)."""
     return 1 if axis_name is None else lax.axis_size(axis_name)

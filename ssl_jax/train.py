@@ -300,17 +300,21 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
     spe, every = setup.steps_per_epoch, config.log_every_steps
     ckpt_every = config.checkpoint.every_epochs * spe
     knn_every = config.eval.knn_every_epochs * spe
-    pending = None  # (step, device metrics) of the previous step, fetched one step late
+    pending = None  # (step, device metrics, stop vote) of the previous step, fetched one step late
     timer = (time.perf_counter(), start)
+    # Several processes stop together: each votes its own flag every step, and all act on the fetched result.
+    vote = parallel.any_process_vote(setup.mesh) if jax.process_count() > 1 else None
+    agreed = False
 
     def drain():
         """Fetches the pending step's metrics, checks them, and logs every `every` steps."""
-        nonlocal pending, timer
+        nonlocal pending, timer, agreed
         if pending is None:
             return
-        step, device_metrics = pending
+        step, device_metrics, ballot = pending
         pending = None
         record = jax.device_get(device_metrics)
+        agreed = agreed or (ballot is not None and bool(jax.device_get(ballot)))
         check_finite(step, record)
         done = step + 1
         if done % every == 0 or done == setup.total_steps:
@@ -330,11 +334,12 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
         for step in range(start, setup.total_steps):
             batch = parallel.put_batch(next(batches), setup.mesh)
             state, device_metrics = setup.step_fn(state, setup.dataset, batch)
+            ballot = vote(guard.signalled) if vote else None
             drain()  # the previous step's metrics; the device is already busy with this one
-            pending = (step, device_metrics)
+            pending = (step, device_metrics, ballot)
             bar.update(1)
             done = step + 1
-            stop = guard.requested(done)
+            stop = guard.requested(done, agreed if vote else None)
             if done % ckpt_every == 0 or done == setup.total_steps or stop:
                 drain()  # a checkpoint is written only after its step was checked finite
                 checkpoint.save(manager, done, state, force=True)
@@ -346,7 +351,7 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
                 if is_main:  # tqdm.write prints even where the bar is disabled
                     bar.write(f"step {done} (epoch {done / spe:g}): {summary}", file=sys.stderr)
             if stop:
-                reason = guard.signal_name or "preemption"
+                reason = guard.signal_name or ("a signal to another process" if agreed else "preemption")
                 bar.write(f"stop requested ({reason}): saved step {done}, exiting", file=sys.stderr)
                 break
         drain()

@@ -6,7 +6,9 @@ alone writes metrics and each checkpoint is written once, and a 2-process run re
 """
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -175,3 +177,39 @@ def test_extract_features_gathers_every_process_part_in_order(tmp_path):
         np.testing.assert_allclose(got["feats"], images.mean(axis=(1, 2)), rtol=1e-6)
         np.testing.assert_array_equal(got["labels"], got["source_labels"])
         assert got["knn_mesh"] == got["knn_local"] and set(got["knn_mesh"]) == {"knn_top1", "knn_top5"}
+
+
+def test_a_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
+    # A preempted host (or `kill` on one node) signals one process; stopping it alone left the other waiting in
+    # the next step's collectives forever. The processes vote every step and all stop after the same one.
+    workdir = str(tmp_path / "run")
+    argvs = _two_processes("train", "--config", SMOKE, *OVERRIDES, "--config.num_epochs=500",
+                           "--config.eval.knn_every_epochs=0", "--workdir", workdir)
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in argvs]
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=_env(str(tmp_path / "jax_cache")), stdout=log,
+                              stderr=subprocess.STDOUT, text=True) for argv, log in zip(argvs, logs)]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        path = os.path.join(workdir, "metrics.jsonl")
+        while not (os.path.exists(path) and len(_records(workdir, "loss")) >= 3):  # training, past compilation
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=60)  # a hang is the failure
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    saved = [re.search(r"stop requested \((.*)\): saved step (\d+), exiting", out) for out in outputs]
+    assert saved[0] and saved[1], outputs
+    assert saved[0].group(1) == "a signal to another process" and saved[1].group(1) == "SIGTERM"
+    step = int(saved[0].group(2))
+    assert int(saved[1].group(2)) == step < 500 * 4 and _checkpoints(workdir)[-1] == step
+    assert _records(workdir, "loss")[-1]["step"] == step

@@ -43,7 +43,7 @@ def test_preempted_and_killed_runs_resume_exactly(tmp_path, monkeypatch, config_
 
     # 1. Preempted at step 5 (the platform's notice, as SIGTERM would be): saves step 5, exits, resumes.
     preempted = str(tmp_path / "preempted")
-    monkeypatch.setattr(checkpoint.PreemptionGuard, "requested", lambda self, step: step == 5)
+    monkeypatch.setattr(checkpoint.PreemptionGuard, "requested", lambda self, step, agreed=None: step == 5)
     train.train(config, preempted, progress=False)
     manager = checkpoint.make_manager(preempted, async_save=False)
     assert checkpoint.latest_step(manager) == 5
@@ -86,7 +86,7 @@ def test_a_checkpoint_resumes_on_another_number_of_devices(tmp_path, monkeypatch
     expected = _final_state(straight, config)
 
     moved = str(tmp_path / "moved")
-    monkeypatch.setattr(checkpoint.PreemptionGuard, "requested", lambda self, step: step == 10)
+    monkeypatch.setattr(checkpoint.PreemptionGuard, "requested", lambda self, step, agreed=None: step == 10)
     train.train(config, moved, progress=False)
     monkeypatch.undo()
     at_10 = _final_state(moved, config)
