@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import sys
+import traceback
 
 USAGE_OVERRIDES = "overrides: --config.KEY=VALUE (e.g. --config.optim.lr=0.5 --config.num_epochs=100)"
 
@@ -99,64 +100,83 @@ def main(argv=None):
     import jax  # pylint: disable=import-outside-toplevel  (after parsing: --help stays fast)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from ssl_jax import parallel  # pylint: disable=import-outside-toplevel
     if args.distributed:
-        from ssl_jax import parallel  # pylint: disable=import-outside-toplevel
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     # pylint: disable-next=import-outside-toplevel
-    from ssl_jax import checkpoint, config as config_lib, data, metrics, train, workdir as workdir_lib
+    from ssl_jax import checkpoint, config as config_lib, data, metrics, train
     metrics.show_progress(not args.no_progress)
     expected = (config_lib.ConfigError, data.DataError, train.NonFiniteLossError, checkpoint.CheckpointSaveError,
                 checkpoint.CheckpointReadError, metrics.MetricsWriteError, OSError, ValueError)
     command = "ssl-jax " + shlex.join(argv)
+    code, error = 0, None
     try:
-        if args.command == "train":
-            workdir_lib.check_workdir(args.workdir)
-            spec = args.config or os.path.join(args.workdir, "config.json")
-            if not args.config and not os.path.isfile(spec):
-                raise config_lib.ConfigError(f"--config is needed: {args.workdir} holds no run to resume ({spec} "
-                                             f"does not exist)")
-            config = config_lib.load_config(spec, overrides)
-            try:
-                train.train(config, args.workdir, progress=not args.no_progress, command=command)
-            except data.MissingDataError as e:
-                if args.config:
-                    raise
-                raise data.moved_data_error(e, spec) from e  # the run's own config.json: the data may have moved
-        elif args.command == "eval":
-            from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
-            result = protocols.evaluate_workdir(args.workdir, args.protocol, overrides, progress=not args.no_progress,
-                                                command=command)
-            print(json.dumps(result))
-        elif args.command == "report":
-            from ssl_jax import report  # pylint: disable=import-outside-toplevel
-            print(json.dumps(report.write_report(args.workdir, args.out or None)))
-        elif args.command == "export":
-            from ssl_jax import export  # pylint: disable=import-outside-toplevel
-            print(json.dumps({"path": export.export_workdir(args.workdir, args.format, args.out or None)}))
-        elif args.command == "bench":
-            from ssl_jax import bench  # pylint: disable=import-outside-toplevel
-            from ssl_jax import bench_torch  # pylint: disable=import-outside-toplevel
-            config = config_lib.load_config(args.config, overrides)
-            modes = [m.strip() for m in args.modes.split(",") if m.strip()] or None
-            try:
-                report = bench.bench(config, steps=args.steps, warmup=args.warmup, modes=modes, torch=args.torch,
-                                     torch_compile=args.torch_compile, profile_dir=args.profile or None,
-                                     profile_steps=args.profile_steps)
-            except bench_torch.MissingTorchError as e:
-                print(f"ssl-jax bench: error: {e}", file=sys.stderr)
-                return 2
-            report["command"] = command
-            report["date"] = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-            print(bench.format_table(report), file=sys.stderr)
-            print("BENCHMARKS.md rows:", *bench.markdown_rows(report),
-                  sep="\n", file=sys.stderr)
-            print(json.dumps(report))
+        code = _run_command(args, overrides, command)
     except expected as e:
-        print(f"ssl-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code, error = 2, f"ssl-jax {args.command}: error: {e}"
     except KeyboardInterrupt:  # Ctrl-C; `train` has saved a checkpoint first (a second Ctrl-C does not wait)
-        print(f"ssl-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code, error = 130, f"ssl-jax {args.command}: interrupted"
+    except Exception as e:  # pylint: disable=broad-except
+        if not args.distributed:
+            raise
+        code, error = 1, f"ssl-jax {args.command}: {type(e).__name__}: {e}"
+        if not parallel.another_process_failed():
+            traceback.print_exc()
+    if args.distributed and code and parallel.another_process_failed():
+        code, error = 1, None  # a consequence (a collective lost its peer): the failed process said why
+    if error:
+        print(error, file=sys.stderr)
+    if args.distributed and code not in (0, 130):  # 130: every process saved and stopped at one step
+        parallel.leave_failed_job(error or f"exit status {code}", code)  # the others stop too; never returns
+    return code
+
+
+def _run_command(args, overrides, command):
+    """Runs the parsed command; returns its exit status (errors are raised)."""
+    # pylint: disable-next=import-outside-toplevel
+    from ssl_jax import config as config_lib, data, train, workdir as workdir_lib
+    if args.command == "train":
+        workdir_lib.check_workdir(args.workdir)
+        spec = args.config or os.path.join(args.workdir, "config.json")
+        if not args.config and not os.path.isfile(spec):
+            raise config_lib.ConfigError(f"--config is needed: {args.workdir} holds no run to resume ({spec} "
+                                         f"does not exist)")
+        config = config_lib.load_config(spec, overrides)
+        try:
+            train.train(config, args.workdir, progress=not args.no_progress, command=command)
+        except data.MissingDataError as e:
+            if args.config:
+                raise
+            raise data.moved_data_error(e, spec) from e  # the run's own config.json: the data may have moved
+    elif args.command == "eval":
+        from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
+        result = protocols.evaluate_workdir(args.workdir, args.protocol, overrides, progress=not args.no_progress,
+                                            command=command)
+        print(json.dumps(result))
+    elif args.command == "report":
+        from ssl_jax import report  # pylint: disable=import-outside-toplevel
+        print(json.dumps(report.write_report(args.workdir, args.out or None)))
+    elif args.command == "export":
+        from ssl_jax import export  # pylint: disable=import-outside-toplevel
+        print(json.dumps({"path": export.export_workdir(args.workdir, args.format, args.out or None)}))
+    elif args.command == "bench":
+        from ssl_jax import bench  # pylint: disable=import-outside-toplevel
+        from ssl_jax import bench_torch  # pylint: disable=import-outside-toplevel
+        config = config_lib.load_config(args.config, overrides)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()] or None
+        try:
+            report = bench.bench(config, steps=args.steps, warmup=args.warmup, modes=modes, torch=args.torch,
+                                 torch_compile=args.torch_compile, profile_dir=args.profile or None,
+                                 profile_steps=args.profile_steps)
+        except bench_torch.MissingTorchError as e:
+            print(f"ssl-jax bench: error: {e}", file=sys.stderr)
+            return 2
+        report["command"] = command
+        report["date"] = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+        print(bench.format_table(report), file=sys.stderr)
+        print("BENCHMARKS.md rows:", *bench.markdown_rows(report),
+              sep="\n", file=sys.stderr)
+        print(json.dumps(report))
     return 0
 
 

@@ -3,6 +3,11 @@
 Parameters, optimizer state and method extras are replicated (P()); batches are sharded (P("data")).
 Every collective in the library names DATA_AXIS; losses take `axis_name=None` to run unsharded in tests.
 """
+import os
+import sys
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +30,84 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
+    if jax.process_count() > 1:
+        watch_for_failures()
     return jax.process_index()
+
+
+FAILED_KEY = "ssl_jax/failed"  # in the job's key-value store: which process failed, and why
+WATCH_INTERVAL_S = 2.0
+_COORDINATOR_LINGER_S = 3 * WATCH_INTERVAL_S  # process 0 ends this long after it learned of a failure
+_LEAVING = threading.Event()  # set once this process failed and leaves the job (see leave_failed_job)
+_PEER_FAILED = threading.Event()  # set once another process of the job failed (see watch_for_failures)
+
+
+def another_process_failed():
+    """Whether another process of the job failed: this one's own errors since are consequences of that."""
+    return _PEER_FAILED.is_set()
+
+
+def _client():
+    """Returns the job's distributed runtime client (its key-value store), or None (one process)."""
+    try:
+        from jax._src import distributed  # pylint: disable=import-outside-toplevel  (no public accessor)
+    except ImportError:
+        return None
+    return getattr(distributed.global_state, "client", None)
+
+
+def watch_for_failures(interval_s=WATCH_INTERVAL_S):
+    """Starts a thread that ends this process (exit status 1) once another process of the job has failed.
+
+    The others are then waiting in a collective that the failed process never joins: without this they hang
+    until the coordination service's heartbeat timeout (minutes) and abort with a stack dump, or forever
+    while the failed process waits in JAX's shutdown barrier. See leave_failed_job.
+    """
+    client = _client()
+    if client is None:
+        return
+
+    def watch():
+        while True:
+            time.sleep(interval_s)
+            try:
+                failed = client.key_value_try_get(FAILED_KEY)
+            except Exception:  # pylint: disable=broad-except  (no such key yet; or the job has ended)
+                continue
+            if _LEAVING.is_set():  # this process failed and is telling the others: it exits with its own status
+                return
+            _PEER_FAILED.set()
+            print(f"ssl-jax: stopping process {jax.process_index()}: {failed}", file=sys.stderr, flush=True)
+            if jax.process_index() == 0:  # it runs the coordination service: leave last, or the others abort
+                time.sleep(_COORDINATOR_LINGER_S)
+            _exit_now(1)
+
+    threading.Thread(target=watch, name="ssl_jax-failure-watch", daemon=True).start()
+
+
+def leave_failed_job(message, code):
+    """Ends this failed process of a job of several at once, after telling the other processes (their
+    watch_for_failures thread ends them too). Never returns.
+
+    A normal exit would wait in JAX's shutdown barrier for processes that are waiting in a collective for this
+    one: the whole job would hang.
+    """
+    client = _client()
+    _LEAVING.set()
+    if client is not None:
+        try:
+            client.key_value_set(FAILED_KEY, f"process {jax.process_index()} failed: {message}")
+        except Exception:  # pylint: disable=broad-except  (another process failed first and said so)
+            pass
+        # The others read it before this process ends; the coordinator (process 0) ends after all of them.
+        time.sleep(_COORDINATOR_LINGER_S if jax.process_index() == 0 else 1.5 * WATCH_INTERVAL_S)
+    _exit_now(code)
+
+
+def _exit_now(code):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access  (skips the shutdown barrier the others never reach)
 
 
 def make_mesh(devices=None):

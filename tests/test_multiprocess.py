@@ -179,37 +179,82 @@ def test_extract_features_gathers_every_process_part_in_order(tmp_path):
         assert got["knn_mesh"] == got["knn_local"] and set(got["knn_mesh"]) == {"knn_top1", "knn_top5"}
 
 
+def _run_until(argvs, cache_dir, act, timeout=60):
+    """Starts `argvs` at once, calls act(procs), then waits `timeout` s for all to exit (a hang is killed and
+    fails the test); returns (exit statuses, outputs)."""
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in argvs]
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=_env(cache_dir), stdout=log, stderr=subprocess.STDOUT, text=True)
+             for argv, log in zip(argvs, logs)]
+    hung = False
+    try:
+        act(procs)
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        hung = any(p.poll() is None for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    assert not hung, f"still running {timeout} s later:\n" + "\n".join(out[-2000:] for out in outputs)
+    return [p.returncode for p in procs], outputs
+
+
 def test_a_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
     # A preempted host (or `kill` on one node) signals one process; stopping it alone left the other waiting in
     # the next step's collectives forever. The processes vote every step and all stop after the same one.
     workdir = str(tmp_path / "run")
     argvs = _two_processes("train", "--config", SMOKE, *OVERRIDES, "--config.num_epochs=500",
                            "--config.eval.knn_every_epochs=0", "--workdir", workdir)
-    logs = [tempfile.TemporaryFile(mode="w+") for _ in argvs]
-    procs = [subprocess.Popen(argv, cwd=ROOT, env=_env(str(tmp_path / "jax_cache")), stdout=log,
-                              stderr=subprocess.STDOUT, text=True) for argv, log in zip(argvs, logs)]
-    try:
+
+    def signal_one_once_training(procs):
         deadline = time.monotonic() + TIMEOUT_S
         path = os.path.join(workdir, "metrics.jsonl")
         while not (os.path.exists(path) and len(_records(workdir, "loss")) >= 3):  # training, past compilation
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
             time.sleep(0.2)
         procs[1].send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait(timeout=60)  # a hang is the failure
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    outputs = []
-    for log in logs:
-        log.seek(0)
-        outputs.append(log.read())
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+
+    codes, outputs = _run_until(argvs, str(tmp_path / "jax_cache"), signal_one_once_training)
+    assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     saved = [re.search(r"stop requested \((.*)\): saved step (\d+), exiting", out) for out in outputs]
     assert saved[0] and saved[1], outputs
     assert saved[0].group(1) == "a signal to another process" and saved[1].group(1) == "SIGTERM"
     step = int(saved[0].group(2))
     assert int(saved[1].group(2)) == step < 500 * 4 and _checkpoints(workdir)[-1] == step
     assert _records(workdir, "loss")[-1]["step"] == step
+
+
+FAILING_SCRIPT = textwrap.dedent("""
+    import sys
+    from ssl_jax import cli, parallel
+    put_batch, calls = parallel.put_batch, []
+
+    def failing_put_batch(batch, mesh):  # process 1 alone fails at its 6th step: a full disk, a bad file
+        calls.append(1)
+        if len(calls) == 6 and sys.argv[sys.argv.index("--process-id") + 1] == "1":
+            raise OSError(28, "No space left on device")
+        return put_batch(batch, mesh)
+
+    parallel.put_batch = failing_put_batch
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_an_error_in_one_process_ends_every_process_with_its_message(tmp_path):
+    # The failed process used to wait in JAX's shutdown barrier and the others in the next step's collective:
+    # the whole job hung. It now tells the others through the job's key-value store, and all end within seconds.
+    argvs = [[sys.executable, "-c", FAILING_SCRIPT, *argv[3:]] for argv in _two_processes(
+        "train", "--config", SMOKE, *OVERRIDES, "--config.eval.knn_every_epochs=0", "--workdir", str(tmp_path / "run"))]
+    codes, outputs = _run_until(argvs, str(tmp_path / "jax_cache"), lambda procs: None, timeout=TIMEOUT_S)
+    assert codes == [1, 2], outputs
+    assert "ssl-jax train: error: [Errno 28] No space left on device" in outputs[1]
+    assert "ssl-jax: stopping process 0: process 1 failed: ssl-jax train: error: [Errno 28] No space left on " \
+        "device" in outputs[0]
+    assert "Traceback" not in outputs[0] + outputs[1]  # the lost collective's error is not reported as another one
