@@ -255,6 +255,11 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
     manager = checkpoint.make_manager(workdir, max_to_keep=config.checkpoint.keep)
     state = initial_state(setup)
     start = checkpoint.latest_step(manager)
+    try:
+        workdir_lib.check_shared(workdir, start)  # several processes: the same checkpoints everywhere
+    except BaseException:
+        manager.close()
+        raise
     changes = []
     if start is not None:
         try:

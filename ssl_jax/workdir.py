@@ -7,6 +7,9 @@ import socket
 import sys
 import time
 
+import jax
+import numpy as np
+
 from ssl_jax import checkpoint, config as config_lib
 
 
@@ -60,6 +63,31 @@ def resume_changes(workdir, config):
             f"learning-rate schedule. Resume with --config.batch_size={saved['batch_size']} (to save memory, "
             f"--config.grad_accum_steps splits each batch), or give a new --workdir")
     return changes
+
+
+class WorkdirNotSharedError(ValueError):
+    """The processes of a job see different checkpoints in the workdir: it is not one shared folder."""
+
+
+def check_shared(workdir, start):
+    """Raises WorkdirNotSharedError on every process of a job whose processes see different newest checkpoints
+    (`start`: this process's, or None) in `workdir`.
+
+    A workdir on each host's local disk has the checkpoints only where process 0 wrote them: the others would
+    start from step 0 with other parameters while process 0 resumes, and train garbage until the shorter loop
+    ends and the job hangs. A collective: every process calls it at the same point.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    steps = [int(s) for s in np.asarray(multihost_utils.process_allgather(np.int64(-1 if start is None else start)))]
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"process {i} {'step ' + str(s) if s >= 0 else 'none'}" for i, s in enumerate(steps))
+        raise WorkdirNotSharedError(
+            f"the processes of this job see different checkpoints in {workdir} ({seen}): the workdir must be one "
+            f"folder that every host mounts at the same path (NFS, Filestore, a mounted bucket), not a local "
+            f"folder on each host; see launch/README.md. On a shared filesystem that is slow to show new files, "
+            f"start again in a minute")
 
 
 class WorkdirLockedError(ValueError):

@@ -230,6 +230,15 @@ def test_a_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpo
     assert int(saved[1].group(2)) == step < 500 * 4 and _checkpoints(workdir)[-1] == step
     assert _records(workdir, "loss")[-1]["step"] == step
 
+    # A workdir that is not shared (a local folder on each host): process 1 sees no checkpoint where process 0
+    # resumes. Both used to train on, from different steps with different parameters; both now refuse.
+    argvs[1][argvs[1].index(workdir)] = str(tmp_path / "elsewhere")
+    codes, outputs = _run_until(argvs, str(tmp_path / "jax_cache"), lambda procs: None, timeout=TIMEOUT_S)
+    assert codes == [2, 2], outputs
+    for out in outputs:
+        assert f"see different checkpoints in {workdir} (process 0 step {step}, process 1 none): the workdir must " \
+            "be one folder that every host mounts" in out.replace(str(tmp_path / "elsewhere"), workdir), out[-3000:]
+
 
 FAILING_SCRIPT = textwrap.dedent("""
     import sys
