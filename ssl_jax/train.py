@@ -242,7 +242,8 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
     except OSError as e:
         raise ValueError(f"cannot create the workdir {workdir}: {e.strerror or e}") from e
 
-    with workdir_lib.workdir_lock(workdir, enabled=is_main):  # a second run in the same workdir fails here, before any write
+    # A second run in the same workdir fails here, before anything is written.
+    with workdir_lib.workdir_lock(workdir, enabled=is_main):
         return _train_in(workdir, setup, evaluate_fn, progress, command)
 
 

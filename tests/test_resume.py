@@ -109,8 +109,8 @@ def test_a_resume_on_a_training_set_of_another_size_warns_and_records_it(tmp_pat
     # Images added to the run's folder (a copy that was incomplete at the first start): the step counts batches,
     # so the epoch and the schedule move to the new size. The resume says so; runs.jsonl records each size.
     workdir = str(tmp_path / "run")
-    train.train(config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["num_epochs=1", "optim.warmup_epochs=0"]), workdir,
-                progress=False)
+    first = config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["num_epochs=1", "optim.warmup_epochs=0"])
+    train.train(first, workdir, progress=False)
     capsys.readouterr()
     bigger = config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["num_epochs=2", "data.num_examples=640"])
     train.train(bigger, workdir, progress=False)
