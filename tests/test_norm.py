@@ -40,11 +40,12 @@ def assert_trees_close(got, want, rtol, atol):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_one_group_is_flax_batchnorm(dtype):
+def test_one_group_is_flax_batchnorm(dtype, fast):
     x = normal((6, 5, 5, 4), scale=3.0, shift=1.5)
-    flax_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, use_running_average=False)
-    ours = GroupedBatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, use_running_average=False)
+    flax_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, use_running_average=False, use_fast_variance=fast)
+    ours = GroupedBatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, use_running_average=False, use_fast_variance=fast)
     variables = flax_bn.init(RNG, x)
     assert jax.tree.structure(ours.init(RNG, x)) == jax.tree.structure(variables)
     variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 4), "bias": jnp.linspace(-1.0, 1.0, 4)},
@@ -63,7 +64,7 @@ def test_groups_equal_one_batchnorm_pass_per_view_outputs_statistics_and_gradien
     # Three views with different statistics; the gradient of a loss that mixes the views goes through the
     # group statistics, so it checks the backward of the grouping too.
     views = [normal((4, 3, 3, 5), seed=s, scale=1.0 + s, shift=s - 1.0) for s in range(3)]
-    flax_bn = nn.BatchNorm(momentum=0.9, use_running_average=False)
+    flax_bn = nn.BatchNorm(momentum=0.9, use_running_average=False, use_fast_variance=False)
     ours = GroupedBatchNorm(groups=3, momentum=0.9, use_running_average=False)
     variables = flax_bn.init(RNG, views[0])
     variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 5), "bias": jnp.linspace(-1.0, 1.0, 5)},
@@ -88,6 +89,33 @@ def test_groups_equal_one_batchnorm_pass_per_view_outputs_statistics_and_gradien
                                                  lambda v, xs: per_view_passes(flax_bn, v, xs))
     grads_got = jax.grad(loss, argnums=(0, 1))(variables["params"], views, lambda v, xs: one_pass(ours, v, xs))
     assert_trees_close(grads_got, grads_want, rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_of_a_channel_whose_mean_dwarfs_its_spread_are_those_of_float64():
+    # One-pass E[x^2] - E[x]^2 (flax's default) cancels in float32 when |mean| >> std: at mean 300 and std 0.1
+    # the variance it gives is off by tens of %. The models' BatchNorms (grouped, and flax's for one group, in
+    # the backbone and the heads) compute E[(x - E[x])^2], as PyTorch does: within 1e-4 of float64, also
+    # synchronized over 8 devices, where each device's rows are centred on the global mean.
+    x = normal((64, 4, 4, 3), seed=11, scale=0.1, shift=300.0)
+    x64 = x.astype(np.float64).reshape(2, -1, 3)
+    want_mean, want_var = x64.mean(axis=1), x64.var(axis=1)
+    stats = lambda model, inputs: one_pass(model, model.init(RNG, inputs), [inputs])[1]  # noqa: E731
+    for model in (GroupedBatchNorm(groups=2, momentum=0.0, use_running_average=False),  # momentum 0: the batch's
+                  nn.BatchNorm(momentum=0.0, use_running_average=False, use_fast_variance=False)):
+        got = stats(model, x)
+        if isinstance(model, nn.BatchNorm):  # one group: the statistics of all rows
+            np.testing.assert_allclose(got["var"], x64.reshape(-1, 3).var(axis=0), rtol=1e-4)
+            continue
+        np.testing.assert_allclose(got["mean"], want_mean[1], rtol=1e-6)  # momentum 0: the last group's
+        np.testing.assert_allclose(got["var"], want_var[1], rtol=1e-4)
+    one_pass_var = stats(GroupedBatchNorm(momentum=0.0, use_running_average=False, use_fast_variance=True), x)["var"]
+    assert np.max(np.abs(one_pass_var / x64.reshape(-1, 3).var(axis=0) - 1)) > 0.05  # what it guards against
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    synced = GroupedBatchNorm(momentum=0.0, use_running_average=False, axis_name="data")
+    variables = synced.clone(axis_name=None).init(RNG, x)
+    run = jax.jit(jax.shard_map(lambda v, xs: synced.apply(v, xs, mutable=["batch_stats"])[1]["batch_stats"],
+                                mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
+    np.testing.assert_allclose(run(variables, x)["var"], x64.reshape(-1, 3).var(axis=0), rtol=1e-4)
 
 
 def test_batch_that_does_not_split_into_the_groups_is_an_error():

@@ -51,7 +51,8 @@ def _networks(config, num_classes, layers, hidden_width, standardize):
     backbone, feature_dim = models.backbone_from_config(config.model, dtype=jnp.dtype(config.model.dtype))
     use_bn = bool(config.head.get("use_bn", True)) if "head" in config else True
     classifier = models.MLPHead(hidden_dims=(hidden_width,) * layers, out_dim=num_classes, use_bn=use_bn)
-    norm = nn.BatchNorm(use_scale=False, use_bias=False, momentum=0.9, epsilon=1e-5) if standardize else None
+    norm = nn.BatchNorm(use_scale=False, use_bias=False, momentum=0.9, epsilon=1e-5,
+                        use_fast_variance=False) if standardize else None
     return backbone, norm, classifier, feature_dim
 
 

@@ -78,7 +78,7 @@ class MLPHead(nn.Module):
         return bn(
             use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             use_scale=scale, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32,
-            axis_name=self.bn_axis_name, name=name)
+            axis_name=self.bn_axis_name, use_fast_variance=False, name=name)  # two-pass variance: models/norm.py
 
     @nn.compact
     def __call__(self, x_BxD, train: bool, return_hidden: bool = False):

@@ -41,7 +41,9 @@ CONV_INITS = {"torchvision": conv_kernel_init,
 
 # What the blocks use when built on their own; ResNet passes its own (dtype, BN axis, momentum).
 _default_conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
-_default_norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+# Two-pass variance E[(x - E[x])^2], as PyTorch's: flax's one-pass default loses float32 precision where a
+# channel's mean is large against its spread (ssl_jax/models/norm.py).
+_default_norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, use_fast_variance=False)
 
 
 def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -237,7 +239,7 @@ class ResNet(nn.Module):
                                  kernel_init=CONV_INITS[self.conv_init])
         norm = functools.partial(
             nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-            param_dtype=jnp.float32, axis_name=self.bn_axis_name)
+            param_dtype=jnp.float32, axis_name=self.bn_axis_name, use_fast_variance=False)
         if self.bn_groups > 1:
             norm = functools.partial(GroupedBatchNorm, groups=self.bn_groups, **norm.keywords)
         width = self.base_width * self.width_multiplier
