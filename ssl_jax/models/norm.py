@@ -15,7 +15,8 @@ nn.BatchNorm computes them. The variance is E[(x - E[x])^2], two passes (as nn.B
 use_fast_variance=False, which the library's models use, and as PyTorch computes it): flax's default one-pass
 E[x^2] - E[x]^2 cancels catastrophically in float32 where a channel's mean is large against its spread. That
 put SimSiam's gradients 2.8% from PyTorch's float64 ones after one update, where PyTorch's float32 ones were
-0.16% off, and made the size of that error depend on the CPU that ran it (tests/test_norm.py).
+0.16% off, and made the size of that error depend on the CPU that ran it (tests/test_norm.py; BENCHMARKS.md,
+"Numerics against float64", measured by benchmarks/parity_vs_float64.py).
 """
 from typing import Any, Callable
 
