@@ -48,18 +48,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(argvs, cache_dir, timeout=TIMEOUT_S):
-    """Runs the commands `argvs` at once; returns their outputs (stdout + stderr), killing all if one fails."""
+def _run_until(argvs, cache_dir, act, timeout=60):
+    """Starts `argvs` at once, calls act(procs), then waits `timeout` s for all to exit (a hang is killed and
+    fails the test); returns (exit statuses, outputs)."""
     logs = [tempfile.TemporaryFile(mode="w+") for _ in argvs]
     procs = [subprocess.Popen(argv, cwd=ROOT, env=_env(cache_dir), stdout=log, stderr=subprocess.STDOUT, text=True)
              for argv, log in zip(argvs, logs)]
-    deadline = time.monotonic() + timeout
+    hung = False
     try:
-        # One failed process leaves the other waiting in a collective: stop at the first failure.
-        while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
-            if time.monotonic() > deadline:
-                break
+        act(procs)
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             time.sleep(0.2)
+        hung = any(p.poll() is None for p in procs)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -70,8 +71,16 @@ def _launch(argvs, cache_dir, timeout=TIMEOUT_S):
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    for argv, p, out in zip(argvs, procs, outputs):
-        assert p.returncode == 0, f"exit {p.returncode} (timeout {timeout} s): {' '.join(argv)}\n{out[-4000:]}"
+    assert not hung, f"still running {timeout} s later:\n" + "\n".join(out[-2000:] for out in outputs)
+    return [p.returncode for p in procs], outputs
+
+
+def _launch(argvs, cache_dir, timeout=TIMEOUT_S):
+    """Runs the commands `argvs` at once; returns their outputs (stdout + stderr). All must exit with 0 (a failed
+    process ends the others of its job within seconds: parallel.watch_for_failures)."""
+    codes, outputs = _run_until(argvs, cache_dir, lambda procs: None, timeout=timeout)
+    for argv, code, out in zip(argvs, codes, outputs):
+        assert code == 0, f"exit {code}: {' '.join(argv)}\n{out[-4000:]}"
     return outputs
 
 
@@ -177,33 +186,6 @@ def test_extract_features_gathers_every_process_part_in_order(tmp_path):
         np.testing.assert_allclose(got["feats"], images.mean(axis=(1, 2)), rtol=1e-6)
         np.testing.assert_array_equal(got["labels"], got["source_labels"])
         assert got["knn_mesh"] == got["knn_local"] and set(got["knn_mesh"]) == {"knn_top1", "knn_top5"}
-
-
-def _run_until(argvs, cache_dir, act, timeout=60):
-    """Starts `argvs` at once, calls act(procs), then waits `timeout` s for all to exit (a hang is killed and
-    fails the test); returns (exit statuses, outputs)."""
-    logs = [tempfile.TemporaryFile(mode="w+") for _ in argvs]
-    procs = [subprocess.Popen(argv, cwd=ROOT, env=_env(cache_dir), stdout=log, stderr=subprocess.STDOUT, text=True)
-             for argv, log in zip(argvs, logs)]
-    hung = False
-    try:
-        act(procs)
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        hung = any(p.poll() is None for p in procs)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    outputs = []
-    for log in logs:
-        log.seek(0)
-        outputs.append(log.read())
-        log.close()
-    assert not hung, f"still running {timeout} s later:\n" + "\n".join(out[-2000:] for out in outputs)
-    return [p.returncode for p in procs], outputs
 
 
 def test_a_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
