@@ -92,7 +92,7 @@ def leave_failed_job(message, code):
     A normal exit would wait in JAX's shutdown barrier for processes that are waiting in a collective for this
     one: the whole job would hang.
     """
-    client = _client()
+    client = _client() if jax.process_count() > 1 else None  # alone (--distributed on one host): nobody to tell
     _LEAVING.set()
     if client is not None:
         try:

@@ -249,3 +249,21 @@ def test_an_error_in_one_process_ends_every_process_with_its_message(tmp_path):
     assert "ssl-jax: stopping process 0: process 1 failed: ssl-jax train: error: [Errno 28] No space left on " \
         "device" in outputs[0]
     assert "Traceback" not in outputs[0] + outputs[1]  # the lost collective's error is not reported as another one
+
+
+ALONE_SCRIPT = textwrap.dedent("""
+    import sys
+    from ssl_jax import cli, parallel
+    parallel.time.sleep = lambda s: print(f"slept {s} s", flush=True)  # what leave_failed_job would wait
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_an_error_in_a_job_of_one_process_ends_it_without_waiting_for_others(tmp_path):
+    # launch/tpu_vm.sh passes --distributed on a single-host VM too: nobody to tell, nothing to wait for.
+    argv = [sys.executable, "-c", ALONE_SCRIPT, "train", "--config", SMOKE, "--workdir", str(tmp_path / "run"),
+            "--config.optim.learning_rate=0.1", "--no-progress", "--distributed", "--coordinator",
+            f"localhost:{_free_port()}", "--num-processes", "1", "--process-id", "0"]
+    codes, outputs = _run_until([argv], str(tmp_path / "jax_cache"), lambda procs: None, timeout=TIMEOUT_S)
+    assert codes == [2] and "unknown config key 'optim.learning_rate'" in outputs[0], outputs
+    assert "slept" not in outputs[0]
