@@ -256,27 +256,25 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
     manager = checkpoint.make_manager(workdir, max_to_keep=config.checkpoint.keep)
     state = initial_state(setup)
     start = checkpoint.latest_step(manager)
+    changes = []
     try:
         workdir_lib.check_shared(workdir, start)  # several processes: the same checkpoints everywhere
-    except BaseException:
-        manager.close()
-        raise
-    changes = []
-    if start is not None:
-        try:
+        if start is not None:
             changes = workdir_lib.resume_changes(workdir, config)  # another method: CheckpointMismatchError
             try:
                 state = checkpoint.restore(manager, checkpoint.abstract_like(state))
             except checkpoint.CheckpointMismatchError as e:  # another model or head: name the config keys
                 raise checkpoint.CheckpointMismatchError(f"{e}. {workdir_lib.mismatch_hint(workdir, changes)}") from e
-        except BaseException:
-            manager.close()
-            raise
+    except BaseException:
+        manager.close()
+        raise
+    if start is not None:
         start = int(state["step"])
         print(f"resuming from the checkpoint at step {start} in {checkpoint.checkpoint_dir(workdir)}",
               file=sys.stderr)
         if changes:
             print("the config differs from the run's config.json in: " + workdir_lib.describe(changes), file=sys.stderr)
+        check_train_size(workdir, setup, start)
     start = start or 0
     if start >= setup.total_steps:
         print(f"nothing to do: step {start} >= {setup.total_steps} steps of {config.num_epochs} epochs",
@@ -289,8 +287,6 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
             f.write(config_lib.to_json(config))
         os.replace(path + ".tmp", path)
 
-    if start:
-        check_train_size(workdir, setup, start)
     elapsed_before = metrics_lib.last_value(os.path.join(workdir, "metrics.jsonl"), "elapsed_s") if start else 0.0
     run_start = time.perf_counter()
     if is_main:
