@@ -161,8 +161,19 @@ RANGES = {
     "swav.epsilon": "(0, inf)", "swav.temperature": "(0, inf)", "swav.sinkhorn_iterations": "[1, inf)",
     "swav.num_prototypes": "[1, inf)", "swav.num_large_crops": "[1, inf)", "swav.num_small_crops": "[0, inf)",
     "swav.small_crop_size": "[1, inf)", "swav.small_min_scale": "(0, 1]", "swav.small_max_scale": "(0, 1]",
+    "optim.step_milestones": "(0, inf)", "augment.jitter": "[0, inf)",
     "swav.queue_length": "[0, inf)", "swav.queue_start_epoch": "[0, inf)", "swav.freeze_prototypes_epochs": "[0, inf)",
 }
+# Tuple-valued keys: the lengths each may have (None: any) and the type of its entries. "increasing" keys must be
+# strictly increasing (a repeated milestone would apply its factor once, where torch's MultiStepLR applies it twice).
+TUPLES = {
+    "augment.mean": ((3,), float), "augment.std": ((3,), float),
+    "augment.jitter": ((0, 4), float),  # () or (brightness, contrast, saturation, hue)
+    "optim.step_milestones": (None, float), "optim.fixed_lr_prefixes": (None, str),
+    "eval.fewshot_shots": (None, int),
+}
+INCREASING = ("optim.step_milestones",)
+MAX_HUE = 0.5  # a hue shift is in turns of the colour wheel: torchvision's ColorJitter allows [0, 0.5]
 # Pairs (low key, high key) whose values must be ordered low <= high.
 ORDERED = (("augment.min_scale", "augment.max_scale"), ("swav.small_min_scale", "swav.small_max_scale"))
 DTYPES = ("float32", "bfloat16", "float16")
@@ -186,10 +197,35 @@ def in_range(value, interval):
     return above and below
 
 
+def _check_tuple(key, value, lengths, kind):
+    """Raises ConfigError unless `value` (absent: None) is a tuple of `lengths` entries of type `kind`."""
+    if value is None:
+        return
+    entries = "numbers" if kind is float else "whole numbers" if kind is int else "strings"
+    if lengths is None:
+        shape = f"a tuple of {entries}"
+    else:
+        shape = " or ".join("()" if n == 0 else f"{n} {entries}" for n in lengths)
+    numeric = kind in (int, float)
+    ok = isinstance(value, (tuple, list)) and (lengths is None or len(value) in lengths) and all(
+        (isinstance(v, int) or (kind is float and isinstance(v, float))) and not isinstance(v, bool)
+        if numeric else isinstance(v, kind) for v in value)
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {shape}, got {value!r}")
+    if key in INCREASING and any(b <= a for a, b in zip(value, value[1:])):
+        raise ConfigError(f"config key {key!r} must be strictly increasing, got {value!r}")
+    if key == "augment.jitter" and value and value[3] > MAX_HUE:
+        raise ConfigError(f"config key 'augment.jitter' has hue {value[3]!r}; a hue range is in [0, {MAX_HUE}] "
+                          f"(turns of the colour wheel), as in torchvision's ColorJitter")
+
+
 def validate(config):
-    """Raises ConfigError when a required key is missing or a value is out of its range (RANGES, ORDERED)."""
+    """Raises ConfigError when a required key is missing, a value is out of its range (RANGES, ORDERED) or a
+    tuple has the wrong shape (TUPLES)."""
     for key in REQUIRED_KEYS:
         _lookup(config, key)
+    for key, (lengths, kind) in TUPLES.items():
+        _check_tuple(key, _get(config, key), lengths, kind)
     for key, interval in RANGES.items():
         value = _get(config, key)
         for number in value if isinstance(value, (tuple, list)) else (value,):  # a tuple: each of its numbers

@@ -188,13 +188,42 @@ def test_every_range_rule_names_a_key_of_some_config():
         for preset in ("cifar10", "imagenet", "smoke"):
             config = protocols.with_eval_defaults(config_lib.load_config(f"configs/{name}:{preset}"))
             keys |= set(_flat(config.to_dict()))
-    rules = set(config_lib.RANGES) | {k for pair in config_lib.ORDERED for k in pair} | {"model.dtype"}
+    rules = (set(config_lib.RANGES) | {k for pair in config_lib.ORDERED for k in pair} | {"model.dtype"}
+             | set(config_lib.TUPLES))
     assert rules - keys == set()
+
+
+@pytest.mark.parametrize("method,override,message", [
+    # these reached the step as a broadcasting error naming no key, or a traceback
+    ("simclr", "augment.mean=(0.5, 0.5)", r"'augment.mean' must be 3 numbers, got \(0.5, 0.5\)"),
+    ("simclr", "augment.std=(0.2, 0.2, 0.2, 0.2)", r"'augment.std' must be 3 numbers"),
+    ("simclr", "augment.mean=('a', 0.5, 0.5)", r"'augment.mean' must be 3 numbers"),
+    ("simclr", "optim.fixed_lr_prefixes=(1,)", r"'optim.fixed_lr_prefixes' must be a tuple of strings, got \(1,\)"),
+    ("simclr", "augment.jitter=(0.4, 0.4)", r"'augment.jitter' must be \(\) or 4 numbers"),
+    ("simclr", "augment.jitter=(0.4, -0.4, 0.4, 0.1)", r"'augment.jitter' must be in \[0, inf\)"),
+    # these ran silently with another meaning than the one asked for
+    ("simclr", "augment.jitter=(0.4, 0.4, 0.4, 0.9)", r"'augment.jitter' has hue 0.9; a hue range is in \[0, 0.5\]"),
+    ("simclr", "optim.step_milestones=(2, 1)", r"'optim.step_milestones' must be strictly increasing"),
+    ("simclr", "optim.step_milestones=(1, 1)", r"'optim.step_milestones' must be strictly increasing"),
+    ("simclr", "optim.step_milestones=(0, 1)", r"'optim.step_milestones' must be in \(0, inf\)"),
+])
+def test_tuples_of_the_wrong_shape_are_errors_naming_the_key(method, override, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.load_config(f"configs/{method}.py:smoke", [override])
+
+
+def test_tuples_of_the_right_shape_are_accepted():
+    config = config_lib.load_config(f"{SIMCLR}:smoke", [
+        "augment.jitter=(0.4, 0.4, 0.2, 0.1)", "augment.jitter=()", "augment.mean=(0, 0.5, 1)",
+        "optim.step_milestones=(0.5, 1.5)", "optim.fixed_lr_prefixes=('model/head',)"])
+    assert config.augment.jitter == () and config.augment.mean == (0, 0.5, 1)
+    assert config.optim.step_milestones == (0.5, 1.5)
 
 
 @pytest.mark.parametrize("override,message", [
     ("eval.semi_lr=0", r"'eval.semi_lr' must be in \(0, inf\), got 0.0"),
     ("eval.fewshot_shots=(0, 5)", r"'eval.fewshot_shots' must be in \[1, inf\), got \(0, 5\)"),
+    ("eval.fewshot_shots=(1.5, 5)", r"'eval.fewshot_shots' must be a tuple of whole numbers, got \(1.5, 5\)"),
 ])
 def test_eval_keys_added_at_evaluation_are_range_checked_too(override, message):
     config = protocols.with_eval_defaults(config_lib.load_config(f"{SIMCLR}:smoke"))
