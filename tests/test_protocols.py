@@ -162,9 +162,14 @@ def test_eval_fewshot_semi_and_linear_full_append_results(smoke_run, capsys, tmp
     workdir = smoke_run
     path = os.path.join(workdir, "metrics.jsonl")
 
-    out, _ = _eval(capsys, workdir, "fewshot", "--config.eval.fewshot_shots=(1,5)")
+    out, err = _eval(capsys, workdir, "fewshot", "--config.eval.fewshot_shots=(1,5)")
     assert set(out) >= {"fewshot_1shot_top1", "fewshot_5shot_top1"} and out["step"] == 8
+    assert "warning" not in err
     assert metrics.read_jsonl(path)[-1]["fewshot_5shot_top1"] == out["fewshot_5shot_top1"]
+    # 200 shots of a class of 128 synthetic images: all 128 are used, and the eval says so.
+    _, err = _eval(capsys, workdir, "fewshot", "--config.eval.fewshot_shots=(1,200)")
+    assert ("warning: fewshot_200shot_top1: 4 of 4 classes have fewer than 200 training examples (the smallest has "
+            "128)") in err and "fewshot_1shot" not in err
 
     out, err = _eval(capsys, workdir, "semi10", "--config.eval.semi10_epochs=2", "--config.eval.semi_batch_size=16")
     subset_file = os.path.join(workdir, "subsets", "semi10_seed0.txt")
@@ -234,3 +239,13 @@ def test_knn_train_examples_are_drawn_from_every_class_and_read_lazily():
     rows = [int(np.flatnonzero((all_x == x).all(axis=1))[0]) for x in sub_x]
     assert rows == sorted(rows) and len(set(rows)) == 40
     np.testing.assert_array_equal(all_y[rows], sub_y)
+
+
+def test_fewshot_warns_of_each_shot_count_some_class_is_short_of():
+    labels = np.array([0] * 30 + [1] * 8 + [2] * 30)
+    warnings = fewshot.short_classes_warnings(labels, (5, 10, 25, 40, 10), 3)
+    assert [w.split(":")[1].strip() for w in warnings] == ["fewshot_10shot_top1", "fewshot_25shot_top1",
+                                                           "fewshot_40shot_top1"]
+    assert "1 of 3 classes have fewer than 10" in warnings[0] and "3 of 3 classes have fewer than 40" in warnings[2]
+    # a class with no training example at all counts as short
+    assert "1 of 4 classes" in fewshot.short_classes_warnings(labels, (1,), 4)[0]

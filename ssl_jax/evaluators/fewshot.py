@@ -47,6 +47,20 @@ def fewshot_indices(train_labels_N, shots: Sequence[int], seed: int):
     return {int(k): subsets.balanced_subset(train_labels_N, int(k), seed) for k in shots}
 
 
+def short_classes_warnings(train_labels_N, shots: Sequence[int], num_classes: int):
+    """Returns a warning for each k in `shots` that some class has fewer than k training examples of: the
+    balanced subset takes all of such a class, so `fewshot_{k}shot_top1` is not a k-shot result for it."""
+    counts = np.bincount(np.asarray(train_labels_N, np.int64), minlength=int(num_classes))
+    out = []
+    for k in sorted(set(int(k) for k in shots)):
+        short = np.flatnonzero(counts < k)
+        if short.size:
+            out.append(f"warning: fewshot_{k}shot_top1: {short.size} of {len(counts)} classes have fewer than {k} "
+                       f"training examples (the smallest has {counts.min()}); the probe takes all of theirs, so it "
+                       f"is not a {k}-shot result (lower --config.eval.fewshot_shots)")
+    return out
+
+
 def fewshot_accuracy(train_feats_NxD, train_labels_N, test_feats_MxD, test_labels_M, num_classes: int, *,
                      shots: Sequence[int] = (1, 5, 10, 25), l2: float = 2.0 ** 10, seed: int = 0,
                      indices: Optional[Dict[int, np.ndarray]] = None) -> Dict[str, float]:

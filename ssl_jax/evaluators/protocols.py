@@ -126,6 +126,8 @@ def fewshot_eval(setup, state, progress=False):
     config = with_eval_defaults(setup.config)
     source = setup.train_source
     shots = tuple(int(k) for k in config.eval.fewshot_shots)
+    for warning in fewshot.short_classes_warnings(source.labels, shots, source.num_classes):
+        print(warning, file=sys.stderr)
     by_shots = fewshot.fewshot_indices(source.labels, shots, config.eval.fewshot_seed)
     union = np.unique(np.concatenate(list(by_shots.values())))  # nested subsets: the largest one, encoded once
     train_x, train_y = features(setup, state, subsets.lazy_subset(source, union), 0, progress)
