@@ -38,7 +38,11 @@ def run_steps(config, source, devices, initial=None, steps=2, batch=16):
 
 
 def one_and_all_devices(config, source, metric_keys, rbg_init=False, rtol=2e-5, atol=1e-6):
-    """Runs two steps from one initial state on 1 device and on all devices; asserts `metric_keys` agree.
+    """Runs two steps of config.batch_size images from one initial state on 1 device and on all devices;
+    asserts `metric_keys` agree (pass "grad_norm" and "param_norm" with the loss), and that the first step's
+    learning rate is not 0: under a warm-up it is, the first update moves nothing, and the second step's
+    metrics would see the initial parameters again (set optim.warmup_epochs=0). Compare the returned states
+    as well (parameter updates, method state, BatchNorm statistics): test_barlow_twins.py shows how.
 
     The metrics are float32 reductions of terms of order 1, summed in another order on 8 devices: `atol` is
     the floor for a mean that nearly cancels (SimSiam's -mean cos starts near 0, where rtol alone fails on
@@ -48,8 +52,12 @@ def one_and_all_devices(config, source, metric_keys, rbg_init=False, rtol=2e-5, 
     """
     one = jax.devices()[:1]
     initial = rbg_initial_state(train.build(config, source, devices=one)) if rbg_init else None
-    before, after1, hist1 = run_steps(config, source, one, initial=initial)
-    _, after_all, hist_all = run_steps(config, source, jax.devices(), initial=before)
+    batch = config.batch_size
+    assert 2 * batch <= len(source), f"two steps of batch_size={batch} need {2 * batch} images, got {len(source)}"
+    before, after1, hist1 = run_steps(config, source, one, initial=initial, batch=batch)
+    assert hist1[0]["lr"] > 0, ("the first step's learning rate is 0 (a warm-up): its update moves nothing and a "
+                                "gradient bug would pass; set optim.warmup_epochs=0")
+    _, after_all, hist_all = run_steps(config, source, jax.devices(), initial=before, batch=batch)
     for m1, m_all in zip(hist1, hist_all):
         for key in metric_keys:
             np.testing.assert_allclose(m_all[key], m1[key], rtol=rtol, atol=atol, err_msg=key)

@@ -2,14 +2,18 @@
 
 The method contract (shared by every file in methods/; the trainer never branches on a method's name):
   init(rng, config, sample_images) -> (params, batch_stats, extras)
+  feature_dim(config) -> int (the width of encode's features)
   views(keys_Bx2, images_uint8, config) -> tuple of view batches
   loss(params, batch_stats, extras, views, rng, progress, *, config, axis_name)
-      -> (loss, (batch_stats, metrics, aux)); the loss is already the mean over devices.
+      -> (loss, (batch_stats, metrics, aux)); the loss is identical on every device: the loss of the global
+      batch (README.md, "Adding a method").
       aux["features"]: backbone features of the first view (the trainer's online probe reads them);
       aux["embeddings"]: the embeddings the loss compares (the trainer's collapse monitor reads them).
       progress: {"step": int32 scalar, "steps_per_epoch": int, "total_steps": int}.
   update_extras(params, extras, aux, progress, config) -> extras
   encode(params, batch_stats, images, config) -> features_BxD (backbone representation, eval mode)
+  project_params(params, progress, config) -> params (optional; applied after each update, as SwAV's
+      renormalised prototypes)
 Every method writes `loss` as two parts, `loss = common.composed_loss(embed, embedding_loss)`, so that the
 trainer can accumulate gradients exactly (ssl_jax/accumulate.py, config.grad_accum_steps):
   embed(params, batch_stats, extras, views, rng, progress, *, config, axis_name) -> (emb, (batch_stats, side))
