@@ -7,9 +7,12 @@ The single-image ops live in `ssl_jax.augment_ops` and are re-exported here.
 
 Typical use inside a training step:
 
-    spec = augment.spec_from_config(config.augment)
-    k1_Bx2, k2_Bx2 = ...  # per-example keys
+    spec = augment.spec_from_config(config.augment)    # or augment.ViewSpec(size=32, ...)
+    keys_Bx2 = parallel.example_keys(rng, images_BxHxWx3.shape[0], axis_name)  # one key per example
+    k1_Bx2 = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, 1)             # one key per example and view
     v1_BxSxSx3 = augment.view_batch(k1_Bx2, images_BxHxWx3, spec)
+
+Images are uint8 (0..255), or floats already in [0, 1].
 """
 import dataclasses
 
@@ -49,7 +52,15 @@ _TUPLE_FIELDS = ("crop_scale", "crop_ratio", "blur_sigma", "mean", "std", "jitte
 
 @dataclasses.dataclass(frozen=True)
 class ViewSpec:
-    """How to draw one augmented view; frozen and hashable so it can be a static jit argument."""
+    """How to draw one augmented view; frozen and hashable so it can be a static jit argument.
+
+    size: output side in pixels. crop_scale: (min, max) area of the random crop as a fraction of the image's
+    area; crop_ratio: (min, max) aspect ratio, width / height (torchvision's RandomResizedCrop).
+    flip_p, jitter_p, grayscale_p, blur_p, solarize_p: probabilities. jitter_strength s: SimCLR's colour
+    jitter strength, ranges (0.8 s, 0.8 s, 0.8 s, 0.2 s) for brightness, contrast, saturation and hue
+    (`augment_ops.jitter_ranges`). blur_sigma: (min, max) Gaussian sigma in pixels of the output view.
+    mean, std: per-channel normalisation of [0, 1] values. dtype: of the returned views.
+    """
 
     size: int
     crop_scale: tuple = (0.08, 1.0)
@@ -74,6 +85,10 @@ class ViewSpec:
         object.__setattr__(self, "size", int(self.size))
         object.__setattr__(self, "grayscale_first", bool(self.grayscale_first))
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"ViewSpec.{name} must be (min, max) with 0 < min <= max, got {(low, high)}")
 
 
 def _to_unit_float(image):

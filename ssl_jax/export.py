@@ -7,6 +7,13 @@ feed images: architecture, feature dimension, input size, normalization mean/std
 - npz / safetensors: flat '/'-joined keys of the flax trees, `params/layer2_0/conv1/kernel` (HWIO) and
   `batch_stats/layer2_0/bn1/mean`. `load_backbone` rebuilds the nested (params, batch_stats) that
   `state["params"]["model"]["backbone"]` and `state["batch_stats"]["backbone"]` hold, to fine-tune from.
+- any format, in JAX: `load_model(path)` also builds the network from the sidecar; features as the run
+  computes them for evaluation:
+
+      module, variables, info = export.load_model(path)
+      x = augment.center_view(images_uint8_BxHxWx3, info["input"]["size"], info["input"]["mean"],
+                              info["input"]["std"])
+      features_BxD = module.apply(variables, x, train=False)
 - torch: a torchvision ResNet state_dict (conv weights OIHW; BN weight, bias, running_mean, running_var,
   num_batches_tracked = the training step) without `fc`. Load it as
 
@@ -29,6 +36,7 @@ import json
 import os
 import re
 
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -318,6 +326,24 @@ def export_workdir(workdir, fmt, out=None):
     config, step, params, batch_stats = restore_backbone(workdir)
     path = out or os.path.join(workdir, "export", "backbone" + EXTENSIONS[fmt])
     return write_backbone(params, batch_stats, fmt, path, describe(config, step, params, fmt))
+
+
+def load_model(path):
+    """Returns (flax backbone module, {"params", "batch_stats"}, sidecar dict) of an export in any format.
+
+    The module is built from the sidecar's `model` fields (written beside every export), in float32;
+    `module.apply(variables, x_BxHxWx3, train=False)` returns the features of NHWC images prepared as the
+    sidecar's `input` says (`augment.center_view` does it: see this module's docstring).
+    """
+    sidecar = path + ".json"
+    if not os.path.isfile(sidecar):
+        raise FileNotFoundError(f"{sidecar} does not exist: load_model builds the network from the sidecar that "
+                                f"`ssl-jax export` writes beside {os.path.basename(path)}")
+    with open(sidecar) as f:
+        info = json.load(f)
+    module, _ = models.backbone_from_config(ml_collections.ConfigDict(info["model"]))
+    params, batch_stats = load_backbone(path)
+    return module, {"params": params, "batch_stats": batch_stats}, info
 
 
 def load_backbone(path):

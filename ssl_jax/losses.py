@@ -14,7 +14,7 @@ def l2_normalize(x, axis=-1, eps=1e-12):
 
 
 def nt_xent(z1, z2, temperature, axis_name=None, chunk_size=0):
-    """Returns SimCLR's NT-Xent loss: the mean over all 2B anchors of the global batch (both directions).
+    """Returns SimCLR's NT-Xent loss: the mean over all 2N anchors of the global batch (both directions).
 
     z1_BxD, z2_BxD are this device's embeddings of the two views (B local rows); they are L2-normalised here.
     Each anchor z1[i] has one positive, z2[i], and 2(N-1) negatives: every other row of z1 and z2 gathered
@@ -193,6 +193,9 @@ def swav_loss(scores_per_crop, assignments, temperature, axis_name=None):
     official `subloss / (sum(nmb_crops) - 1)` and `loss / len(crops_for_assign)`); pmean over devices.
     """
     n_crops = len(scores_per_crop)
+    if n_crops < 2 or not 1 <= len(assignments) <= n_crops:
+        raise ValueError(f"swav_loss needs at least 2 crops and 1 to {n_crops} assignments (codes of the first "
+                         f"crops), got {n_crops} crops and {len(assignments)} assignments")
     log_probs = [jax.nn.log_softmax(s.astype(jnp.float32) / temperature, axis=1) for s in scores_per_crop]
     total = 0.0
     for i, codes_BxP in enumerate(assignments):

@@ -118,6 +118,12 @@ def make_optimizer(optim_cfg, batch_size: int, steps_per_epoch: int,
                    num_epochs: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns (optax optimizer, lr schedule) for optim_cfg.name in 'lars' | 'sgd' | 'adam' | 'adamw' | 'lamb'.
 
+    `optim_cfg` (a dict or ConfigDict) needs `name` and `lr`. `lr` is a base rate that `lr_scaling` scales
+    with `batch_size` (`scaled_learning_rate`): "linear" (the default) peaks at lr x batch_size / 256, "sqrt"
+    at lr x sqrt(batch_size), "none" at lr. The schedule (`make_schedule`) warms up for `warmup_epochs`
+    (default 0) and decays by cosine to `end_lr_factor` (default 0) x peak, or by `step_milestones`.
+    Other keys and their defaults: weight_decay 0, momentum 0.9 (SGD, LARS), nesterov False, b1 0.9 and
+    b2 0.999 (Adam, AdamW, LAMB), trust_coefficient 0.001 (LARS).
     `optim_cfg.exclude_bias_and_norm` (default True) exempts biases and BatchNorm from weight decay
     (and from LARS's trust ratio); set it False for torch recipes that decay every parameter.
     Optional parameter groups: `fixed_lr_prefixes` (paths such as 'model/predictor' that keep the peak

@@ -303,6 +303,13 @@ def test_view_batch_compiles_once():
     assert len(_TRACES) == n_traces
 
 
+@pytest.mark.parametrize("field,value", [("crop_scale", (1.0, 0.08)), ("crop_scale", (0.0, 1.0)),
+                                         ("crop_ratio", (4 / 3, 3 / 4)), ("blur_sigma", (2.0, 0.1))])
+def test_viewspec_ranges_must_be_ordered_and_positive(field, value):
+    with pytest.raises(ValueError, match=f"ViewSpec.{field} must be \\(min, max\\) with 0 < min <= max"):
+        augment.ViewSpec(size=16, **{field: value})
+
+
 def test_view_dtype_bfloat16():
     image = _uint8_images(1, 1, 12, 12)[0]
     spec = augment.ViewSpec(size=8, jitter_p=0.0, grayscale_p=0.0, dtype="bfloat16")

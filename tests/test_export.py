@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import checkpoint, cli, config as config_lib, data, export, models, train
+from ssl_jax import augment, checkpoint, cli, config as config_lib, data, export, models, train
 
 STEP = 7
 
@@ -76,6 +76,27 @@ def test_flat_formats_round_trip_exactly_with_a_sidecar(run, fmt):
     assert info["input"]["size"] == 16 and info["input"]["channels"] == 3 and info["input"]["layout"] == "NHWC"
     np.testing.assert_allclose(info["input"]["mean"], config.augment.mean)
     np.testing.assert_allclose(info["input"]["std"], config.augment.std)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "torch"])
+def test_load_model_gives_the_runs_own_evaluation_features(run, fmt, tmp_path):
+    if fmt == "torch":
+        pytest.importorskip("torch")
+    workdir, config, (params, batch_stats) = run
+    path = export.export_workdir(workdir, fmt, str(tmp_path / f"b{export.EXTENSIONS[fmt]}"))
+    module, variables, info = export.load_model(path)
+    images = np.random.RandomState(1).randint(0, 256, (6, 20, 20, 3)).astype(np.uint8)
+    x = augment.center_view(images, info["input"]["size"], info["input"]["mean"], info["input"]["std"])
+    got = module.apply(variables, x, train=False)
+    state = {"params": {"model": {"backbone": params}}, "batch_stats": {"backbone": batch_stats}}
+    expected = train.get_method(config).encode(state["params"]["model"], state["batch_stats"],
+                                               augment.center_view(images, 16, config.augment.mean,
+                                                                   config.augment.std), config)
+    assert got.shape == (6, info["model"]["feature_dim"])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    os.remove(path + ".json")
+    with pytest.raises(FileNotFoundError, match="builds the network from the sidecar"):
+        export.load_model(path)
 
 
 def test_cli_export_writes_to_out_and_prints_the_path(run, tmp_path, capsys):

@@ -300,6 +300,14 @@ def test_swav_loss_matches_numpy():
                                rtol=1e-6)
 
 
+def test_swav_loss_with_too_few_crops_or_codes_says_so():
+    crops = [_rand(6, 5, seed=s) for s in range(2)]
+    codes = [np.full((6, 5), 0.2, np.float32)]
+    for scores, assignments in ((crops[:1], codes), (crops, []), (crops, codes * 3)):
+        with pytest.raises(ValueError, match="swav_loss needs at least 2 crops and 1 to"):
+            losses.swav_loss(scores, assignments, 0.1)
+
+
 def test_swav_loss_no_gradient_into_codes():
     crops = [_rand(6, 5, seed=s) for s in range(3)]
     codes = [np.asarray(losses.sinkhorn(c, 0.05, 3)) for c in crops[:2]]

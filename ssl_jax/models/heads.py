@@ -46,7 +46,8 @@ class MLPHead(nn.Module):
       kernel_init_std: > 0 draws every Dense kernel from N(0, kernel_init_std^2) instead (biases zero), as the
         official SimCLR tf2 code's LinearLayer does (RandomNormal(stddev=0.01)).
       bn_groups: in training, the batch is this many views concatenated and each BatchNorm normalises each
-        view with its own statistics (norm.GroupedBatchNorm; ResNet.bn_groups).
+        view with its own statistics (norm.GroupedBatchNorm; ResNet.bn_groups: per device, the device's
+        own rows of each view).
     """
     hidden_dims: Sequence[int]
     out_dim: int

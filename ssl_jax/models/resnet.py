@@ -194,7 +194,9 @@ class ResNet(nn.Module):
             checkpoints use 0.0625); bottleneck blocks only. sk_min_dim: the smallest SK mixing width.
         bn_groups: in training, the batch is this many views concatenated (equal blocks of rows) and every
             BatchNorm normalises each view with its own statistics, as that many separate passes would
-            (norm.GroupedBatchNorm); 1: one set of statistics over the whole batch.
+            (norm.GroupedBatchNorm); 1: one set of statistics over the whole batch. Inside shard_map the
+            blocks are of each device's own rows, [view1_local; view2_local], not a sharded global
+            [view1; view2] (which runs, with other statistics).
         project_first_block: the first block of every stage has a projection shortcut (1x1 conv + BN), also
             where its input already has the block's output shape, as the official SimCLR tf2 code (and the TF
             TPU ResNet it comes from) builds every BlockGroup; torchvision projects only where the shape
