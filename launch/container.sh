@@ -14,18 +14,22 @@
 #   -h, --help           this message
 # environment:
 #   IMAGE                image name (default ssl-jax:latest)
+#   STOP_TIMEOUT         seconds `docker stop` waits after SIGTERM before SIGKILL (default 120; docker's own
+#                        default, 10, is too short for a ResNet-50 step plus a checkpoint save)
 #   DRY_RUN=1            print the docker command instead of running it
 #
 # The run is the same as launch/gpu_single_node.sh without the restart loop: `docker stop` sends SIGTERM,
-# the trainer saves and exits 0, and the same command resumes. The decoded-image cache lives in
-# ~/.cache/ssl_jax on the host; files are written as your user.
+# the trainer saves and exits 0 (docker waits STOP_TIMEOUT seconds for that: --stop-timeout), and the same
+# command resumes. The decoded-image cache lives in ~/.cache/ssl_jax on the host; files are written as
+# your user.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "container.sh: error: $*" >&2; echo "run with -h for usage" >&2; exit 2; }
 run() { if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; else "$@"; fi; }
 
-IMAGE="${IMAGE:-ssl-jax:latest}"; WORKDIR="${WORKDIR:-}"; GPUS=all; MOUNTS=(); COMMAND=""; CONFIG=""; OVERRIDES=()
+IMAGE="${IMAGE:-ssl-jax:latest}"; WORKDIR="${WORKDIR:-}"; STOP_TIMEOUT="${STOP_TIMEOUT:-120}"
+GPUS=all; MOUNTS=(); COMMAND=""; CONFIG=""; OVERRIDES=()
 while (($#)); do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -41,6 +45,7 @@ while (($#)); do
   esac
 done
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[[ "$STOP_TIMEOUT" =~ ^[0-9]+$ ]] || die "STOP_TIMEOUT must be a whole number of seconds (got $STOP_TIMEOUT)"
 
 case "$COMMAND" in
   build) run docker build -f "$REPO_ROOT/launch/Dockerfile" -t "$IMAGE" "$REPO_ROOT" ;;
@@ -52,9 +57,11 @@ case "$COMMAND" in
     fi
     gpus="$GPUS"; [[ "$GPUS" == all ]] || gpus="\"device=$GPUS\""  # docker's syntax for a list
     cache="${HOME}/.cache/ssl_jax"; [[ "${DRY_RUN:-0}" == 1 ]] || mkdir -p "$cache"
-    args=(docker run --rm --init --gpus "$gpus" --shm-size=16g --user "$(id -u):$(id -g)" -e HOME=/tmp
-          -v "$PWD:$PWD" -w "$PWD" -v "$cache:/cache")
-    for m in ${MOUNTS[@]+"${MOUNTS[@]}"}; do m="$(cd "$m" 2>/dev/null && pwd || echo "$m")"; args+=(-v "$m:$m:ro"); done
+    args=(docker run --rm --init --stop-timeout "$STOP_TIMEOUT" --gpus "$gpus" --shm-size=16g
+          --user "$(id -u):$(id -g)" -e HOME=/tmp -v "$PWD:$PWD" -w "$PWD" -v "$cache:/cache")
+    for m in ${MOUNTS[@]+"${MOUNTS[@]}"}; do
+      m="$(cd "$m" 2>/dev/null && pwd || echo "$m")"; args+=(-v "$m:$m:ro")
+    done
     run "${args[@]}" "$IMAGE" train --config "$CONFIG" --workdir "$WORKDIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"} ;;
   "") usage >&2; die "COMMAND is required (build or train)" ;;
   *) die "unknown command $COMMAND" ;;

@@ -17,7 +17,8 @@
 #   -h, --help           this message
 # environment:
 #   DRY_RUN=1            print the commands instead of running them
-#   SSL_JAX              the ssl-jax executable (default: ssl-jax on PATH)
+#   SSL_JAX              the ssl-jax executable (default: ssl-jax on PATH); one that cannot be run (exit
+#                        126 or 127: not found, or a venv whose Python is gone) stops the loop at once
 #
 # example: launch/gpu_single_node.sh --gpus 0,1 --preemptible configs/simclr.py:cifar10 \
 #              --config.data.path=../shared/data/cifar10-jpeg.tar.gz
@@ -58,6 +59,9 @@ if [[ "$PREEMPTIBLE" == 0 ]]; then
     [[ -n "$GPUS" ]] && echo "+ export CUDA_VISIBLE_DEVICES=$GPUS"
     run "${CMD[@]}"; exit 0
   fi
+  if ! command -v "$SSL_JAX" >/dev/null; then
+    echo "gpu_single_node.sh: $SSL_JAX not found: activate the venv or set SSL_JAX" >&2; exit 127
+  fi
   exec "${CMD[@]}"  # the trainer itself receives SIGTERM and saves
 fi
 
@@ -84,12 +88,21 @@ while :; do
   rc=0; wait "$child" || rc=$?
   while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done  # wait again after a trap
   child=0
-  if ((stopping)); then echo "gpu_single_node.sh: stopped by a signal (trainer exit $rc); not restarting" >&2; exit "$rc"; fi
+  if ((rc == 126 || rc == 127)); then  # the shell could not run it: retrying would fail the same way
+    echo "gpu_single_node.sh: $SSL_JAX could not be run (exit $rc: not found or not executable): activate the" \
+         "venv or set SSL_JAX (not retried)" >&2
+    exit "$rc"
+  fi
+  if ((stopping)); then
+    echo "gpu_single_node.sh: stopped by a signal (trainer exit $rc); not restarting" >&2; exit "$rc"
+  fi
   stopped_by_signal() { tail -c +"$((mark + 1))" "$LOG" | grep -q "stop requested ("; }
   # tee may still be writing the last lines: look twice before calling the run finished
   if ((rc == 0)) && ! stopped_by_signal && ! { sleep 1; stopped_by_signal; }; then exit 0; fi  # finished
   if ((rc == 2)); then echo "gpu_single_node.sh: trainer failed with exit 2 (not retried)" >&2; exit 2; fi
-  if ((restarts >= MAX_RESTARTS)); then echo "gpu_single_node.sh: giving up after $restarts restarts" >&2; exit "$((rc ? rc : 1))"; fi
+  if ((restarts >= MAX_RESTARTS)); then
+    echo "gpu_single_node.sh: giving up after $restarts restarts" >&2; exit "$((rc ? rc : 1))"
+  fi
   restarts=$((restarts + 1))
   echo "gpu_single_node.sh: trainer stopped (exit $rc); restart $restarts/$MAX_RESTARTS in ${RESTART_DELAY}s" >&2
   sleep "$RESTART_DELAY"

@@ -53,7 +53,8 @@ while (($#)); do
     *) die "unknown argument $1 (overrides are --config.KEY=VALUE)" ;;
   esac
 done
-[[ -z "$TIME_LIMIT" || "$TIME_LIMIT" =~ ^[1-9][0-9]*$ ]] || die "--time-limit must be a whole number of seconds, got '$TIME_LIMIT'"
+[[ -z "$TIME_LIMIT" || "$TIME_LIMIT" =~ ^[1-9][0-9]*$ ]] ||
+  die "--time-limit must be a whole number of seconds, got '$TIME_LIMIT'"
 [[ -n "$PRESET" ]] || die "--preset is empty"
 IFS=, read -ra METHOD_LIST <<< "$METHODS"
 ((${#METHOD_LIST[@]})) || die "--methods is empty"
@@ -113,7 +114,9 @@ step() {
   # A trainer sent SIGTERM by someone else saves and exits 0 too: its "stop requested" line tells the two
   # apart (tee may still be writing the last lines: look twice).
   stopped() { tail -c +"$((mark + 1))" "$log" | grep -q "stop requested ("; }
-  if stopped || { sleep 1; stopped; }; then say "$name in $dir was stopped before its end; run again to continue"; return 1; fi
+  if stopped || { sleep 1; stopped; }; then
+    say "$name in $dir was stopped before its end; run again to continue"; return 1
+  fi
   printf '%s' "$want" > "$marker.tmp" && mv "$marker.tmp" "$marker"
 }
 

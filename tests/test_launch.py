@@ -1,6 +1,7 @@
 """launch/: every script parses (`bash -n`), prints its usage, and in DRY_RUN=1 mode prints the exact
 `ssl-jax train` command with the config and overrides passed through (and `--distributed` where there are
-several processes). The GPU restart loop is run for real against a fake `ssl-jax`."""
+several processes). The GPU restart loop is run for real against a fake `ssl-jax`, and tpu_vm.sh against a
+stand-in `gcloud` (its workers' commands run here, its bucket is a folder)."""
 import os
 import shlex
 import signal
@@ -21,7 +22,8 @@ OVERRIDES = ["--config.optim.lr=0.5", "--config.data.path=/data/my images.tar"] 
 
 def _run(script, *args, env=None, check=True):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    for key in ("WORKDIR", "TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "SYNC_TO", "NFS_SHARE", "SHARED_WORKDIR"):
+    for key in ("WORKDIR", "TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "SYNC_TO", "NFS_SHARE", "SHARED_WORKDIR",
+                "SYNC_EVERY", "STOP_WAIT", "STOP_TIMEOUT"):
         full_env.pop(key, None)
     full_env.update(env or {})
     proc = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, env=full_env,
@@ -85,6 +87,10 @@ def test_slurm_dry_run_one_task_per_gpu_and_requeue():
     assert argv[:2] == ["srun", "--kill-on-bad-exit=1"]
     assert _train_argv(argv) == ["ssl-jax", "train", "--config", CONFIG, "--workdir", "runs/simclr_imagenet",
                                  "--distributed", "--no-progress", *OVERRIDES]
+    # srun of Slurm 22.05-23.02 does not inherit sbatch's --cpus-per-task: it is passed on explicitly
+    proc = _run("slurm_multinode.sbatch", CONFIG, env={"DRY_RUN": "1", "SLURM_CPUS_PER_TASK": "11"})
+    (argv,) = _commands(proc.stdout)
+    assert argv[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=11"]
     with open(os.path.join(LAUNCH, "slurm_multinode.sbatch")) as f:
         header = [line.split()[1] for line in f if line.startswith("#SBATCH")]
     assert "--requeue" in header and "--signal=B:USR1@120" in header
@@ -93,14 +99,14 @@ def test_slurm_dry_run_one_task_per_gpu_and_requeue():
 
 
 def test_tpu_vm_dry_run_up():
-    env = {"DRY_RUN": "1", "TPU_NAME": "t1", "ZONE": "europe-west4-a", "ACCELERATOR_TYPE": "v5litepod-8"}
+    env = {"DRY_RUN": "1", "TPU_NAME": "t1", "ZONE": "us-west4-a", "ACCELERATOR_TYPE": "v5litepod-8"}
     proc = _run("tpu_vm.sh", "up", CONFIG, *OVERRIDES, env=env)
     cmds = _commands(proc.stdout)
     gcloud = [c for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]]
     verbs = [c[4] for c in gcloud]
     assert verbs == ["create", "scp", "ssh", "ssh", "ssh"]  # create, copy, install, train, logs
     create = gcloud[0]
-    assert "t1" in create and "--zone=europe-west4-a" in create and "--accelerator-type=v5litepod-8" in create
+    assert "t1" in create and "--zone=us-west4-a" in create and "--accelerator-type=v5litepod-8" in create
     assert "--version=v2-alpha-tpuv5-lite" in create
     install, train, logs = gcloud[2], gcloud[3], gcloud[4]
     assert "--worker=all" in install and "--worker=all" in train and "--worker=0" in logs
@@ -128,12 +134,233 @@ def test_tpu_vm_workdir_rules():
     assert "--workdir /mnt/ssl_jax/runs/simclr_imagenet --distributed" in ssh[1][-1]
     for verb in ("logs", "stop", "delete"):
         assert _commands(_run("tpu_vm.sh", verb, env=env).stdout)
+    # SHARED_WORKDIR=1 without a workdir on the shared filesystem would use each worker's local disk
+    for workdir in ([], ["--workdir", "runs/x"]):
+        proc = _run("tpu_vm.sh", "train", CONFIG, "--accelerator-type", "v4-32", *workdir,
+                    env={**env, "SHARED_WORKDIR": "1"}, check=False)
+        assert proc.returncode == 2 and "SHARED_WORKDIR=1 needs --workdir" in proc.stderr, proc.stderr
+    proc = _run("tpu_vm.sh", "train", CONFIG, "--accelerator-type", "v4-32", "--workdir", "/shared/run",
+                env={**env, "SHARED_WORKDIR": "1"})
+    assert "--workdir /shared/run --distributed" in _commands(proc.stdout)[0][-1]
+
+
+def test_tpu_vm_zone_follows_the_accelerator_type():
+    """The default zone offers the type (v4 only in us-central2-b); ZONE wins; other types need ZONE."""
+    for accelerator, zone in (("v4-8", "us-central2-b"), ("v5litepod-8", "us-west4-a"), ("v5p-8", "us-east5-a"),
+                              ("v6e-8", "us-east5-b")):
+        (create,) = _commands(_run("tpu_vm.sh", "create", env={"DRY_RUN": "1", "ACCELERATOR_TYPE": accelerator}).stdout)
+        assert f"--zone={zone}" in create and f"--accelerator-type={accelerator}" in create
+    (create,) = _commands(_run("tpu_vm.sh", "create", "--accelerator-type", "v6e-8",
+                               env={"DRY_RUN": "1", "ZONE": "europe-west4-a"}).stdout)
+    assert "--zone=europe-west4-a" in create
+    proc = _run("tpu_vm.sh", "create", env={"DRY_RUN": "1", "ACCELERATOR_TYPE": "v3-8"}, check=False)
+    assert proc.returncode == 2 and "set ZONE" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# tpu_vm.sh run for real against a stand-in gcloud: `ssh --command=C` runs C here as the one worker (HOME is
+# tmp_path/home, so ~/ssl_jax is there), `storage ls|rsync` use tmp_path/gcs/<bucket>/<path> as the bucket.
+# ----------------------------------------------------------------------------------------------
+_FAKE_GCLOUD = r"""#!/usr/bin/env bash
+echo "$*" >> "$SSL_JAX_FAKE/gcloud_calls"
+gcs() { echo "$SSL_JAX_FAKE/gcs/${1#gs://}"; }
+case "$1 $2 $4" in
+  "compute tpus ssh") for a; do [[ "$a" == --command=* ]] && cmd="${a#--command=}"; done; exec bash -c "$cmd" ;;
+  "compute tpus create")
+    if [[ -e "$SSL_JAX_FAKE/tpu_exists" ]]; then
+      echo "ERROR: (gcloud.compute.tpus.tpu-vm.create) ALREADY_EXISTS: Resource 'projects/p/locations/z/nodes/t'" \
+           "already exists" >&2; exit 1
+    fi; touch "$SSL_JAX_FAKE/tpu_exists" ;;
+esac
+[[ "$1" == storage && -e "$SSL_JAX_FAKE/gcs_down" ]] && { echo "ERROR: (gcloud.storage.$2) HTTPError 503" >&2; exit 1; }
+if [[ "$1 $2" == "storage ls" ]]; then
+  [[ -n "$(ls -A "$(gcs "$3")" 2>/dev/null)" ]] && { echo "$3/"; exit 0; }
+  echo "ERROR: (gcloud.storage.ls) One or more URLs matched no objects." >&2; exit 1
+elif [[ "$1 $2" == "storage rsync" ]]; then
+  [[ -e "$SSL_JAX_FAKE/rsync_down" ]] && { echo "ERROR: (gcloud.storage.rsync) HTTPError 503" >&2; exit 1; }
+  src="${@: -2:1}"; dst="${@: -1}"; what=pull; [[ "$dst" == gs://* ]] && what=push
+  [[ "$src" == gs://* ]] && src="$(gcs "$src")"; [[ "$dst" == gs://* ]] && dst="$(gcs "$dst")"
+  [[ " $* " == *" --delete-unmatched-destination-objects "* ]] && rm -rf "$dst"
+  [[ "$what" == push && -e "$SSL_JAX_FAKE/slow_push" ]] && sleep "$(cat "$SSL_JAX_FAKE/slow_push")"
+  mkdir -p "$dst" && cp -a "$src/." "$dst/" && echo "$what $(date +%s.%N)" >> "$SSL_JAX_FAKE/storage_log"
+fi
+exit 0
+"""
+# The trainer: `train --config C --workdir W ...`; saves step 2 on SIGTERM, or (SSL_JAX_FAKE/quick) step 1 and exits.
+_FAKE_TRAINER = r"""#!/usr/bin/env bash
+wd="$5"; echo "$*" >> "$SSL_JAX_FAKE/trainer_calls"; mkdir -p "$wd/checkpoints"
+trap 'mkdir -p "$wd/checkpoints/2"; echo step2 >> "$wd/metrics.jsonl"; exit 0' TERM
+if [[ -e "$SSL_JAX_FAKE/quick" ]]; then mkdir -p "$wd/checkpoints/1"; echo step1 >> "$wd/metrics.jsonl"; exit 0; fi
+touch "$SSL_JAX_FAKE/started"
+for i in $(seq 300); do sleep 0.1; done
+"""
+
+
+def _fake_processes(fake):
+    """Returns {pid: command line} of the live processes started under this stand-in (by their environment)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"SSL_JAX_FAKE={fake}".encode() not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found[int(pid)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return found
+
+
+def _sync_loops(fake):
+    return [pid for pid, cmd in _fake_processes(fake).items()
+            if "while" in cmd and "--delete-unmatched-destination-objects" in cmd]
+
+
+@pytest.fixture
+def tpu_fake(tmp_path):
+    """Runs tpu_vm.sh with the stand-in gcloud; yields (run(*args, check=True), tmp_path, home); kills what the
+    test left running (the trainers and sync loops it started) at the end."""
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    (home / "ssl_jax").mkdir(parents=True)
+    (home / "ssl_jax_venv" / "bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    for path, text in ((bin_dir / "gcloud", _FAKE_GCLOUD), (home / "ssl_jax_venv" / "bin" / "ssl-jax", _FAKE_TRAINER)):
+        path.write_text(text)
+        path.chmod(0o755)
+    env = {"HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SSL_JAX_FAKE": str(tmp_path),
+           "NO_FOLLOW": "1", "SYNC_TO": "gs://bucket/run", "SYNC_EVERY": "600", "STOP_WAIT": "20"}
+
+    def run(*args, check=True, **extra):
+        return _run("tpu_vm.sh", *args, env={**env, **extra}, check=check)
+
+    yield run, tmp_path, home
+    for pid in _fake_processes(tmp_path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _wait_for(path, seconds=10):
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), path
+
+
+def test_tpu_vm_stop_waits_for_the_save_and_the_final_push(tpu_fake):
+    """The sync loop pushes as soon as the trainer exits (not after SYNC_EVERY), and stop returns only after
+    that push: stop then delete keeps the last checkpoint."""
+    run, fake, home = tpu_fake
+    run("train", CONFIG)
+    _wait_for(fake / "started")
+    t0 = time.time()
+    proc = run("stop")
+    assert (fake / "gcs" / "bucket" / "run" / "checkpoints" / "2").is_dir()  # the step saved on SIGTERM
+    assert "SIGTERM sent" in proc.stdout and "waiting" in proc.stdout and "stopped" in proc.stdout
+    assert time.time() - t0 < 15 and not _sync_loops(fake)
+    proc = run("stop")  # nothing left to wait for
+    assert "no trainer running" in proc.stdout and time.time() - t0 < 20
+
+
+def test_tpu_vm_sync_pulls_only_into_a_workdir_without_checkpoints(tpu_fake):
+    run, fake, home = tpu_fake
+    (fake / "quick").touch()
+    bucket = fake / "gcs" / "bucket" / "run"
+    (bucket / "checkpoints" / "1").mkdir(parents=True)
+    (bucket / "metrics.jsonl").write_text("bucket\n")
+    # stop, then train: the workdir, bound to SYNC_TO by the first train, is newer than the bucket's copy.
+    local = home / "ssl_jax" / "runs" / "simclr_imagenet"
+    (local / "checkpoints" / "1").mkdir(parents=True)
+    (local / "metrics.jsonl").write_text("bucket\nlocal, not pushed yet\n")
+    (local / ".sync_to").write_text("gs://bucket/run\n")
+    proc = run("train", CONFIG)
+    assert (local / "metrics.jsonl").read_text().startswith("bucket\nlocal, not pushed yet\n")  # not replaced
+    assert "resuming from them, nothing pulled" in proc.stdout
+    run("stop")
+    assert (bucket / "metrics.jsonl").read_text() == "bucket\nlocal, not pushed yet\nstep1\n"
+    # A new VM (an empty workdir): the bucket's run is pulled before the trainer starts, then pushed back.
+    fresh = home / "ssl_jax" / "runs" / "fresh"
+    proc = run("train", CONFIG, "--workdir", "runs/fresh")
+    assert "pulling gs://bucket/run" in proc.stdout
+    run("stop")
+    assert (fresh / "metrics.jsonl").read_text() == "bucket\nlocal, not pushed yet\nstep1\nstep1\n"
+    assert (bucket / "metrics.jsonl").read_text() == (fresh / "metrics.jsonl").read_text()
+    assert [line.split()[0] for line in (fake / "storage_log").read_text().splitlines()] == ["push", "pull", "push"]
+
+
+def test_tpu_vm_sync_never_starts_from_scratch_beside_a_bucket_it_could_not_read(tpu_fake):
+    run, fake, home = tpu_fake
+    (fake / "quick").touch()
+    bucket = fake / "gcs" / "bucket" / "run"
+    (bucket / "checkpoints" / "7").mkdir(parents=True)
+    for flag, message in (("gcs_down", "cannot list gs://bucket/run"),
+                          ("rsync_down", "pulling gs://bucket/run failed")):
+        (fake / flag).touch()
+        proc = run("train", CONFIG, check=False)
+        (fake / flag).unlink()
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert not (fake / "trainer_calls").exists() and not (fake / "storage_log").exists()
+    # A workdir with checkpoints of its own (trained without SYNC_TO) is not pushed over the bucket's run.
+    (home / "ssl_jax" / "runs" / "other" / "checkpoints" / "3").mkdir(parents=True)
+    proc = run("train", CONFIG, "--workdir", "runs/other", check=False)
+    assert proc.returncode != 0 and "refusing to mix two runs" in proc.stderr
+    assert sorted(os.listdir(bucket / "checkpoints")) == ["7"] and not (fake / "trainer_calls").exists()
+    proc = run("sync", CONFIG, "--workdir", "runs/other", check=False)
+    assert proc.returncode != 0 and "not bound to SYNC_TO" in proc.stderr
+    # An empty bucket path is a new run: it starts, and its pushes create the copy.
+    proc = run("train", CONFIG, "--workdir", "runs/other", SYNC_TO="gs://bucket/new")
+    assert "gs://bucket/new is empty" in proc.stdout
+    run("stop")
+    assert sorted(os.listdir(fake / "gcs" / "bucket" / "new" / "checkpoints")) == ["1", "3"]
+
+
+def test_tpu_vm_train_replaces_an_earlier_sync_loop(tpu_fake):
+    """train again at once after the trainer ended: the first loop finishes its push, and only one loop runs."""
+    run, fake, home = tpu_fake
+    (fake / "quick").touch()
+    (fake / "slow_push").write_text("5")
+    run("train", CONFIG)
+    trainer = int((home / "ssl_jax_train.pid").read_text())
+    deadline = time.time() + 10  # until the trainer is reaped, as systemd does at once on a VM
+    while os.path.exists(f"/proc/{trainer}") and time.time() < deadline:
+        time.sleep(0.05)
+    first = _sync_loops(fake)  # its final push still going on
+    (fake / "slow_push").unlink()
+    run("train", CONFIG)
+    loops = _sync_loops(fake)
+    assert len(first) == 1 and len(loops) <= 1 and first[0] not in loops, (first, loops)
+    run("stop")
+
+
+def test_tpu_vm_train_mounts_the_nfs_share(tpu_fake):
+    """A rebooted worker has lost the NFS mount: train mounts it again (unless mounted) before starting."""
+    run, fake, home = tpu_fake
+    (fake / "quick").touch()
+    for name, body in (("mountpoint", "exit 1"), ("sudo", f'echo "$*" >> {fake}/sudo_calls')):
+        (fake / "bin" / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (fake / "bin" / name).chmod(0o755)
+    run("train", CONFIG, "--workdir", "runs/nfs", NFS_SHARE="10.0.0.2:/vol1", SYNC_TO="")
+    assert (fake / "sudo_calls").read_text().splitlines() == [
+        "mkdir -p /mnt/ssl_jax", "mount -t nfs -o rw,hard 10.0.0.2:/vol1 /mnt/ssl_jax"]
+    _wait_for(fake / "trainer_calls")  # then it started
+
+
+def test_tpu_vm_create_says_how_to_resume_a_preempted_vm(tpu_fake):
+    run, fake, home = tpu_fake
+    run("create")
+    proc = run("create", check=False)  # e.g. a preempted Spot VM, which stays until deleted
+    assert proc.returncode == 1 and "ALREADY_EXISTS" in proc.stdout + proc.stderr
+    assert "launch/tpu_vm.sh delete" in proc.stderr and "`up` again with the same SYNC_TO" in proc.stderr
 
 
 def test_container_dry_run_and_dockerfile_entrypoint():
     proc = _run("container.sh", "train", "--gpus", "0,1", CONFIG, *OVERRIDES, env={"DRY_RUN": "1"})
     (argv,) = _commands(proc.stdout)
     assert argv[:2] == ["docker", "run"] and argv[argv.index("--gpus") + 1] == '"device=0,1"'
+    assert argv[argv.index("--stop-timeout") + 1] == "120"  # docker stop's 10 s is too short to save
+    (longer,) = _commands(_run("container.sh", "train", CONFIG, env={"DRY_RUN": "1", "STOP_TIMEOUT": "300"}).stdout)
+    assert longer[longer.index("--stop-timeout") + 1] == "300"
     i = argv.index("ssl-jax:latest")
     assert argv[i + 1:] == ["train", "--config", CONFIG, "--workdir", "runs/simclr_imagenet", *OVERRIDES]
     (build,) = _commands(_run("container.sh", "build", env={"DRY_RUN": "1"}).stdout)
@@ -143,6 +370,25 @@ def test_container_dry_run_and_dockerfile_entrypoint():
     assert 'ENTRYPOINT ["ssl-jax"]' in dockerfile and "jax[cuda12]" in dockerfile
     for copied in ("setup.py", "ssl_jax", "configs"):
         assert f"COPY {copied}" in dockerfile
+
+
+def test_launch_readme_covers_the_audited_gaps():
+    """launch/README.md: what the scripts take, zones per TPU type, Spot preemption, Python 3.11+, ImageNet
+    for tfds and its cache, SLURM's grace time, docker's stop timeout."""
+    with open(os.path.join(LAUNCH, "README.md")) as f:
+        text = f.read()
+    sections = {part.split("\n", 1)[0]: part for part in text.split("\n## ")}
+    tpu, gpu = sections["TPU VM: two commands"], sections["One machine with N GPUs"]
+    slurm, container = sections["SLURM, several GPU nodes: two commands"], sections["Container"]
+    assert "exactly as `ssl-jax train` does" not in text and "positional" in text
+    for zone in ("us-central2-b", "us-west4-a", "us-east5-a", "us-east5-b"):  # the script's defaults per type
+        assert f"`{zone}`" in tpu
+    assert "ALREADY_EXISTS" in tpu and "launch/tpu_vm.sh delete" in tpu and "STOP_WAIT" in tpu
+    assert "3.11 or newer" in gpu and "3.11 or newer" in slurm
+    assert "--config.data.name=imagenet2012" not in slurm and "downloads/manual" in slurm
+    assert "--config.data.tfds_data_dir" in slurm and "252 GB" in slurm and "~/.cache/ssl_jax" in slurm
+    assert "GraceTime" in slurm and "--cpus-per-task" in slurm
+    assert "--stop-timeout 120" in container
 
 
 def _fake_ssl_jax(tmp_path, script):
@@ -175,6 +421,20 @@ def test_preemptible_loop_does_not_retry_exit_2(tmp_path):
     proc = _run("gpu_single_node.sh", "--preemptible", "--workdir", str(tmp_path / "w"), CONFIG,
                 env={"SSL_JAX": fake, "RESTART_DELAY": "0"}, check=False)
     assert proc.returncode == 2 and (tmp_path / "calls").read_text() == "x\n"
+
+
+def test_preemptible_loop_does_not_retry_a_trainer_that_cannot_run(tmp_path):
+    broken = tmp_path / "ssl-jax"  # a venv whose Python is gone: the shell exits 127
+    broken.write_text("#!/nonexistent/venv/bin/python\n")
+    broken.chmod(0o755)
+    broken = str(broken)
+    proc = _run("gpu_single_node.sh", "--preemptible", "--workdir", str(tmp_path / "w"), CONFIG,
+                env={"SSL_JAX": broken, "RESTART_DELAY": "0"}, check=False)
+    assert proc.returncode == 127 and "activate the venv or set SSL_JAX" in proc.stderr
+    assert "restart" not in proc.stderr, proc.stderr
+    proc = _run("gpu_single_node.sh", "--workdir", str(tmp_path / "w"), CONFIG,
+                env={"SSL_JAX": str(tmp_path / "no-ssl-jax")}, check=False)
+    assert proc.returncode == 127 and "not found: activate the venv or set SSL_JAX" in proc.stderr
 
 
 def _sigterm_once_started(tmp_path, env, script, *args):
