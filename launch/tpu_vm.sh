@@ -128,10 +128,11 @@ LOG='~/ssl_jax_train.log'; PIDFILE='~/ssl_jax_train.pid'
 # Shell tests run on the workers: is the trainer (pid in ~/ssl_jax_train.pid) or the sync loop (pid in
 # ~/ssl_jax_sync.pid) running? A stale file (a rebooted worker) may name another process: hence the
 # look at its command line.
-TRAINER_ALIVE='{ p=$(cat ~/ssl_jax_train.pid 2>/dev/null) && kill -0 "$p" 2>/dev/null'
-TRAINER_ALIVE+=' && grep -q ssl-jax "/proc/$p/cmdline" 2>/dev/null; }'
-SYNC_ALIVE='{ p=$(cat ~/ssl_jax_sync.pid 2>/dev/null) && kill -0 "$p" 2>/dev/null'
-SYNC_ALIVE+=' && grep -q ssl_jax_sync "/proc/$p/cmdline" 2>/dev/null; }'
+alive() {  # the test for pid file $1 naming a live process whose command line contains $2
+  printf '{ p=$(cat %s 2>/dev/null) && kill -0 "$p" 2>/dev/null && grep -q %s "/proc/$p/cmdline" 2>/dev/null; }' \
+    "$1" "$2"
+}
+TRAINER_ALIVE="$(alive '~/ssl_jax_train.pid' ssl-jax)"; SYNC_ALIVE="$(alive '~/ssl_jax_sync.pid' ssl_jax_sync)"
 
 on_workers() {
   [[ "${DRY_RUN:-0}" == 1 ]] && echo "# worker(s) $1 run: $2"  # the same command, readable

@@ -134,12 +134,12 @@ RANGES = {
     "data.num_classes": "[0, inf)",
     "model.width_multiplier": "[1, inf)", "model.sk_ratio": "[0, 1)",
     "augment.crop_size": "[1, inf)", "augment.mean": "[0, 1]", "augment.std": "(0, inf)",
-    "augment.min_scale": "(0, 1]", "augment.max_scale": "(0, 1]",
+    "augment.min_scale": "(0, 1]", "augment.max_scale": "(0, 1]", "augment.jitter": "[0, inf)",
     "augment.flip_p": "[0, 1]", "augment.jitter_strength": "[0, inf)", "augment.jitter_p": "[0, 1]",
     "augment.grayscale_p": "[0, 1]", "augment.blur_p": "[0, 1]", "augment.solarize_p": "[0, 1]",
     "optim.lr": "(0, inf)", "optim.weight_decay": "[0, inf)", "optim.momentum": "[0, 1)",
     "optim.warmup_epochs": "[0, inf)", "optim.end_lr_factor": "[0, 1]", "optim.trust_coefficient": "(0, inf)",
-    "optim.bias_lr_factor": "[0, inf)", "optim.step_factor": "(0, 1]",
+    "optim.bias_lr_factor": "[0, inf)", "optim.step_factor": "(0, 1]", "optim.step_milestones": "(0, inf)",
     "checkpoint.every_epochs": "[1, inf)", "checkpoint.keep": "[1, inf)",
     "eval.knn_every_epochs": "[0, inf)", "eval.knn_k": "[1, inf)", "eval.knn_temperature": "(0, inf)",
     "eval.knn_train_examples": "[0, inf)", "eval.batch_size": "[1, inf)", "eval.linear_epochs": "[1, inf)",
@@ -161,7 +161,6 @@ RANGES = {
     "swav.epsilon": "(0, inf)", "swav.temperature": "(0, inf)", "swav.sinkhorn_iterations": "[1, inf)",
     "swav.num_prototypes": "[1, inf)", "swav.num_large_crops": "[1, inf)", "swav.num_small_crops": "[0, inf)",
     "swav.small_crop_size": "[1, inf)", "swav.small_min_scale": "(0, 1]", "swav.small_max_scale": "(0, 1]",
-    "optim.step_milestones": "(0, inf)", "augment.jitter": "[0, inf)",
     "swav.queue_length": "[0, inf)", "swav.queue_start_epoch": "[0, inf)", "swav.freeze_prototypes_epochs": "[0, inf)",
 }
 # Tuple-valued keys: the lengths each may have (None: any) and the type of its entries. "increasing" keys must be
@@ -206,10 +205,9 @@ def _check_tuple(key, value, lengths, kind):
         shape = f"a tuple of {entries}"
     else:
         shape = " or ".join("()" if n == 0 else f"{n} {entries}" for n in lengths)
-    numeric = kind in (int, float)
+    allowed = (int, float) if kind is float else kind  # a whole number is a number too
     ok = isinstance(value, (tuple, list)) and (lengths is None or len(value) in lengths) and all(
-        (isinstance(v, int) or (kind is float and isinstance(v, float))) and not isinstance(v, bool)
-        if numeric else isinstance(v, kind) for v in value)
+        isinstance(v, allowed) and not isinstance(v, bool) for v in value)
     if not ok:
         raise ConfigError(f"config key {key!r} must be {shape}, got {value!r}")
     if key in INCREASING and any(b <= a for a, b in zip(value, value[1:])):
