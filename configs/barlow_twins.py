@@ -10,7 +10,8 @@ kNN top-1 0.819 for this cifar10 recipe (ResNet-18, batch 512, 200 epochs, one A
 
 Recipe notes.
 imagenet is the paper's and the final official main.py's: ResNet-50, projector 8192-8192-8192, lambda 0.0051,
-batch 2048, 1000 epochs, LARS (eta 0.001, momentum 0.9) with lr 0.2 x B/256 for weights and 0.0048 x B/256
+batch 2048, 1000 epochs, LARS (eta 0.001, momentum 0.9, applied before the lr as main.py's LARS does:
+`optim.lars_style="byol"`) with lr 0.2 x B/256 for weights and 0.0048 x B/256
 for biases and BatchNorm parameters (bias_lr_factor = 0.0048 / 0.2 = 0.024), both excluded from weight decay
 and from the trust ratio; 10 warm-up epochs, then cosine decay to 1/1000 of the peak. Weight decay 1.5e-6 is
 the paper's (the final main.py defaults to 1e-6). The loss is not scaled: the old `--scale-loss 0.024` is
@@ -58,9 +59,10 @@ def get_config(arg="cifar10"):
         c.augment.blur_p = 1.0
         c.barlow_twins.view2_blur_p = 0.1
         c.optim.update(dict(name="lars", lr=0.2, lr_scaling="linear", weight_decay=1.5e-6, warmup_epochs=10,
-                            end_lr_factor=0.001, bias_lr_factor=0.024))
+                            end_lr_factor=0.001, bias_lr_factor=0.024, lars_style="byol"))
     elif arg == "smoke":
         # LARS with the bias learning-rate group, so the smoke run exercises the imagenet optimizer path.
         c.head.update(dict(hidden_dim=32, out_dim=32))
-        c.optim.update(dict(name="lars", lr=0.2, weight_decay=1.5e-6, end_lr_factor=0.001, bias_lr_factor=0.024))
+        c.optim.update(dict(name="lars", lr=0.2, weight_decay=1.5e-6, end_lr_factor=0.001, bias_lr_factor=0.024,
+                            lars_style="byol"))
     return c

@@ -8,8 +8,11 @@ Run (CIFAR-10 from the ImageFolder archive; drop `data.path` to get CIFAR-10 fro
 Results: not yet measured on a GPU.
 
 Recipe notes. imagenet is the paper's 1000-epoch recipe (deepmind-research/byol configs/byol.py): ResNet-50,
-batch 4096, LARS (eta 1e-3, momentum 0.9, biases and BatchNorm excluded) with lr 0.2 x batch/256, weight decay
-1.5e-6, 10 warm-up epochs then cosine decay, tau_base 0.996, projector and predictor 4096 -> 256, colour jitter
+batch 4096, LARS (eta 1e-3, momentum 0.9, biases and BatchNorm excluded; the momentum on the trust-scaled
+gradient, then the lr, as utils/optimizers.py: `optim.lars_style="byol"`) with lr 0.2 x batch/256, weight decay
+1.5e-6, 10 warm-up epochs then cosine decay, tau_base 0.996, projector and predictor 4096 -> 256 whose output
+Linear has no bias (utils/networks.py MLP: `byol.head_out_bias=False`), haiku's default initialisation of
+convolutions and Linears (`model.conv_init="haiku"`, `byol.head_init="haiku"`), colour jitter
 (0.4, 0.4, 0.2, 0.1) with p 0.8 (`augment.jitter`), grayscale 0.2, blur p 1.0 / 0.1 and solarize p 0 / 0.2
 for views 1 / 2. For 300 epochs the official presets use lr 0.3, weight decay 1e-6 and tau_base 0.99:
 `--config.num_epochs=300 --config.optim.lr=0.3 --config.optim.weight_decay=1e-6 --config.byol.tau_base=0.99`.
@@ -37,9 +40,11 @@ def get_config(arg="cifar10"):
     c = presets.apply(presets.base("byol"), arg)
     c.projector = ml_collections.ConfigDict(dict(hidden_dim=4096, out_dim=256))
     c.predictor = ml_collections.ConfigDict(dict(hidden_dim=4096))
-    # config.augment describes view 1; view 2 differs only in these two probabilities.
+    # config.augment describes view 1; view 2 differs only in these two probabilities. head_out_bias: the
+    # projector's and predictor's output Linear has a bias (lightly's heads), or not (the official networks.MLP).
+    # head_init: their Linears start as torch.nn.Linear's (lightly's) or as haiku's hk.Linear (the official code's).
     c.byol = ml_collections.ConfigDict(dict(tau_base=0.99, tau_schedule="cosine", view2_blur_p=0.0,
-                                            view2_solarize_p=0.2))
+                                            view2_solarize_p=0.2, head_out_bias=True, head_init="torch"))
     c.augment.update(dict(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.0, solarize_p=0.0))
     c.optim.update(dict(name="sgd", lr=0.12, lr_scaling="linear", weight_decay=5e-4, momentum=0.9,
                         warmup_epochs=0, exclude_bias_and_norm=False))
@@ -50,10 +55,12 @@ def get_config(arg="cifar10"):
         c.optim.update(dict(lr=0.03, weight_decay=2e-3))  # lightly's 0.24 and 5e-4 for a loss 4x as large
     elif arg == "imagenet":
         c.num_epochs = 1000
-        c.byol.update(dict(tau_base=0.996, view2_blur_p=0.1, view2_solarize_p=0.2))
+        c.byol.update(dict(tau_base=0.996, view2_blur_p=0.1, view2_solarize_p=0.2, head_out_bias=False,
+                           head_init="haiku"))
+        c.model.conv_init = "haiku"  # hk.Conv2D's default (networks.ResNetTorso sets no w_init)
         c.augment.update(dict(blur_p=1.0, solarize_p=0.0))
         c.optim.update(dict(name="lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10, trust_coefficient=1e-3,
-                            exclude_bias_and_norm=True))
+                            exclude_bias_and_norm=True, lars_style="byol"))
     elif arg == "smoke":
         c.projector.update(dict(hidden_dim=32, out_dim=16))
         c.predictor.hidden_dim = 32

@@ -9,7 +9,8 @@ Results:
   cifar10 (ResNet-18, batch 512, 200 epochs): not yet measured on a GPU (see BENCHMARKS.md).
   smoke: seconds on a CPU.
 
-Recipe notes. imagenet is facebookresearch/moco's main_moco.py: ResNet-50, batch 256, SGD lr 0.03 (momentum
+Recipe notes. imagenet is facebookresearch/moco's main_moco.py: ResNet-50 (torchvision's, as builder.py builds it:
+every BatchNorm scale starting at 1, model.zero_init_residual = False), batch 256, SGD lr 0.03 (momentum
 0.9, weight decay 1e-4 on every parameter, as torch's SGD), 200 epochs, a 128-d linear head, K = 65,536,
 m = 0.999, temperature 0.07, asymmetric loss, shuffled BatchNorm over 8 groups (8 GPUs) and per-device
 BatchNorm for the query encoder (DDP without SyncBN: model.sync_bn = False, which is the official 8 groups
@@ -51,7 +52,8 @@ def get_config(arg="cifar10"):
         c.optim.schedule_per_epoch = True
     elif arg == "imagenet":
         c.num_epochs, c.batch_size = 200, 256
-        c.model.sync_bn = False
+        # builder.py: base_encoder(num_classes=dim), torchvision's default zero_init_residual=False
+        c.model.update(dict(sync_bn=False, zero_init_residual=False))
         c.augment.update(dict(min_scale=0.2, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grayscale_first=True,
                               blur_p=0.0))
         c.head.hidden_dim = 2048

@@ -10,7 +10,8 @@ Results:
   cifar10 (ResNet-18, batch 512, 200 epochs): not yet measured on a GPU (see BENCHMARKS.md).
   smoke: seconds on a CPU.
 
-Recipe notes. imagenet is facebookresearch/moco's main_moco.py with --mlp --aug-plus --cos --moco-t 0.2: ResNet-50,
+Recipe notes. imagenet is facebookresearch/moco's main_moco.py with --mlp --aug-plus --cos --moco-t 0.2: ResNet-50
+(torchvision's, as builder.py builds it: every BatchNorm scale starting at 1, model.zero_init_residual = False),
 batch 256, SGD lr 0.03 (momentum 0.9, weight decay 1e-4 on every parameter, as torch's SGD), cosine schedule
 without warm-up (set once per epoch), 200 epochs, head Linear(2048, 2048)-ReLU-Linear(2048, 128) without BatchNorm,
 K = 65,536, m = 0.999, asymmetric loss, shuffled BatchNorm over 8 groups (8 GPUs) and per-device BatchNorm for the
@@ -49,7 +50,8 @@ def get_config(arg="cifar10"):
         presets.lightly_cifar10(c)
     elif arg == "imagenet":
         c.num_epochs, c.batch_size = 200, 256
-        c.model.sync_bn = False
+        # builder.py: base_encoder(num_classes=dim), torchvision's default zero_init_residual=False
+        c.model.update(dict(sync_bn=False, zero_init_residual=False))
         c.augment.update(dict(min_scale=0.2, jitter_strength=0.5, jitter_p=0.8, blur_p=0.5))
         c.head.hidden_dim = 2048
         c.loss.temperature = 0.2

@@ -34,7 +34,12 @@ colour strength 0.5, no blur; its SimCLR model of that date: 2-layer 512-512-128
 view, temperature 0.5). imagenet is the paper's: ResNet-50, batch 4096, LARS,
 lr 0.3 x batch/256, weight decay 1e-6, temperature 0.1, 100 epochs, 10 warm-up epochs, blur with p = 0.5,
 and the official code's loss, the sum of both directions (loss.scale = 2; lightly's is their mean), with its
-BatchNorm head and BatchNorm statistics over both views together (one call on the concatenated views).
+BatchNorm head and BatchNorm statistics over both views together (one call on the concatenated views). The head
+and network are the official code's (google-research/simclr, model_util.py and resnet.py), as the imagenet
+preset of configs/simclr_v2.py builds them: Dense -> BN -> ReLU -> Dense -> BN, the output BN with a learnable
+scale and no bias (head.last_bn, head.last_bn_scale: linear_layer's batch_norm_relu(center=use_bias=False)), Dense
+kernels from N(0, 0.01^2) (head.init_std), convolutions from TF's VarianceScaling() (model.conv_init = "tf"), and
+each residual branch's last BatchNorm scale starting at 0 (init_zero=True: model.zero_init_residual).
 """
 import ml_collections
 
@@ -44,8 +49,10 @@ from ssl_jax import presets
 def get_config(arg="cifar10"):
     """Returns the preset named `arg`: cifar10, imagenet or smoke."""
     c = presets.apply(presets.base("simclr"), arg)
+    # last_bn_scale: the output BatchNorm (last_bn) gets a learnable scale; init_std > 0: Dense kernels from
+    # N(0, init_std^2) (the official TF code's), 0 torch.nn.Linear's init.
     c.head = ml_collections.ConfigDict(dict(
-        num_layers=2, hidden_dim=512, out_dim=128, use_bn=True, last_bn=False))
+        num_layers=2, hidden_dim=512, out_dim=128, use_bn=True, last_bn=False, last_bn_scale=False, init_std=0.0))
     # chunk_size > 0: NT-Xent in blocks of that many columns, never the whole similarity matrix at once.
     # scale: the loss is scale x the mean over both directions (2.0: the official code's sum; simclr.py).
     c.loss = ml_collections.ConfigDict(dict(temperature=0.5, chunk_size=0, scale=1.0))
@@ -60,7 +67,9 @@ def get_config(arg="cifar10"):
         c.head.use_bn = False
         c.simclr.bn_per_view = True
     elif arg == "imagenet":
-        c.head.update(dict(hidden_dim=2048, out_dim=128))
+        # The official v1 head and network (docstring): output BN with scale, no bias; N(0, 0.01^2) kernels.
+        c.head.update(dict(hidden_dim=2048, out_dim=128, last_bn=True, last_bn_scale=True, init_std=0.01))
+        c.model.conv_init = "tf"
         c.loss.update(dict(temperature=0.1, scale=2.0))
         c.optim.update(dict(name="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=10))
     elif arg == "smoke":

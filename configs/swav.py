@@ -8,15 +8,18 @@ Run (CIFAR-10 from the ImageFolder archive; drop `data.path` to get CIFAR-10 fro
 Results: not yet measured on a GPU.
 
 Recipe notes. imagenet is the official 100-epoch recipe (facebookresearch/swav scripts/swav_100ep_pretrain.sh):
-ResNet-50, batch 4096, multi-crop 2 x 224 (scale 0.14-1) + 6 x 96 (scale 0.05-0.14), colour jitter strength 1,
-blur p 0.5 on every crop, projection head 2048 -> 128, 3000 prototypes, temperature 0.1, Sinkhorn epsilon 0.05
-with 3 iterations, prototypes frozen for the first epoch (313 iterations), no queue, LARS (eta 1e-3, momentum
-0.9, applied to every parameter as apex's LARC is there) with lr 4.8 = 0.3 x batch/256, final lr 0.0048, weight
-decay 1e-6, 10 warm-up epochs (from 0 here; the official warm-up starts at 0.3). The official batch-256 script
-(swav_200ep_bs256_pretrain.sh) has base lr 0.6 without warm-up, final lr 0.0006, prototypes frozen for 5005
-iterations (one epoch) and a queue of 3840 embeddings from epoch 15: `--config.batch_size=256
---config.optim.lr=0.6 --config.optim.warmup_epochs=0 --config.swav.queue_length=3840
---config.swav.queue_start_epoch=15` (3840 is a multiple of 256).
+ResNet-50 (src/resnet50.py: torchvision's init with zero_init_residual=False, every BatchNorm scale starting at 1),
+batch 4096, multi-crop 2 x 224 (scale 0.14-1) + 6 x 96 (scale 0.05-0.14), colour jitter strength 1, blur p 0.5 on
+every crop, projection head 2048 -> 128, 3000 prototypes, temperature 0.1, Sinkhorn epsilon 0.05 with 3 iterations,
+prototypes frozen for the first epoch (312 steps at batch 4096; the official 313 iterations), no queue, LARS (eta
+1e-3, momentum 0.9, applied to every parameter as apex's LARC is there; LARC's trust ratio and torch SGD's
+momentum: `optim.lars_style="larc"`) with lr 4.8 = 0.3 x batch/256, final lr
+0.0048, weight decay 1e-6, 10 warm-up epochs (from 0 here; the official warm-up starts at 0.3). BatchNorm is
+synchronised over the whole batch here; the official script's apex SyncBN (--sync_bn apex) pools groups of 8 of its
+64 GPUs (512 images). The official batch-256 script (swav_200ep_bs256_pretrain.sh) has 200 epochs, base lr 0.6
+without warm-up, final lr 0.0006, prototypes frozen for 5005 iterations (one epoch) and a queue of 3840 embeddings
+from epoch 15: `--config.batch_size=256 --config.num_epochs=200 --config.optim.lr=0.6 --config.optim.warmup_epochs=0
+--config.swav.queue_length=3840 --config.swav.queue_start_epoch=15` (3840 is a multiple of 256).
 cifar10 follows lightly's CIFAR-10 benchmark (`presets.lightly_cifar10`; ResNet-18, batch 512, 200 epochs):
 512 prototypes, head 512 -> 512 -> 128 with BatchNorm, large crops of 32 with scale 0.14-1, colour strength
 0.5, no blur, BatchNorm statistics per crop (lightly calls the network once per crop: `swav.bn_per_crop`; the
@@ -52,11 +55,13 @@ def get_config(arg="cifar10"):
         c.swav.update(dict(freeze_prototypes_epochs=0, bn_per_crop=True))
         c.optim.update(dict(name="adam", lr=2e-3, weight_decay=1e-6))
     elif arg == "imagenet":
+        c.model.zero_init_residual = False  # src/resnet50.py's default, which main_swav.py keeps
         c.head.hidden_dim = 2048
         c.swav.update(dict(num_prototypes=3000, small_crop_size=96))
         c.augment.update(dict(jitter_strength=1.0, blur_p=0.5))
         c.optim.update(dict(name="lars", lr=0.3, weight_decay=1e-6, momentum=0.9, warmup_epochs=10,
-                            end_lr_factor=0.001, trust_coefficient=1e-3, exclude_bias_and_norm=False))
+                            end_lr_factor=0.001, trust_coefficient=1e-3, exclude_bias_and_norm=False,
+                            lars_style="larc"))
     elif arg == "smoke":
         # Two epochs of 8 steps: prototypes frozen in the first; the queue (2 batches) fills from step 8
         # and takes part in Sinkhorn from step 10, so the smoke run goes through every branch.

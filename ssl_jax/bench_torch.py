@@ -47,9 +47,6 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
         raise ValueError(f"--torch builds a torchvision ResNet: model.name must be one of "
                          f"{', '.join(TORCHVISION_RESNETS)} with model.width_multiplier=1 and model.sk_ratio=0, "
                          f"got {config.model.name!r} x {config.model.width_multiplier}, sk_ratio {sk_ratio:g}")
-    if config.head.get("last_bn", False):
-        raise ValueError("--torch builds SimCLR v1's head (hidden layers, then a Linear output); head.last_bn "
-                         "(SimCLR v2's BatchNorm on the output) has no counterpart there: use configs/simclr.py")
     view = augment.spec_from_config(config.augment)
     return {
         "images": images_path, "steps": steps, "warmup": warmup, "batch_size": config.batch_size,
@@ -60,7 +57,9 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
         "project_first_block": bool(config.model.get("project_first_block", False)),
         "bf16": config.model.dtype == "bfloat16", "compile": bool(compile_model),
         "head_layers": config.head.num_layers, "head_hidden": config.head.hidden_dim, "head_out": config.head.out_dim,
-        "head_bn": bool(config.head.use_bn), "bn_per_view": simclr.bn_per_view(config),
+        "head_bn": bool(config.head.use_bn),
+        "head_last_bn": bool(config.head.get("last_bn", False)),
+        "head_last_bn_scale": bool(config.head.get("last_bn_scale", False)), "bn_per_view": simclr.bn_per_view(config),
         "temperature": config.loss.temperature, "lr": config.optim.lr, "weight_decay": config.optim.weight_decay,
         "crop_size": view.size, "scale": list(view.crop_scale), "flip_p": view.flip_p,
         "jitter": list(augment_ops.jitter_ranges(view.jitter or view.jitter_strength)), "jitter_p": view.jitter_p,
@@ -92,7 +91,8 @@ def network(torch, torchvision, spec):
     if the config's is, convs re-initialised with nn.Conv2d's default for conv_init "pytorch" or TF's
     VarianceScaling() for "tf", no stem ReLU for stem_relu False, a projection shortcut in stage 1's first block
     for project_first_block) followed by the projection MLP (hidden layers Linear -> BatchNorm -> ReLU with head_bn,
-    else Linear with bias -> ReLU)."""
+    else Linear with bias -> ReLU; the output Linear, or with head_last_bn Linear without bias -> BatchNorm whose
+    bias stays 0 and whose scale is learned only with head_last_bn_scale, as models.MLPHead's last_bn)."""
     nn = torch.nn
     backbone = getattr(torchvision.models, spec["arch"])(zero_init_residual=spec.get("zero_init_residual", False))
     if spec["cifar_stem"]:
@@ -121,7 +121,12 @@ def network(torch, torchvision, spec):
         else:
             layers += [nn.Linear(d, hidden), nn.ReLU(inplace=True)]
         d = hidden
-    return nn.Sequential(backbone, *layers, nn.Linear(d, spec["head_out"]))
+    if not spec.get("head_last_bn", False):
+        return nn.Sequential(backbone, *layers, nn.Linear(d, spec["head_out"]))
+    out_bn = nn.BatchNorm1d(spec["head_out"])
+    out_bn.bias.requires_grad_(False)  # center=False: the bias stays 0
+    out_bn.weight.requires_grad_(spec.get("head_last_bn_scale", False))  # scale=False: the scale stays 1
+    return nn.Sequential(backbone, *layers, nn.Linear(d, spec["head_out"], bias=False), out_bn)
 
 
 def embed(torch, model, spec, device, v1, v2):

@@ -176,6 +176,9 @@ MAX_HUE = 0.5  # a hue shift is in turns of the colour wheel: torchvision's Colo
 # Pairs (low key, high key) whose values must be ordered low <= high.
 ORDERED = (("augment.min_scale", "augment.max_scale"), ("swav.small_min_scale", "swav.small_max_scale"))
 DTYPES = ("float32", "bfloat16", "float16")
+# String keys with a fixed set of values (optim.lars_style: whose official LARS, ssl_jax/optim.py's docstring).
+CHOICES = {"model.dtype": DTYPES, "optim.lars_style": ("simclr", "byol", "larc"),
+           "byol.head_init": ("torch", "haiku")}
 
 
 def _get(config, key):
@@ -233,9 +236,10 @@ def validate(config):
         low, high = _get(config, low_key), _get(config, high_key)
         if low is not None and high is not None and low > high:
             raise ConfigError(f"config key {low_key!r} ({low!r}) must not exceed {high_key!r} ({high!r})")
-    dtype = _get(config, "model.dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"config key 'model.dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for key, choices in CHOICES.items():
+        value = _get(config, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def to_json(config):

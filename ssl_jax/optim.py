@@ -7,6 +7,14 @@ LARS follows SimCLR's TF implementation, which `optax.lars` reproduces step for 
     w <- w - v
 Biases and BatchNorm parameters get neither weight decay nor the trust ratio (for them this is plain
 momentum SGD), selected by `decay_mask`, the predicate BYOL's JAX code uses.
+
+`optim.lars_style` picks the variant of a paper's official code (LARS_STYLES); they differ in where the momentum
+sits, so only while the learning rate changes (mostly in warm-up: ~9% of the step 100 steps into it):
+    "simclr"  the above (google-research/simclr's LARSOptimizer, optax.lars)
+    "byol"    v <- momentum * v + r * g;  w <- w - lr * v   (deepmind-research/byol utils/optimizers.py, and the
+              LARS of facebookresearch/barlowtwins main.py: momentum on the trust-scaled gradient, then the lr)
+    "larc"    r = eta * ||w|| / (||g|| + wd * ||w|| + 1e-8) on the raw gradient, then g <- r * (g + wd * w) and
+              the "byol" momentum (apex's LARC(clip=False) around torch's SGD, as facebookresearch/swav)
 """
 import math
 from typing import Any
@@ -15,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ssl_jax import config
+
 OPTIMIZERS = ("adam", "adamw", "lamb", "lars", "sgd")
 LR_SCALINGS = ("linear", "sqrt", "none")
+LARS_STYLES = config.CHOICES["optim.lars_style"]
 
 
 def _leaf_name(path) -> str:
@@ -123,7 +134,7 @@ def make_optimizer(optim_cfg, batch_size: int, steps_per_epoch: int,
     at lr x sqrt(batch_size), "none" at lr. The schedule (`make_schedule`) warms up for `warmup_epochs`
     (default 0) and decays by cosine to `end_lr_factor` (default 0) x peak, or by `step_milestones`.
     Other keys and their defaults: weight_decay 0, momentum 0.9 (SGD, LARS), nesterov False, b1 0.9 and
-    b2 0.999 (Adam, AdamW, LAMB), trust_coefficient 0.001 (LARS).
+    b2 0.999 (Adam, AdamW, LAMB), trust_coefficient 0.001 and lars_style "simclr" (LARS; the module docstring).
     `optim_cfg.exclude_bias_and_norm` (default True) exempts biases and BatchNorm from weight decay
     (and from LARS's trust ratio); set it False for torch recipes that decay every parameter.
     Optional parameter groups: `fixed_lr_prefixes` (paths such as 'model/predictor' that keep the peak
@@ -156,9 +167,8 @@ def _base_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
     b1, b2 = optim_cfg.get("b1", 0.9), optim_cfg.get("b2", 0.999)
 
     if name == "lars":
-        tx = optax.lars(schedule, weight_decay=wd, weight_decay_mask=mask,
-                        trust_coefficient=optim_cfg.get("trust_coefficient", 0.001), trust_ratio_mask=mask,
-                        momentum=momentum, nesterov=nesterov)
+        tx = _lars(optim_cfg.get("lars_style", "simclr"), schedule, wd, mask,
+                   optim_cfg.get("trust_coefficient", 0.001), momentum, nesterov)
     elif name == "sgd":
         # torch.optim.SGD: L2 decay added to the gradient, momentum on the gradient, then the lr.
         tx = optax.chain(optax.add_decayed_weights(wd, mask=mask),
@@ -172,3 +182,33 @@ def _base_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
     else:
         tx = optax.lamb(schedule, b1=b1, b2=b2, weight_decay=wd, mask=mask)
     return tx
+
+
+def _lars(style, schedule, weight_decay, mask, eta, momentum, nesterov) -> optax.GradientTransformation:
+    """Returns LARS in the `style` of one paper's official code (module docstring); `mask` selects the parameters
+    that get weight decay and the trust ratio."""
+    if style == "simclr":
+        return optax.lars(schedule, weight_decay=weight_decay, weight_decay_mask=mask, trust_coefficient=eta,
+                          trust_ratio_mask=mask, momentum=momentum, nesterov=nesterov)
+    if style == "byol":
+        trust = optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                            optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta), mask))
+    elif style == "larc":
+        trust = _scale_by_larc(eta, weight_decay, mask)
+    else:
+        raise ValueError(f"Unknown optim.lars_style {style!r}; expected one of {LARS_STYLES}.")
+    return optax.chain(trust, optax.trace(decay=momentum, nesterov=nesterov), optax.scale_by_learning_rate(schedule))
+
+
+def _scale_by_larc(eta, weight_decay, mask, eps=1e-8) -> optax.GradientTransformation:
+    """apex's LARC with clip=False: for a parameter in `mask` whose weight and gradient norms are both non-zero,
+    g <- eta * ||w|| / (||g|| + wd * ||w|| + eps) * (g + wd * w); other gradients pass unchanged."""
+    def update_fn(updates, state, params):
+        def larc(g, w, included):
+            if not included:
+                return g
+            w_norm, g_norm = jnp.linalg.norm(w), jnp.linalg.norm(g)
+            ratio = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
+            return jnp.where((w_norm > 0) & (g_norm > 0), ratio * (g + weight_decay * w), g)
+        return jax.tree.map(larc, updates, params, mask(params)), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

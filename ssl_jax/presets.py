@@ -33,8 +33,9 @@ def base(method):
         grayscale_p=0.2, grayscale_first=False, blur_p=0.0, solarize_p=0.0, mean=CIFAR_MEAN, std=CIFAR_STD))
     c.optim = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.12, lr_scaling="linear", weight_decay=5e-4, momentum=0.9, nesterov=False,
-        warmup_epochs=10, end_lr_factor=0.0, trust_coefficient=0.001, exclude_bias_and_norm=True,
-        fixed_lr_prefixes=(), bias_lr_factor=1.0, step_milestones=(), step_factor=0.1, schedule_per_epoch=False))
+        warmup_epochs=10, end_lr_factor=0.0, trust_coefficient=0.001, lars_style="simclr",
+        exclude_bias_and_norm=True, fixed_lr_prefixes=(), bias_lr_factor=1.0, step_milestones=(), step_factor=0.1,
+        schedule_per_epoch=False))
     c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=10, keep=2))
     c.eval = ml_collections.ConfigDict(dict(
         knn_every_epochs=10, knn_k=200, knn_temperature=0.1, knn_train_examples=0, batch_size=1024,

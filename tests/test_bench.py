@@ -277,8 +277,14 @@ def test_pytorch_simclr_step_runs_on_the_same_images():
         assert torch.allclose(per_view, torch.cat([net(v1), net(v2)]), rtol=1e-4, atol=1e-4)
         assert torch.allclose(joint, net(torch.cat([v1, v2])), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(per_view, joint, atol=1e-3)
-    with pytest.raises(ValueError, match="head.last_bn"):
-        bench_torch.spec_from_config(config_lib.load_config("configs/simclr_v2.py:cifar10"), "x.npy", 1, 1)
+    # head.last_bn (SimCLR v2's head, and v1's imagenet preset): the output Linear has no bias and a BatchNorm
+    # follows it whose bias stays 0 and whose scale learns only with last_bn_scale, as models.MLPHead's.
+    for spec_name, scale in (("configs/simclr_v2.py:cifar10", True), ("configs/simclr.py:imagenet", True)):
+        for overrides in ((), ("head.last_bn_scale=false",)):
+            spec = bench_torch.spec_from_config(config_lib.load_config(spec_name, list(overrides)), "x.npy", 1, 1)
+            out_linear, out_bn = bench_torch.network(torch, torchvision, spec)[-2:]
+            assert isinstance(out_bn, torch.nn.BatchNorm1d) and out_linear.bias is None
+            assert not out_bn.bias.requires_grad and out_bn.weight.requires_grad is (scale and not overrides)
     # stem_relu false: torchvision's `relu` module (used by the stem only) becomes the identity.
     for stem_relu in (True, False):
         spec = bench_torch.spec_from_config(

@@ -145,6 +145,49 @@ def test_tau_schedule_and_ema_update_match_numpy():
             np.testing.assert_allclose(new["target"][part][name], expected, rtol=1e-6, atol=1e-7)
 
 
+def test_imagenet_heads_are_the_official_mlp_without_output_bias():
+    # deepmind-research byol/utils/networks.py MLP: hk.Linear(hidden, with_bias=True) -> BatchNorm -> relu ->
+    # hk.Linear(output_size, with_bias=False); configs/byol.py: 4096 -> 256 for projector and predictor.
+    config = config_lib.load_config(f"{CONFIG}:imagenet")
+    assert config.byol.head_out_bias is False
+    shapes = jax.eval_shape(lambda: byol.init(jax.random.PRNGKey(0), config, np.zeros((1, 8, 8, 3), np.uint8)))
+    params, _, extras = shapes
+    for tree in (params, extras["target"]):
+        assert {k: sorted(v) for k, v in tree["projector"].items()} == {
+            "dense0": ["kernel"], "bn0": ["bias", "scale"], "dense1": ["kernel"]}
+        assert (tree["projector"]["dense0"]["kernel"].shape, tree["projector"]["dense1"]["kernel"].shape) == (
+            (2048, 4096), (4096, 256))
+    assert {k: sorted(v) for k, v in params["predictor"].items()} == {
+        "dense0": ["kernel"], "bn0": ["bias", "scale"], "dense1": ["kernel"]}
+    assert params["predictor"]["dense1"]["kernel"].shape == (4096, 256)
+    # Haiku's initialisation (hk.Conv2D, hk.Linear: TruncatedNormal(1/sqrt(fan_in)), zero biases; the ResNet's
+    # convolutions too: networks.ResNetTorso sets no w_init), checked in test_models for the init itself.
+    assert config.model.conv_init == "haiku" and config.byol.head_init == "haiku"
+    head = byol.networks(config)["projector"].init(jax.random.PRNGKey(0), jnp.zeros((2, 2048)), train=False)
+    w = np.asarray(head["params"]["dense0"]["kernel"])
+    np.testing.assert_allclose(w.std(), 0.87962566103423978 / np.sqrt(2048), rtol=0.01)
+    # lightly's heads (the cifar10 preset) keep the output bias and torch.nn.Linear's initialisation.
+    cifar = config_lib.load_config(f"{CONFIG}:cifar10")
+    assert cifar.byol.head_out_bias is True and cifar.byol.head_init == "torch"
+    assert set(byol.networks(cifar)["projector"].init(jax.random.PRNGKey(0), jnp.zeros((2, 512)),
+                                                      train=False)["params"]["dense1"]) == {"kernel", "bias"}
+
+
+def test_without_output_bias_the_loss_and_step_still_run():
+    config = _config("byol.head_out_bias=false")
+    images = np.random.RandomState(0).randint(0, 256, size=(16, 16, 16, 3)).astype(np.uint8)
+    params, stats, extras = byol.init(jax.random.PRNGKey(0), config, images[:1])
+    keys = jax.random.split(jax.random.PRNGKey(1), 16)
+    views = byol.views(keys, images, config)
+    progress = {"step": jnp.int32(0), "steps_per_epoch": 4, "total_steps": 8}
+    grads, (_, _, aux) = jax.grad(lambda p: byol.loss(p, stats, extras, views, jax.random.PRNGKey(2), progress,
+                                                     config=config, axis_name=None), has_aux=True)(params)
+    assert "bias" not in grads["predictor"]["dense1"] and "bias" not in grads["projector"]["dense1"]
+    assert float(jnp.linalg.norm(grads["predictor"]["dense1"]["kernel"])) > 0
+    assert set(byol.update_extras(params, extras, aux, progress, config)["target"]["projector"]["dense1"]) == {
+        "kernel"}
+
+
 def test_smoke_run_through_the_cli(tmp_path):
     workdir = str(tmp_path / "run")
     _, rows = cli_smoke_rows(f"{CONFIG}:smoke", workdir,

@@ -105,6 +105,51 @@ def test_moco_v1_cifar10_is_the_official_colab_demo_with_the_mean_loss():
         "sgd", 2.5e-4, 0, True)  # the colab sets the cosine lr at the start of each epoch
 
 
+# How each official ImageNet network starts its residual branches' last BatchNorm scale: True = at 0.
+OFFICIAL_ZERO_INIT_RESIDUAL = {
+    # facebookresearch/moco moco/builder.py: base_encoder(num_classes=dim), torchvision's zero_init_residual=False
+    "moco_v1": False, "moco_v2": False,
+    # facebookresearch/swav src/resnet50.py: ResNet(zero_init_residual=False), main_swav.py does not set it
+    "swav": False,
+    # facebookresearch/simsiam simsiam/builder.py: base_encoder(num_classes=dim, zero_init_residual=True)
+    "simsiam": True,
+    # facebookresearch/barlowtwins main.py: torchvision.models.resnet50(zero_init_residual=True)
+    "barlow_twins": True,
+    # google-research/simclr resnet.py (and tf2/resnet.py): batch_norm_relu(..., init_zero=True) ends each block
+    "simclr": True, "simclr_v2": True,
+    # deepmind-research byol/utils/networks.py: haiku's ResNet blocks, last BatchNorm scale_init=jnp.zeros
+    "byol": True,
+}
+
+
+@pytest.mark.parametrize("method", sorted(OFFICIAL_ZERO_INIT_RESIDUAL))
+def test_imagenet_presets_start_residual_batchnorm_scales_as_the_official_network(method):
+    c = config_lib.load_config(f"configs/{method}.py:imagenet")
+    assert c.model.zero_init_residual is OFFICIAL_ZERO_INIT_RESIDUAL[method]
+
+
+def test_simclr_imagenet_has_the_official_head_and_network():
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from ssl_jax.methods import simclr  # pylint: disable=import-outside-toplevel
+    # google-research/simclr model_util.py: projection_head's last linear_layer(use_bias=False, use_bn=True) is a
+    # Dense without bias, then batch_norm_relu(relu=False, center=False), scale kept; every Dense kernel
+    # from tf.random_normal_initializer(stddev=.01); resnet.py convolutions from tf.variance_scaling_initializer().
+    c = config_lib.load_config(f"{SIMCLR}:imagenet")
+    assert (c.model.conv_init, c.head.init_std) == ("tf", 0.01)
+    _, head = simclr.networks(c)
+    head_vars = head.init(jax.random.PRNGKey(0), jnp.zeros((2, 2048)), train=False)
+    params = head_vars["params"]
+    assert {k: sorted(v) for k, v in params.items()} == {
+        "dense0": ["kernel"], "bn0": ["bias", "scale"], "dense1": ["kernel"], "bn1": ["scale"]}
+    assert params["dense1"]["kernel"].shape == (2048, 128)
+    assert float(np.std(params["dense0"]["kernel"])) == pytest.approx(0.01, rel=0.02)
+    # The cifar10 preset keeps lightly's head: no BatchNorm, torch.nn.Linear's init.
+    l = config_lib.load_config(f"{SIMCLR}:cifar10")
+    assert (l.head.last_bn, l.head.init_std, l.model.conv_init) == (False, 0.0, "pytorch")
+
+
 def test_overrides_are_typed():
     c = config_lib.load_config(f"{SIMCLR}:smoke", [
         "optim.lr=0.5", "num_epochs=7", "data.path=/x/y.tar", "data.resident=false", "augment.mean=(0.1,0.2,0.3)"])
@@ -164,6 +209,7 @@ def test_bad_file_preset_and_form():
     ("simclr", "optim.end_lr_factor=2", r"'optim.end_lr_factor' must be in \[0, 1\]"),
     ("simclr", "model.width_multiplier=0", r"'model.width_multiplier' must be in \[1, inf\)"),
     ("simclr", "model.dtype=float8", r"'model.dtype' must be one of float32, bfloat16, float16, got 'float8'"),
+    ("byol", "optim.lars_style=torch", r"'optim.lars_style' must be one of simclr, byol, larc, got 'torch'"),
     ("simclr", "seed=-1", r"'seed' must be in \[0, inf\)"),
     ("simclr", "loss.temperature=0", r"'loss.temperature' must be in \(0, inf\)"),
     ("simclr", "head.num_layers=0", r"'head.num_layers' must be in \[1, inf\)"),
@@ -200,7 +246,7 @@ def test_every_range_rule_names_a_key_of_some_config():
         for preset in ("cifar10", "imagenet", "smoke"):
             config = protocols.with_eval_defaults(config_lib.load_config(f"configs/{name}:{preset}"))
             keys |= set(_flat(config.to_dict()))
-    rules = (set(config_lib.RANGES) | {k for pair in config_lib.ORDERED for k in pair} | {"model.dtype"}
+    rules = (set(config_lib.RANGES) | {k for pair in config_lib.ORDERED for k in pair} | set(config_lib.CHOICES)
              | set(config_lib.TUPLES))
     assert rules - keys == set()
 

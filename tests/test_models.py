@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from ssl_jax import config as config_lib, flops, train
 from ssl_jax.methods import common
 from ssl_jax.models import LinearClassifier, MLPHead, get_backbone
-from ssl_jax.models.resnet import BasicBlock, BottleneckBlock, conv_kernel_init
+from ssl_jax.models.resnet import CONV_INITS, BasicBlock, BottleneckBlock, conv_kernel_init
 
 # Threefry kernels take seconds to compile on a small CPU; "rbg" keys keep parameter init fast.
 RNG = jax.random.key(0, impl="rbg")
@@ -315,7 +315,7 @@ def test_conv_init_is_kaiming_fan_out():
 
 
 def test_mlp_head_init_is_torch_linear_default():
-    """Weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as torch.nn.Linear; torch_init=False: Flax's."""
+    """Weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as torch.nn.Linear; init_scheme="flax": Flax's."""
     head = MLPHead(hidden_dims=(1024,), out_dim=512, use_bn=True)  # dense0 300->1024 (no bias), dense1 with bias
     params = init(head, RNG, jnp.ones((2, 300)), train=False)["params"]
     for name, fan_in in (("dense0", 300), ("dense1", 1024)):
@@ -325,9 +325,27 @@ def test_mlp_head_init_is_torch_linear_default():
         np.testing.assert_allclose(w.std(), bound / np.sqrt(3.0), rtol=0.01)
     b = np.asarray(params["dense1"]["bias"])
     assert "bias" not in params["dense0"] and np.abs(b).max() <= 1.0 / np.sqrt(1024) and b.std() > 0.015
-    flax_params = init(head.clone(torch_init=False), RNG, jnp.ones((2, 300)), train=False)["params"]
+    flax_params = init(head.clone(init_scheme="flax"), RNG, jnp.ones((2, 300)), train=False)["params"]
     np.testing.assert_allclose(np.asarray(flax_params["dense0"]["kernel"]).std(), 1.0 / np.sqrt(300), rtol=0.02)
     assert not np.asarray(flax_params["dense1"]["bias"]).any()
+
+
+def test_haiku_init_is_haikus_unrescaled_truncated_normal():
+    """haiku's hk.Conv2D / hk.Linear default (BYOL's official network): TruncatedNormal(stddev=1/sqrt(fan_in)),
+    i.e. s * truncnorm(-2, 2) with s = 1/sqrt(fan_in), whose std is 0.8796 s (scipy.stats.truncnorm(-2, 2).std())."""
+    k = np.asarray(CONV_INITS["haiku"](RNG, (3, 3, 128, 256)))
+    s = 1.0 / np.sqrt(9 * 128)
+    assert np.abs(k).max() <= 2.0 * s * (1 + 1e-6) and np.abs(k).max() > 1.99 * s  # cut at 2 s
+    np.testing.assert_allclose(k.std(), 0.87962566103423978 * s, rtol=0.01)
+    head = MLPHead(hidden_dims=(1024,), out_dim=512, use_bn=False, init_scheme="haiku")
+    params = init(head, RNG, jnp.ones((2, 300)), train=False)["params"]
+    for name, fan_in in (("dense0", 300), ("dense1", 1024)):
+        w, s = np.asarray(params[name]["kernel"]), 1.0 / np.sqrt(fan_in)
+        assert np.abs(w).max() <= 2.0 * s * (1 + 1e-6)
+        np.testing.assert_allclose(w.std(), 0.87962566103423978 * s, rtol=0.01)
+        assert not np.asarray(params[name]["bias"]).any()  # hk.Linear's b_init: zeros
+    with pytest.raises(ValueError, match="init_scheme 'jax'"):
+        init(head.clone(init_scheme="jax"), RNG, jnp.ones((2, 300)), train=False)
 
 
 def test_mlp_head_kernel_init_std_draws_normal_kernels_and_zero_biases():

@@ -145,6 +145,50 @@ def test_lars_matches_simclr_numpy(nesterov):
     np.testing.assert_allclose(got[1]["zero/kernel"], expected, rtol=1e-5)
 
 
+def momentum_first_lars(params, grads_per_step, lrs, wd, eta, momentum, larc):
+    """The momentum-before-lr LARS of BYOL's utils/optimizers.py and Barlow Twins' main.py (larc False), or apex's
+    LARC(clip=False) around torch's SGD as SwAV's main_swav.py (larc True), in float64 NumPy."""
+    w = flat(params)
+    mu = {k: np.zeros_like(x) for k, x in w.items()}
+    history = []
+    for grads, lr in zip(grads_per_step, lrs):
+        for k, g in flat(grads).items():
+            if k in INCLUDED:
+                w_norm = np.linalg.norm(w[k])
+                if larc:  # the trust ratio from the raw gradient; decay and scaling only where both norms > 0
+                    g_norm = np.linalg.norm(g)
+                    if w_norm > 0 and g_norm > 0:
+                        g = eta * w_norm / (g_norm + wd * w_norm + 1e-8) * (g + wd * w[k])
+                else:
+                    g = g + wd * w[k]
+                    g_norm = np.linalg.norm(g)
+                    if w_norm > 0 and g_norm > 0:
+                        g = eta * w_norm / g_norm * g
+            mu[k] = momentum * mu[k] + g
+            w[k] = w[k] - lr * mu[k]
+        history.append({k: x.copy() for k, x in w.items()})
+    return history
+
+
+@pytest.mark.parametrize("style", ["byol", "larc"])
+def test_lars_styles_match_the_official_code_in_numpy(style):
+    # The lr changes every step (warm-up, then cosine), where momentum before and after the lr differ. A large
+    # weight decay makes LARC's ||g|| + wd ||w|| differ from ||g + wd w||.
+    c = cfg(name="lars", lr=0.3, warmup_epochs=0.5, weight_decay=0.5, lars_style=style)
+    tx, schedule = make_optimizer(c, batch_size=512, steps_per_epoch=4, num_epochs=2)
+    params = small_params()
+    num_steps = 5
+    lrs = [np_schedule(s, 0.6, 2, 8) for s in range(num_steps)]
+    grads = [random_grads(params, s) for s in range(num_steps)]
+    got = run_optax(tx, params, num_steps)
+    others = {"simclr": simclr_lars(params, grads, lrs, wd=0.5, eta=0.001, momentum=0.9, nesterov=False),
+              "byol": momentum_first_lars(params, grads, lrs, wd=0.5, eta=0.001, momentum=0.9, larc=False),
+              "larc": momentum_first_lars(params, grads, lrs, wd=0.5, eta=0.001, momentum=0.9, larc=True)}
+    for name, want in others.items():
+        close = all(np.allclose(g[k], w[k], rtol=2e-5, atol=1e-7) for g, w in zip(got, want) for k in w)
+        assert close is (name == style), name  # each style is its own reference and none of the others'
+
+
 def test_lars_excluded_params_are_plain_momentum_sgd():
     c = cfg(name="lars", lr=0.1, lr_scaling="none", weight_decay=0.1, warmup_epochs=0.0)
     tx, _ = make_optimizer(c, batch_size=256, steps_per_epoch=5, num_epochs=1)

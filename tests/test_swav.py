@@ -301,6 +301,26 @@ def test_queue_length_not_a_multiple_of_the_batch_is_an_error():
         swav.init(jax.random.PRNGKey(0), _config("swav.queue_length=40"), _images(1))
 
 
+def test_docstrings_batch_256_command_is_the_official_batch_256_script():
+    # configs/swav.py's docstring gives the overrides for facebookresearch/swav scripts/swav_200ep_bs256_pretrain.sh:
+    # --epochs 200, 4 GPUs x --batch_size 64, --base_lr 0.6 (the peak, not scaled in main_swav.py), --final_lr
+    # 0.0006, --warmup_epochs 0, --queue_length 3840, --epoch_queue_starts 15, --freeze_prototypes_niters 5005
+    # (one epoch at batch 256).
+    from ssl_jax import optim  # pylint: disable=import-outside-toplevel
+    path = os.path.join(ROOT, "configs", "swav.py")
+    with open(path, encoding="utf-8") as f:
+        doc = " ".join(f.read().split('"""')[1].split())
+    command = doc.split("swav_200ep_bs256_pretrain.sh", 1)[1].split("`")[1]
+    overrides = [o.replace("--config.", "", 1) for o in command.split()]
+    c = config_lib.load_config(path + ":imagenet", overrides)
+    assert (c.num_epochs, c.batch_size) == (200, 256)
+    steps_per_epoch = 1_281_167 // c.batch_size
+    schedule = optim.make_schedule(c.optim, c.batch_size, steps_per_epoch, c.num_epochs)
+    assert float(schedule(0)) == pytest.approx(0.6)  # no warm-up
+    assert float(schedule(steps_per_epoch * c.num_epochs)) == pytest.approx(0.0006)
+    assert (c.swav.queue_length, c.swav.queue_start_epoch) == (3840, 15)
+    assert swav.freeze_steps(c, steps_per_epoch) == steps_per_epoch == 5004  # the official 5005 iterations
+
 # ---------------------------------------------------------------- the command line
 
 def test_smoke_run_through_the_cli(tmp_path):

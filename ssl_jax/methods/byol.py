@@ -7,6 +7,12 @@ the other view. Views are asymmetric: `config.augment` describes view 1, `config
 `config.byol.view2_solarize_p` are where view 2 differs (ImageNet: blur 1.0 / 0.1, solarize 0 / 0.2).
 
 Decisions checked against the official JAX code (deepmind-research/byol, byol_experiment.py):
+  - Projector and predictor are networks.MLP: Linear -> BN -> ReLU -> Linear, the output Linear WITHOUT a bias
+    (`hk.Linear(output_size, with_bias=False)`): `config.byol.head_out_bias=False` (the imagenet preset). True
+    gives the output Linear a bias, as lightly's BYOL heads have (the cifar10 preset).
+  - Initialisation: haiku's defaults, hk.Conv2D's and hk.Linear's TruncatedNormal(1 / sqrt(fan_in)) with zero
+    biases (`model.conv_init="haiku"`, `config.byol.head_init="haiku"`, the imagenet preset); and every residual
+    block's last BatchNorm scale starting at 0 (hk.nets.ResNet's blocks: `model.zero_init_residual`).
   - BatchNorm normalises each view with its own batch statistics, as `apply_once_fn` does per view there;
     ours runs each network once over both views with per-view statistics (models.ResNet.bn_groups), the
     same function.
@@ -36,20 +42,20 @@ ONLINE_PARTS = ("backbone", "projector", "predictor")
 TARGET_PARTS = ("backbone", "projector")
 
 
-
 def networks(config, axis_name=None, bn_groups=1):
     """Returns the flax modules {'backbone', 'projector', 'predictor'}; BN synchronized over `axis_name`, with
     `bn_groups` views per training batch (models.ResNet.bn_groups)."""
     bn_axis = common.bn_axis(config, axis_name)
     dtype = common.compute_dtype(config)
     backbone = common.backbone(config, axis_name, bn_groups=bn_groups)
-    # Both MLPs are Linear -> BN -> ReLU -> Linear, as networks.MLP of the official code.
-    projector = models.MLPHead(hidden_dims=(config.projector.hidden_dim,), out_dim=config.projector.out_dim,
-                               use_bn=True, dtype=dtype, bn_axis_name=bn_axis, bn_groups=bn_groups)
-    predictor = models.MLPHead(hidden_dims=(config.predictor.hidden_dim,), out_dim=config.projector.out_dim,
-                               use_bn=True, dtype=dtype, bn_axis_name=bn_axis, bn_groups=bn_groups)
+    # Both MLPs are Linear -> BN -> ReLU -> Linear, as networks.MLP of the official code (whose output Linear has
+    # no bias: byol.head_out_bias=False) and whose Linears start from haiku's default (byol.head_init="haiku").
+    head = dict(out_dim=config.projector.out_dim, use_bn=True, dtype=dtype, bn_axis_name=bn_axis, bn_groups=bn_groups,
+                out_bias=bool(config.byol.get("head_out_bias", True)),
+                init_scheme=config.byol.get("head_init", "torch"))
+    projector = models.MLPHead(hidden_dims=(config.projector.hidden_dim,), **head)
+    predictor = models.MLPHead(hidden_dims=(config.predictor.hidden_dim,), **head)
     return {"backbone": backbone, "projector": projector, "predictor": predictor}
-
 
 
 def init(rng, config, sample_images):

@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax.models.norm import GroupedBatchNorm
+from ssl_jax.models.resnet import HAIKU_INIT
+
+HEAD_INITS = ("torch", "flax", "haiku")
 
 # torch.nn.Linear's default initialisation, which the official PyTorch code of MoCo, SimSiam, SwAV and Barlow
 # Twins (and lightly's and solo-learn's benchmarks) keep: kaiming_uniform_(a=sqrt(5)) for the weight, i.e.
@@ -39,10 +42,12 @@ class MLPHead(nn.Module):
         scale=True); without it (and without last_bn_bias) the output BN has neither scale nor bias (SimSiam).
       last_bn_bias: give that output BatchNorm a learnable bias; with last_bn_scale it is an affine
         BatchNorm1d (lightly's CIFAR-10 SimSiam projector).
+      out_bias: without last_bn, whether the output Dense has a bias (BYOL's official networks.MLP has none).
       dtype: compute dtype; parameters and BN statistics stay float32, outputs are float32.
       bn_axis_name: mesh axis over which BN averages batch statistics (None: local batch).
-      torch_init: initialise the Dense layers as torch.nn.Linear does (see `torch_linear_kernel_init`);
-        False gives Flax's default (lecun_normal weights, zero biases).
+      init_scheme: the Dense layers' initialisation: "torch" as torch.nn.Linear (see `torch_linear_kernel_init`),
+        "flax" Flax's default (lecun_normal weights, zero biases), "haiku" haiku's hk.Linear default (BYOL's
+        official heads: TruncatedNormal(1 / sqrt(fan_in)) weights, zero biases; resnet.HAIKU_INIT).
       kernel_init_std: > 0 draws every Dense kernel from N(0, kernel_init_std^2) instead (biases zero), as the
         official SimCLR tf2 code's LinearLayer does (RandomNormal(stddev=0.01)).
       bn_groups: in training, the batch is this many views concatenated and each BatchNorm normalises each
@@ -55,21 +60,26 @@ class MLPHead(nn.Module):
     last_bn: bool = False
     last_bn_scale: bool = False
     last_bn_bias: bool = False
+    out_bias: bool = True
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    torch_init: bool = True
+    init_scheme: str = "torch"
     bn_groups: int = 1
     kernel_init_std: float = 0.0
 
     def _dense(self, width: int, use_bias: bool, fan_in: int, name: str) -> nn.Dense:
         if self.kernel_init_std < 0:
             raise ValueError(f"kernel_init_std must be >= 0 (0: the default init), got {self.kernel_init_std}")
+        if self.init_scheme not in HEAD_INITS:
+            raise ValueError(f"Unknown head init_scheme {self.init_scheme!r}; expected one of {HEAD_INITS}")
         if self.kernel_init_std > 0:
             inits = dict(kernel_init=nn.initializers.normal(self.kernel_init_std))
-        elif self.torch_init:
+        elif self.init_scheme == "torch":
             inits = dict(kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(fan_in))
+        elif self.init_scheme == "haiku":
+            inits = dict(kernel_init=HAIKU_INIT)
         else:
             inits = {}
         return nn.Dense(width, use_bias=use_bias, dtype=self.dtype, param_dtype=jnp.float32, name=name, **inits)
@@ -96,7 +106,7 @@ class MLPHead(nn.Module):
             x = nn.relu(x)
             hidden.append(x.astype(jnp.float32))
         n = len(self.hidden_dims)
-        x = self._dense(self.out_dim, not self.last_bn, x.shape[-1], f"dense{n}")(x)
+        x = self._dense(self.out_dim, self.out_bias and not self.last_bn, x.shape[-1], f"dense{n}")(x)
         if self.last_bn:
             x = self._bn(train, f"bn{n}", scale=self.last_bn_scale, bias=self.last_bn_bias)(x)
         out_BxO = x.astype(jnp.float32)

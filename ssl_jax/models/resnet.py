@@ -35,9 +35,13 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # "tf": the official SimCLR / TF ResNet code's tf.keras.initializers.VarianceScaling() default: scale 1, fan-in,
 # a normal truncated at 2 standard deviations and rescaled to variance 1 / fan_in (JAX's "truncated_normal" does
 # the same rescaling, 1 / 0.8796).
+# "haiku": haiku's default for hk.Conv2D and hk.Linear (BYOL's official network), TruncatedNormal(1 / sqrt(fan_in)):
+# a normal of that scale cut at 2 of it and NOT rescaled, so its variance is 0.8796^2 / fan_in.
+HAIKU_INIT = nn.initializers.variance_scaling(0.87962566103423978 ** 2, "fan_in", "truncated_normal")
 CONV_INITS = {"torchvision": conv_kernel_init,
               "pytorch": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-              "tf": nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")}
+              "tf": nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+              "haiku": HAIKU_INIT}
 
 # What the blocks use when built on their own; ResNet passes its own (dtype, BN axis, momentum).
 _default_conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
