@@ -89,6 +89,50 @@ def test_knn_top5_ignores_classes_without_votes_and_needs_five_classes():
     assert got == {"knn_top1": 1.0}
 
 
+def test_knn_accuracy_breaks_ties_as_argmax_so_a_collapsed_representation_scores_chance():
+    """A collapsed encoder (every image the same feature, e.g. all zeros) gives every class of a balanced bank the
+    same score. Counting the true class as predicted when no class scores *higher* credited all tied classes at
+    once: kNN top-1 and top-5 of 100% for a representation that carries nothing."""
+    rng = np.random.default_rng(4)
+    y_tr, y_te = np.arange(400) % 10, rng.integers(0, 10, 100)
+    for feature in (np.zeros, np.ones):
+        got = knn.knn_accuracy(feature((400, 16), np.float32), y_tr, feature((100, 16), np.float32), y_te, 10, k=400)
+        # Ties go to the lowest class index, as argmax (and top_k) break them: class 0 is predicted everywhere.
+        assert got["knn_top1"] == pytest.approx(np.mean(y_te == 0))
+        assert got["knn_top5"] == pytest.approx(np.mean(y_te < 5))
+
+
+def _knn_argmax_reference_log(train_NxD, train_labels_N, test_MxD, num_classes, k, temperature):
+    """Returns the float64 weighted-kNN prediction, the class scores summed in log space (no overflow)."""
+    train = train_NxD / np.linalg.norm(train_NxD, axis=1, keepdims=True)
+    test = test_MxD / np.linalg.norm(test_MxD, axis=1, keepdims=True)
+    sim_MxN = test.astype(np.float64) @ train.astype(np.float64).T
+    out = []
+    for i in range(len(test)):
+        nearest = np.argsort(-sim_MxN[i])[:k]
+        log_scores = np.full(num_classes, -np.inf)
+        for j in nearest:
+            log_scores[train_labels_N[j]] = np.logaddexp(log_scores[train_labels_N[j]], sim_MxN[i, j] / temperature)
+        out.append(log_scores.argmax())
+    return np.asarray(out)
+
+
+def test_knn_accuracy_at_a_small_temperature_does_not_overflow_into_ties():
+    """exp(sim / T) is inf in float32 from sim / T > 88: at T = 0.005 every neighbour closer than 0.45 voted inf,
+    the classes they voted for tied at inf, and all of them counted as correct (78% on random labels)."""
+    tr, ytr, te, yte = _knn_data(seed=5, n=400, m=100, c=10)
+    want = _knn_argmax_reference_log(tr, ytr, te, 10, 200, 0.005)
+    got = knn.knn_accuracy(tr, ytr, te, yte, 10, k=200, temperature=0.005)
+    assert got["knn_top1"] == pytest.approx(np.mean(want == yte))
+    assert got["knn_top1"] < 0.3  # random labels: chance is 0.1
+    # The documented scores (exp(cos / T)) rank as the relative ones at a temperature where neither overflows.
+    plain = np.asarray(knn.knn_predict(tr, ytr, te, 10, k=50, temperature=0.1))
+    relative = np.asarray(knn.knn_predict(tr, ytr, te, 10, k=50, temperature=0.1, relative=True))
+    np.testing.assert_array_equal(plain.argmax(1), relative.argmax(1))
+    np.testing.assert_allclose(relative / relative.max(1, keepdims=True), plain / plain.max(1, keepdims=True),
+                               rtol=1e-4, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------- linear probe
 def _blobs(rng, n, centers_CxD, noise):
     labels = rng.integers(0, len(centers_CxD), n)
@@ -146,6 +190,20 @@ def test_linear_random_labels_fit_train_not_test_and_weight_decay_spares_bias():
     decayed = linear.train_linear(x_tr, y_tr, x_te, y_te, 4, epochs=30, batch_size=32, weight_decay=10.0)
     assert decayed["linear_train_top1"] == pytest.approx(np.bincount(y_tr).max() / len(y_tr), abs=0.02)
     assert decayed["linear_top1"] == pytest.approx(np.mean(y_te == np.bincount(y_tr).argmax()), abs=0.02)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # lr 1e50 is inf in float32: the point
+def test_linear_non_finite_classifier_is_an_error_not_a_chance_level_result():
+    """A learning rate that overflows float32 left NaN weights; top_k of NaN logits picks the first classes, and a
+    chance-like 'linear_top1' was reported as if measured."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(256, 16)).astype(np.float32), rng.integers(0, 10, 256)
+    with pytest.raises(ValueError, match="not finite after 2 epochs .*lower learning rate"):
+        linear.train_linear(x, y, x[:50], y[:50], 10, epochs=2, batch_size=64, lr=1e50)
+    bad = x.copy()
+    bad[3, 2] = np.inf
+    with pytest.raises(ValueError, match="features hold NaN or inf"):
+        linear.train_linear(bad, y, x[:50], y[:50], 10, epochs=1, batch_size=64)
 
 
 # ------------------------------------------------------------------------------- feature extraction

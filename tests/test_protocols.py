@@ -1,6 +1,7 @@
 """Few-shot, semi-supervised and full linear protocols: subsets, the ridge probe, fine-tuning, `ssl-jax eval`."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ssl_jax import cli, config as config_lib, data, metrics, train as train_lib
-from ssl_jax.data import synthetic
+from ssl_jax.data import pipeline, synthetic
 from ssl_jax.evaluators import fewshot, finetune, protocols, subsets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,6 +129,87 @@ def test_finetuning_changes_the_backbone_and_fits_the_labels():
         np.testing.assert_array_equal(a, b)
 
 
+def _indexed_source(n, num_classes=4):
+    """Returns a Source whose image i has pixel (0, 0, 0) = i, so a batch tells which examples it holds."""
+    images = np.random.default_rng(0).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(n)
+    return data.Source(images, (np.arange(n) % num_classes).astype(np.int32), list("abcd"), "indexed")
+
+
+def test_finetuning_sees_every_epoch_of_the_labelled_set_whatever_the_batch_remainder(monkeypatch):
+    """Each epoch dropped its partial batch: 40 examples in batches of 16 trained on 32 a epoch, and 1% of CIFAR-10
+    (500 examples, batch 256) on 256, half of SimCLR's 60 epochs. The run now takes ceil(epochs x N / B) steps of B
+    distinct examples, as SimCLR's fine-tuning on a repeated dataset."""
+    config = config_lib.load_config(SMOKE, ["data.num_examples=64"])
+    setup = train_lib.build(config)
+    state = train_lib.initial_state(setup)
+    batches = []
+
+    class Recording(pipeline.HostLoader):
+        def __next__(self):
+            batch = super().__next__()
+            batches.append(np.asarray(batch["image"][:, 0, 0, 0], np.int64))
+            return batch
+
+    monkeypatch.setattr(pipeline, "HostLoader", Recording)
+    model = finetune.Model(config, state["params"]["model"], state["batch_stats"], 4, train_backbone=False)
+    history = finetune.fit(model, config, _indexed_source(40), setup.mesh,
+                           finetune.Recipe(epochs=3, batch_size=16, lr=0.1, train_backbone=False))
+    assert len(history) == 3
+    assert len(batches) == 8  # ceil(3 x 40 / 16); 6 before
+    assert all(len(np.unique(b)) == len(b) == 16 for b in batches)  # no example twice in a batch
+    seen = np.bincount(np.concatenate(batches), minlength=40)
+    assert seen.sum() >= 3 * 40 and seen.min() >= 1
+
+
+def test_finetune_evaluate_breaks_ties_as_argmax_and_never_credits_non_finite_logits():
+    """The accuracy counted the true class as predicted when no logit was *higher*: the zero-initialised output
+    layer (all logits equal) scored 100%, and so did NaN logits."""
+    config = config_lib.load_config(SMOKE, ["data.num_examples=64"])
+    setup = train_lib.build(config)
+    state = train_lib.initial_state(setup)
+    model = finetune.Model(config, state["params"]["model"], state["batch_stats"], 4, train_backbone=False)
+    source = _indexed_source(40)
+    got = finetune.evaluate(model, config, source, setup.mesh, 16)  # untrained: every logit is 0
+    assert got == {"top1": pytest.approx(np.mean(source.labels == 0))}
+    logits = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 0.0, 0.0], [np.nan, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 5.0]])
+    assert finetune.class_rank(logits, np.array([2, 0, 3, 3])).tolist() == [1, 0, 4, 0]
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_semi_recipe_crop_lr_and_subset_share_are_the_protocols_whatever_the_run(monkeypatch, tmp_path, capsys):
+    """Three ways the fine-tuning protocols depended on things they should not: the crop scale came from the
+    pretraining recipe (0.2 for MoCo and SimSiam, 0.14 for SwAV: not torchvision's 0.08 of every official linear
+    evaluation); the lr was scaled by the batch before fit rounded it to the devices (52 -> 48 on 8); and a
+    list of 0.6% of the labels fine-tuned silently under `semi10_top1`."""
+    config = config_lib.load_config(SMOKE, ["data.num_examples=512", "augment.min_scale=0.2"])
+    assert finetune._train_spec(config).crop_scale == (0.08, 1.0)  # pylint: disable=protected-access
+    setup = train_lib.build(config)
+    state = train_lib.initial_state(setup)
+    recipes = []
+
+    def capture(model, config, source, mesh, recipe, progress=False):
+        recipes.append((len(source), recipe))
+        raise _Captured()
+
+    monkeypatch.setattr(finetune, "fit", capture)
+    capsys.readouterr()
+    with pytest.raises(_Captured):  # 10% of 512: 13 of each of 4 classes; the batch of 256 clamped to 52, then 48
+        protocols.semi_eval(setup, state, "semi10", str(tmp_path))
+    assert "warning" not in capsys.readouterr().err
+    (n, recipe), = recipes
+    assert n == 52 and recipe.batch_size == 48 and recipe.lr == pytest.approx(0.05 * 48 / 256)
+    (tmp_path / "three.txt").write_text("1\n2\n3\n")
+    with setup.config.eval.unlocked():
+        setup.config.eval.semi_subset_file = str(tmp_path / "three.txt")
+    with pytest.raises(_Captured):
+        protocols.semi_eval(setup, state, "semi10", str(tmp_path))
+    assert "warning: semi10: the subset holds 0.586% of the 512 training examples, not 10%" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -217,6 +299,40 @@ def test_eval_fewshot_semi_and_linear_full_append_results(smoke_run, capsys, tmp
                    "--config.eval.linear_batch_size=64")
     assert np.isfinite(out["linear_full_top1"]) and "linear_full_top5" not in out  # 4 classes: no top-5
     assert metrics.read_jsonl(path)[-1]["linear_full_top1"] == out["linear_full_top1"]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # semi_lr 1e50 is inf in float32: the point
+def test_eval_errors_in_one_line_and_knn_uses_the_whole_training_set(smoke_run, capsys, tmp_path, monkeypatch):
+    """A diverged fine-tuning raised FloatingPointError, which `ssl-jax eval` printed as a traceback. And `eval
+    --protocol knn` took its bank from the monitor's eval.knn_train_examples (100,000 of ImageNet's 1.28M in the
+    imagenet preset), so the run's final `knn_top1` was a smaller-bank kNN than the published protocol's."""
+    capsys.readouterr()
+    code = cli.main(["eval", "--workdir", smoke_run, "--protocol", "semi10", "--no-progress",
+                     "--config.eval.semi_lr=1e50", "--config.eval.semi10_epochs=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: non-finite fine-tuning loss in epoch" in err and "Traceback" not in err
+
+    workdir = str(tmp_path / "run")  # the smoke run with a monitor that draws 40 of its 512 training examples
+    shutil.copytree(smoke_run, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    config["eval"]["knn_train_examples"] = 40
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f)
+    limits, features = [], protocols.features
+
+    def recording(setup, state, source, limit=0, progress=False):
+        limits.append(limit)
+        return features(setup, state, source, limit, progress)
+
+    monkeypatch.setattr(protocols, "features", recording)
+    _, err = _eval(capsys, workdir, "knn")
+    assert limits == [0, 0] and "a bank of 512 of the 512 training examples" in err  # train bank, test set
+    _, err = _eval(capsys, workdir, "knn", "--config.eval.knn_train_examples=40")  # asked for on the command line
+    assert limits[2:] == [40, 0] and "a bank of 40 of the 512 training examples" in err
+    setup = train_lib.build(config_lib.from_json_file(os.path.join(workdir, "config.json")))
+    protocols.monitor(setup, train_lib.initial_state(setup))  # the monitor keeps its draw
+    assert limits[4:] == [40, 0]
 
 
 def test_knn_train_examples_are_drawn_from_every_class_and_read_lazily():

@@ -7,11 +7,11 @@ Two protocols share this loop:
   ft_proj_selector.
 - the full linear protocol: the backbone frozen in inference mode, an affine-free BatchNorm (standardisation)
   and a linear classifier trained on features recomputed from freshly augmented images at every step.
-Augmentation is random resized crop + flip on the device from uint8 batches (colour ops off). The step is a
-plain `jax.jit` over global arrays whose batch axis is sharded on "data": BatchNorm's batch mean and variance
-are then reductions over the global batch, which XLA computes across devices, i.e. synchronised BatchNorm as
-in pretraining, with no axis names in the model. Optimizer: SGD with Nesterov momentum 0.9, cosine decay,
-weight decay on kernels only.
+Augmentation is random resized crop (scale 0.08 to 1 for every method) + flip on the device from uint8 batches
+(colour ops off). The step is a plain `jax.jit` over global arrays whose batch axis is sharded on "data":
+BatchNorm's batch mean and variance are then reductions over the global batch, which XLA computes across
+devices, i.e. synchronised BatchNorm as in pretraining, with no axis names in the model. Optimizer: SGD with
+Nesterov momentum 0.9, cosine decay, weight decay on kernels only.
 """
 import dataclasses
 from typing import Dict, List, Tuple
@@ -25,6 +25,10 @@ import optax
 from ssl_jax import augment, metrics, models, parallel
 from ssl_jax.data import pipeline
 from ssl_jax.evaluators import features as features_lib
+
+
+class NonFiniteFineTuningError(FloatingPointError, ValueError):
+    """The fine-tuning loss became NaN or inf (a ValueError: `ssl-jax eval` reports it in one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,25 +124,38 @@ def _make_tx(recipe, total_steps):
                        optax.sgd(schedule, momentum=0.9, nesterov=True))
 
 
+# torchvision's RandomResizedCrop default, which the official linear evaluation of MoCo, SimSiam, SwAV, BYOL and
+# Barlow Twins and SimCLR's fine-tuning all use, whatever crop the method pretrained with.
+EVAL_CROP_SCALE = (0.08, 1.0)
+
+
 def _train_spec(config):
-    """Returns the light training augmentation: random resized crop + flip, no colour ops."""
+    """Returns the light training augmentation: random resized crop (scale EVAL_CROP_SCALE) + flip, no colour ops.
+
+    The same for every method: the pretraining's augment.min_scale (0.2 for MoCo and SimSiam, 0.14 for SwAV's
+    global crops) would make the linear and fine-tuning protocols differ from method to method."""
     a = config.augment
-    return augment.ViewSpec(size=a.crop_size, crop_scale=(a.min_scale, 1.0), flip_p=0.5, jitter_p=0.0,
+    return augment.ViewSpec(size=a.crop_size, crop_scale=EVAL_CROP_SCALE, flip_p=0.5, jitter_p=0.0,
                             grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, mean=tuple(a.mean), std=tuple(a.std))
 
 
 def fit(model: Model, config, source, mesh, recipe: Recipe, progress=False) -> List[float]:
     """Trains model.variables in place on `source` for recipe.epochs; returns the train top-1 of every epoch.
 
-    The global batch is recipe.batch_size clamped to the set and rounded down to a multiple of the devices;
-    the last partial batch of an epoch is dropped (a different one every epoch).
+    The global batch B is recipe.batch_size clamped to the set and rounded down to a multiple of the devices.
+    The run takes ceil(epochs x N / B) steps, as SimCLR's fine-tuning on a repeated dataset does, so it sees
+    `epochs` times the N examples whatever the remainder of N / B: dropping each epoch's partial batch would
+    train 1% of CIFAR-10 (500 examples, B = 256) for half its epochs. Each batch holds B distinct examples
+    (shuffled anew whenever the set is used up, less the remainder); epoch e is the e-th of `epochs` equal
+    runs of steps.
     """
     n_dev = mesh.devices.size
     batch = min(recipe.batch_size, len(source)) // n_dev * n_dev
     if batch == 0:
         raise ValueError(f"{len(source)} labelled examples cannot fill a batch on {n_dev} devices")
-    steps_per_epoch = len(source) // batch
-    tx = _make_tx(recipe, recipe.epochs * steps_per_epoch)
+    total_steps = -(-recipe.epochs * len(source) // batch)  # >= epochs, since batch <= len(source)
+    epoch_ends = [(e + 1) * total_steps // recipe.epochs for e in range(recipe.epochs)]
+    tx = _make_tx(recipe, total_steps)
     spec = _train_spec(config)
     replicated = parallel.replicated(mesh)
 
@@ -166,18 +183,20 @@ def fit(model: Model, config, source, mesh, recipe: Recipe, progress=False) -> L
     loader = pipeline.HostLoader(source, batch, recipe.seed, 0, process_index=jax.process_index(),
                                  process_count=jax.process_count())
     key = jax.random.PRNGKey(recipe.seed)
-    history = []
+    history, start = [], 0
     try:
         for epoch in metrics.progress_bar(recipe.epochs, desc="fine-tune", enabled=progress, unit="epoch",
                                           iterable=range(recipe.epochs)):
             accs = []
-            for i in range(steps_per_epoch):
+            for i in range(start, epoch_ends[epoch]):
                 b = parallel.put_batch(next(loader), mesh)
-                state, m = step_jit(state, b["image"], b["label"], jax.random.fold_in(key, epoch * steps_per_epoch + i))
+                state, m = step_jit(state, b["image"], b["label"], jax.random.fold_in(key, i))
                 accs.append(m["top1"])
+            start = epoch_ends[epoch]
             epoch_top1 = float(np.mean(jax.device_get(accs)))
             if not np.isfinite(float(m["loss"])):
-                raise FloatingPointError(f"non-finite fine-tuning loss in epoch {epoch}; try a lower learning rate")
+                raise NonFiniteFineTuningError(f"non-finite fine-tuning loss in epoch {epoch + 1} of {recipe.epochs} "
+                                               f"(learning rate {recipe.lr:g}); try a lower learning rate")
             history.append(epoch_top1)
     finally:
         loader.close()
@@ -201,8 +220,19 @@ def evaluate(model: Model, config, source, mesh, batch_size, progress=False) -> 
     logits_NxC, labels_N = features_lib.extract_features(
         lambda x: predict(variables, x), local_batches, mesh,
         desc=f"evaluate ({len(source)})", progress=progress)
-    rank_N = np.sum(logits_NxC > np.take_along_axis(logits_NxC, labels_N[:, None], 1), axis=1)
+    rank_N = class_rank(logits_NxC, labels_N)
     result = {"top1": float(np.mean(rank_N < 1))}
     if logits_NxC.shape[1] >= 5:
         result["top5"] = float(np.mean(rank_N < 5))
     return result
+
+
+def class_rank(logits_NxC, labels_N):
+    """Returns rank_N: how many classes rank above the true one, ties going to the lower index (argmax's order);
+    a row with a non-finite logit gets rank C (never correct). Counting only strictly higher logits would
+    credit every class of a tie: an untrained zero output layer, or NaN logits, would score 100%."""
+    logits_NxC, labels_N = np.asarray(logits_NxC), np.asarray(labels_N)
+    true_N = np.take_along_axis(logits_NxC, labels_N[:, None], 1)
+    lower_NxC = np.arange(logits_NxC.shape[1])[None, :] < labels_N[:, None]
+    rank_N = np.sum((logits_NxC > true_N) | ((logits_NxC == true_N) & lower_NxC), axis=1)
+    return np.where(np.isfinite(logits_NxC).all(axis=1), rank_N, logits_NxC.shape[1])

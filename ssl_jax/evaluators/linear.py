@@ -120,6 +120,12 @@ def train_linear(
         params, opt_state = _run_epoch(params, opt_state, hparams, jax.random.fold_in(key, epoch),
                                        x_tr_NxD, y_tr_N, batch_size=batch_size)
 
+    if not all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(params)):
+        # top_k of NaN logits picks the first classes: a chance-like accuracy, not an error, would be reported.
+        cause = "the training features hold NaN or inf" if not bool(jnp.isfinite(x_tr_NxD).all()) else \
+            "try a lower learning rate (eval.linear_lr)"
+        raise ValueError(f"the linear classifier's weights are not finite after {epochs} epochs at learning rate "
+                         f"{lr:g}: {cause}")
     topk = min(5, num_classes)
     correct_te_MxK = np.asarray(_topk_correct(params, x_te_MxD, y_te_M, topk))
     correct_tr_NxK = np.asarray(_topk_correct(params, x_tr_NxD, y_tr_N, topk))

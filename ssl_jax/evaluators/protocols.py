@@ -1,9 +1,11 @@
 """Evaluation protocols over a train state: the kNN monitor during training and `ssl-jax eval` afterwards.
 
-Protocols (`ssl-jax eval --protocol P`): knn, linear (fast path: features once), linear_full (features
-recomputed from augmented images every step), fewshot (ridge probes), semi1 / semi10 (fine-tuning on 1% /
-10% of the labels). Eval keys read by the newer protocols and their defaults (EVAL_DEFAULTS; a run's config
-may lack them, `with_eval_defaults` adds them, `--config.eval.KEY=VALUE` overrides them):
+Protocols (`ssl-jax eval --protocol P`): knn (its bank the whole training set: eval.knn_train_examples sizes
+the monitor's bank, and the eval's only when given on its command line), linear (fast path: features once),
+linear_full (features recomputed from augmented images every step), fewshot (ridge probes), semi1 / semi10
+(fine-tuning on 1% / 10% of the labels). Eval keys read by the newer protocols and their defaults
+(EVAL_DEFAULTS; a run's config may lack them, `with_eval_defaults` adds them, `--config.eval.KEY=VALUE`
+overrides them):
   fewshot_shots=(1, 5, 10, 25)   examples per class of each ridge probe
   fewshot_l2=1024.0              ridge penalty on standardised features (big_vision's fixed 2^10)
   fewshot_seed=0                 draws the few-shot subsets (nested over shots)
@@ -101,10 +103,15 @@ def features(setup, state, source, limit=0, progress=False):
         desc=f"features ({len(source)})", progress=progress)
 
 
-def knn_eval(setup, state, progress=False):
-    """Returns {'knn_top1', 'knn_top5'}: weighted kNN of test features against train features."""
+def knn_eval(setup, state, progress=False, train_examples=None):
+    """Returns {'knn_top1', 'knn_top5'}: weighted kNN of test features against train features.
+
+    The bank is `train_examples` training examples drawn at random (0: all of them); None reads the monitor's
+    eval.knn_train_examples.
+    """
     config = setup.config
-    train_x, train_y = features(setup, state, setup.train_source, config.eval.knn_train_examples, progress)
+    limit = config.eval.knn_train_examples if train_examples is None else train_examples
+    train_x, train_y = features(setup, state, setup.train_source, limit, progress)
     test_x, test_y = features(setup, state, eval_source(config, "test"), 0, progress)
     return knn.knn_accuracy(train_x, train_y, test_x, test_y, setup.train_source.num_classes,
                             k=config.eval.knn_k, temperature=config.eval.knn_temperature, mesh=setup.mesh)
@@ -167,8 +174,15 @@ def semi_eval(setup, state, protocol, workdir, progress=False):
     indices, path = semi_subset(config, workdir, setup.train_source, percent)
     given = f" (from {config.eval.semi_subset_file})" if config.eval.semi_subset_file else ""
     print(f"{protocol}: fine-tuning on {len(indices)} labelled examples listed in {path}{given}", file=sys.stderr)
+    share = 100.0 * len(indices) / len(setup.train_source)
+    if not percent / 1.5 <= share <= percent * 1.5:
+        print(f"warning: {protocol}: the subset holds {share:.3g}% of the {len(setup.train_source)} training "
+              f"examples, not {percent}%; {protocol}_top1 is not a {percent}%-label result", file=sys.stderr)
     source = subsets.lazy_subset(setup.train_source, indices)
     batch = min(config.eval.semi_batch_size, len(source))
+    # The batch finetune.fit takes (a multiple of the devices), so that the lr is scaled by the batch it trains
+    # with; 0 is left to fit, which says why it cannot run.
+    batch = batch // setup.mesh.devices.size * setup.mesh.devices.size or batch
     recipe = finetune.Recipe(
         epochs=config.eval[f"{protocol}_epochs"], batch_size=batch, lr=config.eval.semi_lr * batch / 256,
         weight_decay=config.eval.semi_weight_decay, backbone_lr_factor=config.eval.semi_backbone_lr_factor,
@@ -197,11 +211,22 @@ def linear_full_eval(setup, state, progress=False):
             "linear_full_train_top1": history[-1] if history else 0.0}
 
 
-def run_protocol(setup, state, protocol, workdir, progress=False):
-    """Returns the metrics of `protocol` (one of PROTOCOLS) for `state`."""
+def run_protocol(setup, state, protocol, workdir, progress=False, knn_train_examples=0):
+    """Returns the metrics of `protocol` (one of PROTOCOLS) for `state`.
+
+    knn: the bank is the whole training set, as the published kNN numbers (InstDisc, DINO, solo-learn) use,
+    not the monitor's eval.knn_train_examples draw (100,000 images in the imagenet preset: a lower figure
+    under the same name); `knn_train_examples` > 0 asks for such a draw.
+    """
     if protocol in SEMI_PERCENTS:
         return semi_eval(setup, state, protocol, workdir, progress)
-    fn = {"knn": knn_eval, "linear": linear_eval, "linear_full": linear_full_eval, "fewshot": fewshot_eval}
+    if protocol == "knn":
+        n = len(setup.train_source)
+        bank = knn_train_examples if 0 < knn_train_examples < n else n
+        print(f"knn: k={setup.config.eval.knn_k}, T={setup.config.eval.knn_temperature:g}, a bank of {bank} of "
+              f"the {n} training examples", file=sys.stderr)
+        return knn_eval(setup, state, progress=progress, train_examples=knn_train_examples)
+    fn = {"linear": linear_eval, "linear_full": linear_full_eval, "fewshot": fewshot_eval}
     return fn[protocol](setup, state, progress=progress)
 
 
@@ -222,9 +247,11 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=Non
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{workdir} is not a training run: {config_path} does not exist")
     config = with_eval_defaults(config_lib.from_json_file(config_path))
+    knn_limit_given = False
     for override in overrides:
         key, _, value = override.partition("=")
         config_lib.apply_override(config, key, value)
+        knn_limit_given |= key.strip() == "eval.knn_train_examples"
     try:
         setup = train_lib.build(config)
     except data_lib.MissingDataError as e:
@@ -240,7 +267,10 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=Non
     finally:
         manager.close()
     print(f"evaluating step {step} of {workdir} with the {protocol} protocol", file=sys.stderr)
-    result = run_protocol(setup, state, protocol, workdir, progress=progress)
+    # The kNN bank: the whole training set unless this command asks for a draw (the run's own
+    # eval.knn_train_examples only sizes the monitor's, which trades accuracy for time during training).
+    result = run_protocol(setup, state, protocol, workdir, progress=progress,
+                          knn_train_examples=config.eval.knn_train_examples if knn_limit_given else 0)
     writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, tensorboard=False)
     provenance = {"protocol": protocol, **({"command": command} if command else {})}
     writer.write(step, {"epoch": step / setup.steps_per_epoch, **result, **provenance})
