@@ -1,4 +1,5 @@
 """Where a run's numbers go: DIR/metrics.jsonl (one JSON object per record), TensorBoard, a progress bar."""
+import itertools
 import json
 import math
 import os
@@ -20,41 +21,105 @@ def _plain(value):
     return out if math.isfinite(out) else str(out)
 
 
+_TB_FILES = itertools.count()  # event files opened by this process
+
+
 class MetricsWriteError(RuntimeError):
     """metrics.jsonl could not be written (disk full, quota, permissions)."""
 
 
 class MetricWriter:
-    """Appends records to metrics.jsonl and TensorBoard; only process 0 writes."""
+    """Appends records to metrics.jsonl and TensorBoard; only process 0 writes.
+
+    One record per step and key. A run resumed from a checkpoint older than its last logged step (killed between
+    checkpoints) logs those steps again: when the first record this writer writes (other than an `ssl-jax eval`
+    record, which names its `protocol`) is at a step that training records already in metrics.jsonl reach, those
+    records, of that step and later, are removed from metrics.jsonl (with a note on stderr), and the new event file
+    starts with tensorboardX's purge marker (`purge_step`), which makes TensorBoard hide the earlier events of that
+    step and later. In TensorBoard, a key logged twice at one step (the `epoch` of a training record and of the
+    evaluation at the same step) is written once.
+    """
 
     def __init__(self, workdir, enabled=True, tensorboard=True):
         self.enabled = enabled
         self._tb = None
+        self._tb_dir = None
+        self._tb_steps = {}  # TensorBoard tag -> the last step written under it
         self._file = None
+        self._first = True
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         self._file = _open_for_append(os.path.join(workdir, "metrics.jsonl"))
         if tensorboard:
-            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel  (missing: fail now)
+            # Opened at the first record: only then is it known from which step on the earlier events are stale.
+            self._tb_dir, self._tb_class = os.path.join(workdir, "tensorboard"), SummaryWriter
 
     def write(self, step, record):
         """Writes one record (a dict of scalars) for `step`; returns the record as written."""
         row = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
         if not self.enabled:
             return row
+        purge_step = None
+        if self._first and "protocol" not in row:
+            purge_step = self._supersede(row["step"])
+        self._first = False
         try:
             self._file.write(json.dumps(row) + "\n")
         except OSError as e:
             raise MetricsWriteError(f"cannot write the metrics of step {row['step']} to {self._file.name}: "
                                     f"{e.strerror or e}; the checkpoints already written are intact: free disk "
                                     f"space and run the same command again to resume") from e
-        if self._tb is not None:
+        if self._tb_dir is not None:
+            if self._tb is None:
+                # The file is named by the second it was opened in: the suffix keeps a writer opened in the same
+                # second (a quick restart, a resume in the same process) from truncating the earlier file.
+                self._tb = self._tb_class(self._tb_dir, purge_step=purge_step,
+                                         filename_suffix=f".{os.getpid()}.{next(_TB_FILES)}")
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, global_step=int(step))
+                if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                if self._tb_steps.get(key) == row["step"]:
+                    continue  # already written at this step (the epoch of a training record and an evaluation)
+                self._tb_steps[key] = row["step"]
+                self._tb.add_scalar(key, value, global_step=row["step"])
         return row
+
+    def _supersede(self, step):
+        """Removes from metrics.jsonl the training and monitor records (those without `protocol`) of `step` and
+        later, which this writer is about to log again; returns `step` if there were any, else None."""
+        path = self._file.name
+        self._file.flush()
+        with open(path) as f:
+            lines = f.readlines()
+        keep, dropped = [], []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            stale = (isinstance(record, dict) and "protocol" not in record and _is_step(record.get("step"))
+                     and record["step"] >= step)
+            (dropped if stale else keep).append(line)
+        if not dropped:
+            return None
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise MetricsWriteError(f"cannot rewrite {path} without the records of step {step} and later, which "
+                                    f"this run logs again: {e.strerror or e}; it is unchanged: free disk space "
+                                    f"and run the same command again to resume") from e
+        self._file.close()
+        self._file = _open_for_append(path)
+        steps = sorted({json.loads(line)["step"] for line in dropped})
+        print(f"note: {path}: {len(dropped)} records of steps {steps[0]}..{steps[-1]}, logged before this run "
+              f"went back to an older checkpoint, are replaced by the ones it logs", file=sys.stderr)
+        return step
 
     def close(self):
         """Flushes and closes the outputs. A flush that fails (disk full) is a warning, not an error: close runs
@@ -85,6 +150,10 @@ def _abandon(summary_writer):
             except Exception:  # pylint: disable=broad-except  (best effort: its queue may be broken too)
                 pass
         event_writer._closed = True  # pylint: disable=protected-access  (tensorboardX has no public "abandon")
+
+
+def _is_step(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def last_value(path, key, default=0.0):

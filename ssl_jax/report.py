@@ -3,6 +3,7 @@ import datetime
 import json
 import math
 import os
+import sys
 
 from ssl_jax import metrics as metrics_lib
 
@@ -27,6 +28,26 @@ def _number(value):
     return value
 
 
+def _logged(value):
+    """Returns a metric value as metrics.jsonl holds it: a number, or nan/inf for the text a non-finite one is
+    written as; None for anything else."""
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    return None if isinstance(value, bool) or not isinstance(value, (int, float)) else value
+
+
+def _with_steps(records, path):
+    """Returns the records that have an integer `step`, warning about the others (written by hand?)."""
+    out = []
+    for record in records:
+        if isinstance(record.get("step"), int) and not isinstance(record.get("step"), bool):
+            out.append(record)
+        else:
+            print(f"warning: skipping a record of {path} without an integer step: {json.dumps(record)[:80]}",
+                  file=sys.stderr)
+    return out
+
+
 def load_run(workdir, name=None):
     """Returns {'name', 'workdir', 'config', 'train', 'evals', 'starts'} read from a run directory."""
     paths = {f: os.path.join(workdir, f) for f in ("config.json", "metrics.jsonl", "runs.jsonl")}
@@ -34,8 +55,14 @@ def load_run(workdir, name=None):
         if not os.path.isfile(paths[f]):
             raise FileNotFoundError(f"{workdir} is not a training run: {paths[f]} does not exist")
     with open(paths["config.json"]) as f:
-        config = json.load(f)
-    records = metrics_lib.read_jsonl(paths["metrics.jsonl"])
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{paths['config.json']} is not a JSON config (cut short or edited?): {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{paths['config.json']} is not a JSON config: it holds a {type(config).__name__}, "
+                         f"not an object")
+    records = _with_steps(metrics_lib.read_jsonl(paths["metrics.jsonl"]), paths["metrics.jsonl"])
     starts = metrics_lib.read_jsonl(paths["runs.jsonl"]) if os.path.isfile(paths["runs.jsonl"]) else []
     return {"name": name or os.path.basename(os.path.normpath(workdir)), "workdir": workdir, "config": config,
             "train": [r for r in records if "loss" in r], "evals": [r for r in records if "loss" not in r],
@@ -43,12 +70,13 @@ def load_run(workdir, name=None):
 
 
 def newest_evals(run):
-    """Returns {metric: (value, epoch)}: the last value written of each evaluation metric (a re-run eval wins)."""
+    """Returns {metric: (value, epoch)}: the last value written of each evaluation metric (a re-run eval wins),
+    nan or inf where that was not finite (an older finite value is not the newest)."""
     out = {}
     for record in run["evals"]:  # file order is write order
         for key, value in record.items():
-            if key not in ("step", "epoch") and _number(value) is not None:
-                out[key] = (value, record.get("epoch"))
+            if key not in ("step", "epoch") and _logged(value) is not None:
+                out[key] = (_logged(value), record.get("epoch"))
     return out
 
 
@@ -87,7 +115,9 @@ def format_duration(seconds):
 
 
 def _percent(value):
-    return MISSING if value is None else f"{100.0 * value:.1f}"
+    if value is None:
+        return MISSING
+    return f"{100.0 * value:.1f}" if math.isfinite(value) else str(value)
 
 
 def _epochs(run):
@@ -119,9 +149,10 @@ def _device(starts):
 
 
 def _started(starts):
-    if not starts or "started" not in starts[0]:
+    try:
+        when = datetime.datetime.fromisoformat(starts[0]["started"])
+    except (IndexError, KeyError, TypeError, ValueError):  # none, or not an ISO time (written by hand?)
         return MISSING
-    when = datetime.datetime.fromisoformat(starts[0]["started"])
     if when.tzinfo is not None:
         when = when.astimezone(datetime.timezone.utc)
     return when.strftime("%Y-%m-%d %H:%M")
@@ -216,9 +247,10 @@ def write_report(workdirs, out_dir=None):
     lines = ["# Run report", "", f"Written by `{command}` on "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
              "Accuracies are top-1 in %, the newest evaluation of each run, except best kNN: the highest of all "
-             "its kNN evaluations (the monitor's included) and the epoch of it, as lightly's benchmark reports kNN; "
-             f"epochs are trained/configured; wall time is training time over all restarts; {MISSING} means not "
-             "measured.", "",
+             "its kNN evaluations (the monitor's included) and the epoch of it, as lightly's benchmark reports kNN (a "
+             "choice made on the test set, so an optimistic figure: the newest is the one to compare); "
+             "epochs are trained/configured; wall time is the training processes' over all restarts (compilation, "
+             f"checkpoint saves and the kNN monitor included); {MISSING} means not measured.", "",
              _markdown_table(HEADER, [table_row(r) for r in runs]), "", "## Curves", ""]
     titles = {f"{stem}.png": f"{label} vs epoch" for stem, _, label, _ in PLOTS}
     for p in plots:  # a blank line between images: one figure per row when rendered
@@ -230,7 +262,7 @@ def write_report(workdirs, out_dir=None):
     command_rows = [(run["name"], what, f"`{cmd}`") for run in runs for what, cmd in commands(run)]
     lines += ["", "## Commands", "", "The command line of each training (re)start with other arguments, and of the "
               "newest evaluation of each protocol, as typed: relative paths are from where it ran.", ""]
-    lines.append(_markdown_table(("run", "step", "command"), command_rows) if command_rows else "None recorded.")
+    lines.append(_markdown_table(("run", "what", "command"), command_rows) if command_rows else "None recorded.")
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

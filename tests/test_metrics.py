@@ -94,3 +94,73 @@ def test_the_progress_bar_redraws_rarely_into_a_log_file(monkeypatch):
         bar = metrics.progress_bar(10)
         assert bar.mininterval == interval
         bar.close()
+
+
+def _tensorboard_scalars(logdir):
+    """Returns {tag: [(step, value)]} as TensorBoard shows the event files of `logdir`: in file order, and a
+    SessionLog START at step s (tensorboardX's purge_step) hides the earlier events of step s and later."""
+    import glob  # pylint: disable=import-outside-toplevel
+    import struct  # pylint: disable=import-outside-toplevel
+    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    out = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        i = 0
+        while i < len(data):  # TFRecord: length (8 bytes), its CRC (4), the event, its CRC (4)
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                out = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in out.items()}
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def _log_run(workdir, steps, loss):
+    """Logs training records every 4 steps and a monitor evaluation every 8, as the trainer does."""
+    writer = metrics.MetricWriter(workdir)
+    for step in steps:
+        writer.write(step, {"loss": loss, "epoch": step / 8})
+        if step % 8 == 0:
+            writer.write(step, {"epoch": step / 8, "knn_top1": 0.5})
+    writer.close()
+
+
+def test_tensorboard_holds_one_value_per_key_and_step(tmp_path):
+    """A training record and the evaluation at the same step both carry `epoch`: TensorBoard gets it once."""
+    _log_run(str(tmp_path), (4, 8, 12, 16), 1.0)
+    scalars = _tensorboard_scalars(str(tmp_path / "tensorboard"))
+    assert scalars["epoch"] == [(4, 0.5), (8, 1.0), (12, 1.5), (16, 2.0)]
+    assert scalars["knn_top1"] == [(8, 0.5), (16, 0.5)]
+
+
+def test_a_resume_from_an_earlier_checkpoint_replaces_the_records_it_logs_again(tmp_path, capsys):
+    """Killed after logging step 16 with its newest checkpoint at step 8, a run logs steps 12 and 16 again: each
+    step keeps one record in metrics.jsonl and one value per key in TensorBoard, the new ones. An `ssl-jax eval`
+    record (it names its protocol) is never removed."""
+    workdir = str(tmp_path)
+    _log_run(workdir, (4, 8, 12, 16), 1.0)
+    evaluation = metrics.MetricWriter(workdir, tensorboard=False)
+    evaluation.write(16, {"epoch": 2.0, "linear_top1": 0.25, "protocol": "linear"})
+    evaluation.close()
+    _log_run(workdir, (12, 16), 2.0)  # the resumed run, from step 8
+    assert "3 records of steps 12..16" in capsys.readouterr().err
+    records = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [(r["step"], r.get("loss"), r.get("knn_top1"), r.get("protocol")) for r in records] == [
+        (4, 1.0, None, None), (8, 1.0, None, None), (8, None, 0.5, None), (16, None, None, "linear"),
+        (12, 2.0, None, None), (16, 2.0, None, None), (16, None, 0.5, None)]
+    scalars = _tensorboard_scalars(str(tmp_path / "tensorboard"))
+    assert scalars["loss"] == [(4, 1.0), (8, 1.0), (12, 2.0), (16, 2.0)]
+    assert scalars["epoch"] == [(4, 0.5), (8, 1.0), (12, 1.5), (16, 2.0)]
+    assert scalars["knn_top1"] == [(8, 0.5), (16, 0.5)]
+
+
+def test_a_resume_from_the_last_logged_step_keeps_every_record(tmp_path, capsys):
+    workdir = str(tmp_path)
+    _log_run(workdir, (4, 8), 1.0)
+    _log_run(workdir, (12, 16), 2.0)
+    assert "replaced" not in capsys.readouterr().err
+    assert [r["step"] for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))] == [4, 8, 8, 12, 16, 16]
+    assert _tensorboard_scalars(str(tmp_path / "tensorboard"))["loss"] == [(4, 1.0), (8, 1.0), (12, 2.0), (16, 2.0)]

@@ -37,3 +37,33 @@ def test_collapsed_embeddings_are_flagged():
     line = rs.randn(256, 1) * rs.randn(1, 32) + 1e-3 * rs.randn(256, 32)  # dimensional collapse onto a line
     m = _sharded(line.astype(np.float32))
     assert m["effective_rank"] < 2.0 and m["collapsed"] == 1.0
+
+
+def _roy_vetterli(x):
+    """Effective rank in float64 NumPy: exp of the entropy of the singular values normalised to sum to 1."""
+    s = np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
+    p = s[s > 1e-9 * s.max()] / s.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def test_effective_rank_of_a_known_spectrum():
+    """Rows +-e1 (8 each) and +-e2 (2 each): centred already, singular values 4 and 2, so p = (2/3, 1/3) and the
+    effective rank is exp(H) = 1.8899 (the squared values, p = (0.8, 0.2), would give 1.6494)."""
+    e1, e2 = np.eye(16)[0], np.eye(16)[1]
+    z = np.stack([e1] * 8 + [-e1] * 8 + [e2] * 2 + [-e2] * 2).astype(np.float32)
+    expected = float(np.exp(-(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3))))
+    np.testing.assert_allclose(monitors.collapse_metrics(z)["effective_rank"], expected, rtol=1e-5)
+    np.testing.assert_allclose(monitors.effective_rank(z), expected, rtol=1e-5)
+
+
+def test_effective_rank_matches_numpy_on_the_centred_normalised_sample():
+    rs = np.random.RandomState(3)
+    z = (rs.randn(96, 5) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])) @ rs.randn(5, 24)  # five directions, unequal
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    m = jax.device_get(monitors.collapse_metrics(z.astype(np.float32)))
+    np.testing.assert_allclose(m["effective_rank"], _roy_vetterli(zn - zn.mean(axis=0)), rtol=1e-4)
+    np.testing.assert_allclose(_sharded(z.astype(np.float32))["effective_rank"], m["effective_rank"], rtol=1e-4)
+
+
+def test_a_zero_matrix_has_effective_rank_one():
+    np.testing.assert_allclose(monitors.effective_rank(np.zeros((8, 4), np.float32)), 1.0)

@@ -105,7 +105,7 @@ def test_table_rows_are_exact_and_newest_evaluation_wins(runs, tmp_path):
     assert ["simclr_r18", "knn_top1", "62.5", "4"] in detail and ["simclr_r18", "knn_top5", "90.0", "4"] in detail
     assert ["byol_r50x2", "semi10_top1", "40.0", "1.5"] in detail and len(detail) == 1 + 4 + 1
     # Each distinct training command in start order, then the newest command of each protocol; run B has none.
-    assert commands == [["run", "step", "command"], ["simclr_r18", "train", f"`{TRAIN}`"],
+    assert commands == [["run", "what", "command"], ["simclr_r18", "train", f"`{TRAIN}`"],
                         ["simclr_r18", "train", f"`{TRAIN_MORE}`"], ["simclr_r18", "eval knn",
                                                                      f"`{KNN_NEW}`".replace("|", "\\|")],
                         ["simclr_r18", "eval linear", f"`{LINEAR}`"]]
@@ -177,3 +177,53 @@ def test_cli_report(runs, tmp_path):
                    "plots": [os.path.join(out_dir, f) for f in ("loss.png", "lr.png", "knn_top1.png")]}
     assert all(os.path.getsize(p) > 10_000 for p in out["plots"])
     assert "| simclr_r18 | simclr | resnet18 | 4/4 |" in open(out["report"]).read()
+
+
+def test_a_non_finite_newest_evaluation_is_shown_as_logged(tmp_path):
+    """metrics.jsonl's newest kNN is nan: the report says nan, not the older 50.0 and not "not measured"."""
+    workdir = str(tmp_path / "diverged")
+    _write_run(workdir, {"method": "simclr", "num_epochs": 2, "batch_size": 8, "model": {"name": "tiny"}},
+               [_train(4, 4, 5.0, 0.1, 2.0), {"step": 4, "epoch": 1.0, "knn_top1": 0.5},
+                _train(8, 4, 4.0, 0.2, 4.0), {"step": 8, "epoch": 2.0, "knn_top1": "nan"}], [])
+    text = open(report.write_report([workdir])["report"]).read()
+    summary, detail = _tables(text)[:2]
+    row = dict(zip(summary[0], summary[1]))
+    assert row["kNN top-1"] == "nan" and row["best kNN top-1 (epoch)"] == "50.0 (1)"
+    assert detail[1] == ["diverged", "knn_top1", "nan", "2"]
+
+
+@pytest.mark.parametrize("damage", ["config_cut_short", "config_not_an_object", "record_without_step",
+                                    "start_time_not_iso"])
+def test_a_damaged_run_is_a_one_line_error_or_reported_without_the_damaged_part(runs, damage, capsys):
+    """Through the CLI: a config.json that is not a JSON object is an error naming the file; a metrics.jsonl
+    record without a step (written by hand) is skipped with a warning; a runs.jsonl start time that is not an
+    ISO time shows as not known. Never a traceback."""
+    from ssl_jax import cli  # pylint: disable=import-outside-toplevel
+    a, _ = runs
+    config_path = os.path.join(a, "config.json")
+    if damage == "config_cut_short":
+        text = open(config_path).read()
+        with open(config_path, "w") as f:
+            f.write(text[:20])
+    elif damage == "config_not_an_object":
+        with open(config_path, "w") as f:
+            f.write("[]")
+    elif damage == "record_without_step":
+        with open(os.path.join(a, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"epoch": 4.0, "loss": 1.0}) + "\n")
+    else:
+        with open(os.path.join(a, "runs.jsonl"), "w") as f:
+            f.write(json.dumps({"started": "yesterday", "device_kind": "cpu", "devices": 1}) + "\n")
+    code = cli.main(["report", "--workdir", a, "--out", os.path.join(os.path.dirname(a), "out")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if damage.startswith("config"):
+        assert code == 2 and f"ssl-jax report: error: {config_path} is not a JSON config" in err
+        assert len(err.strip().splitlines()) == 1
+        return
+    assert code == 0
+    row = _tables(open(os.path.join(os.path.dirname(a), "out", "report.md")).read())[0][1]
+    if damage == "record_without_step":
+        assert "warning: skipping a record of" in err and row[3] == "4/4"
+    else:
+        assert row[-1] == DASH and row[-2] == "cpu x1"
