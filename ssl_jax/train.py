@@ -127,7 +127,8 @@ def build(config, train_source=None, devices=None):
         new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats, "opt_state": opt_state,
                      "extras": extras, "rng": state["rng"]}
         out = {"loss": value, "probe_loss": probe_loss, "probe_top1": probe_acc, "lr": schedule(state["step"]),
-               "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params["model"]),
+               "grad_norm": optax.tree.norm(grads["model"]), "probe_grad_norm": optax.tree.norm(grads["probe"]),
+               "param_norm": optax.tree.norm(params["model"]),
                **logged_only(state["step"], monitors.collapse_metrics, jax.lax.stop_gradient(aux["embeddings"])),
                **m}
         return new_state, out
@@ -189,7 +190,7 @@ def loader(setup, start_step):
 
 def check_finite(step, record):
     """Raises NonFiniteLossError naming the step when loss, gradient or parameter norm is not finite."""
-    bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(record[k])]
+    bad = [k for k in ("loss", "grad_norm", "param_norm", "probe_grad_norm") if not np.isfinite(record[k])]
     if bad:
         values = ", ".join(f"{k}={record[k]}" for k in bad)
         raise NonFiniteLossError(
@@ -331,6 +332,8 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
                 bar.write(f"warning: representation collapse at step {done} (embedding_std_ratio="
                           f"{record['embedding_std_ratio']:.3g}, effective_rank={record['effective_rank']:.3g})",
                           file=sys.stderr)
+        if step == start:  # img_per_s from here on leaves out the first step's compilation
+            timer = (time.perf_counter(), done)
 
     try:
         for step in range(start, setup.total_steps):
@@ -345,9 +348,11 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
             if done % ckpt_every == 0 or done == setup.total_steps or stop:
                 drain()  # a checkpoint is written only after its step was checked finite
                 checkpoint.save(manager, done, state, force=True)
+                timer = (time.perf_counter(), done)  # img_per_s: training steps only, not the save
             if knn_every and (done % knn_every == 0 or done == setup.total_steps):
                 drain()
                 result = evaluate_fn(setup, state)
+                timer = (time.perf_counter(), done)  # ...nor the evaluation
                 writer.write(done, {"epoch": done / spe, **result})
                 summary = json.dumps({k: round(v, 4) for k, v in result.items()})
                 if is_main:  # tqdm.write prints even where the bar is disabled

@@ -1,9 +1,12 @@
 """The sharded step: 8 fake devices equal 1 device on the same global batch; no recompiles."""
+import os
+import types
+
 import jax
 import numpy as np
 import pytest
 
-from ssl_jax import config as config_lib, parallel, train
+from ssl_jax import config as config_lib, metrics, parallel, train
 import harness
 from harness import random_source as _source
 
@@ -55,6 +58,41 @@ def test_eight_devices_equal_one_device(threefry, per_view):  # pylint: disable=
     # Synchronized BatchNorm: statistics of the global batch, whatever the device count.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  after8["batch_stats"], after1["batch_stats"])
+
+
+def test_grad_norm_is_the_models_own_and_the_probe_has_its_own():
+    # Plain SGD without weight decay: the first update is -lr x the gradient (momentum starts from zero), so the
+    # model's parameters move by lr x grad_norm; the online probe's gradient is logged apart (probe_grad_norm).
+    _, before, (after,), (m,) = _run_steps(_config("optim.name=sgd", "optim.weight_decay=0"), _source(),
+                                           jax.devices()[:1], steps=1)
+    moved = harness.delta(after["params"]["model"], before["params"]["model"])
+    moved_norm = np.sqrt(sum(np.sum(np.square(d, dtype=np.float64)) for d in jax.tree.leaves(moved)))
+    np.testing.assert_allclose(moved_norm / m["lr"], m["grad_norm"], rtol=1e-3)
+    assert m["probe_grad_norm"] > 0.05 * m["grad_norm"]  # not negligible: folded into grad_norm, it would show
+
+
+def test_img_per_s_counts_training_steps_only(tmp_path, monkeypatch):
+    # A fake clock for the trainer: one second per reading, and a kNN monitor that takes a million. Each logged
+    # interval is one step, a few readings long; with the monitor's time in it the rate would drop a million-fold.
+    clock = {"t": 0.0}
+
+    def perf_counter():
+        clock["t"] += 1.0
+        return clock["t"]
+
+    def slow_monitor(setup, state):  # pylint: disable=unused-argument
+        clock["t"] += 1e6
+        return {"knn_top1": 0.5}
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    config = config_lib.load_config("configs/simclr.py:smoke", [
+        "num_epochs=3", "log_every_steps=1", "eval.knn_every_epochs=1", "checkpoint.every_epochs=1"])
+    workdir = str(tmp_path / "run")
+    train.train(config, workdir, progress=False, evaluate_fn=slow_monitor, devices=jax.devices()[:1])
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    records = [r for r in rows if "img_per_s" in r]
+    assert len(records) > 3 and sum("knn_top1" in r for r in rows) == 3  # every step logged; one kNN per epoch
+    assert min(r["img_per_s"] for r in records) > config.batch_size / 20
 
 
 def test_bn_per_view_is_another_function_than_bn_over_both_views():
