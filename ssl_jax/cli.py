@@ -35,6 +35,8 @@ def _parser():
     e = sub.add_parser("eval", help="evaluate a run's newest checkpoint", epilog=USAGE_OVERRIDES)
     e.add_argument("--workdir", required=True)
     e.add_argument("--protocol", required=True, help="knn | linear | linear_full | fewshot | semi1 | semi10")
+    e.add_argument("--step", type=int, default=None, help="evaluate the checkpoint of this step (default: the "
+                   "newest; a run keeps its newest --config.checkpoint.keep ones)")
     common(e)
     r = sub.add_parser("report", help="Markdown table and PNG plots comparing runs")
     r.add_argument("--workdir", required=True, nargs="+", help="one or more run directories")
@@ -151,7 +153,7 @@ def _run_command(args, overrides, command):
     elif args.command == "eval":
         from ssl_jax.evaluators import protocols  # pylint: disable=import-outside-toplevel
         result = protocols.evaluate_workdir(args.workdir, args.protocol, overrides, progress=not args.no_progress,
-                                            command=command)
+                                            command=command, step=args.step)
         print(json.dumps(result))
     elif args.command == "report":
         from ssl_jax import report  # pylint: disable=import-outside-toplevel

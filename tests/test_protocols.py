@@ -335,6 +335,22 @@ def test_eval_errors_in_one_line_and_knn_uses_the_whole_training_set(smoke_run, 
     assert limits[4:] == [40, 0]
 
 
+def test_eval_step_evaluates_an_earlier_checkpoint(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    assert cli.main(["train", "--config", SMOKE, "--workdir", workdir, "--no-progress", "--config.num_epochs=2",
+                     "--config.optim.warmup_epochs=0", "--config.eval.knn_every_epochs=0",
+                     "--config.checkpoint.every_epochs=1"]) == 0
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert len(steps) == 2
+    errs = [_eval(capsys, workdir, "knn", "--step", str(s))[1] for s in steps]  # the step restored is the state's
+    assert f"evaluating step {steps[0]} of" in errs[0] and f"evaluating step {steps[1]} of" in errs[1]
+    records = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("protocol") == "knn"]
+    assert [r["step"] for r in records] == steps
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", workdir, "--protocol", "knn", "--step", "3", "--no-progress"]) == 2
+    assert f"has no checkpoint of step 3 (it has: {steps[0]}, {steps[1]};" in capsys.readouterr().err
+
+
 def test_knn_train_examples_are_drawn_from_every_class_and_read_lazily():
     """eval.knn_train_examples (100,000 in the imagenet preset) took the *first* examples: an ImageFolder is
     sorted by class, so ImageNet's kNN monitor saw 78 of 1000 classes. They are now a fixed random draw, with the

@@ -235,8 +235,9 @@ def monitor(setup, state):
     return knn_eval(setup, state)
 
 
-def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=None):
-    """Evaluates the newest checkpoint of a run with `protocol`, appends the result to metrics.jsonl, returns it.
+def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=None, step=None):
+    """Evaluates the checkpoint of `step` (None: the newest) of a run with `protocol`, appends the result to
+    metrics.jsonl under that step, returns it.
 
     The appended record also carries `protocol`, and `command` when given (the command line, for reports).
     """
@@ -262,7 +263,11 @@ def evaluate_workdir(workdir, protocol, overrides=(), progress=True, command=Non
         # The newest checkpoint that reads back (a damaged one is skipped with a warning, as when training; one
         # that a run still training deletes meanwhile is passed over for the newer ones); none at all is a
         # FileNotFoundError.
-        state = checkpoint.restore(manager, abstract_state)
+        if step is not None and step not in manager.all_steps():
+            kept = ", ".join(map(str, sorted(manager.all_steps()))) or "none"
+            raise FileNotFoundError(f"{workdir} has no checkpoint of step {step} (it has: {kept}; a run keeps its "
+                                    f"newest checkpoint.keep ones)")
+        state = checkpoint.restore(manager, abstract_state, step)
         step = int(state["step"])
     finally:
         manager.close()
