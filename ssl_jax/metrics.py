@@ -1,9 +1,9 @@
 """Where a run's numbers go: DIR/metrics.jsonl (one JSON object per record), TensorBoard, a progress bar."""
-import itertools
 import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -19,9 +19,6 @@ def _plain(value):
         return bool(value)
     out = float(value)
     return out if math.isfinite(out) else str(out)
-
-
-_TB_FILES = itertools.count()  # event files opened by this process
 
 
 class MetricsWriteError(RuntimeError):
@@ -73,10 +70,12 @@ class MetricWriter:
                                     f"space and run the same command again to resume") from e
         if self._tb_dir is not None:
             if self._tb is None:
-                # The file is named by the second it was opened in: the suffix keeps a writer opened in the same
-                # second (a quick restart, a resume in the same process) from truncating the earlier file.
+                # tensorboardX names the file by the second it was opened in; the suffix keeps a writer opened in
+                # the same second (a quick restart, a resume in the same process) from truncating the earlier file,
+                # and sorts the files by when they were opened (fixed-width nanoseconds, then the pid), the order
+                # TensorBoard reads them in, which its purge marker needs.
                 self._tb = self._tb_class(self._tb_dir, purge_step=purge_step,
-                                         filename_suffix=f".{os.getpid()}.{next(_TB_FILES)}")
+                                         filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
             for key, value in row.items():
                 if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue

@@ -157,6 +157,17 @@ def test_a_resume_from_an_earlier_checkpoint_replaces_the_records_it_logs_again(
     assert scalars["knn_top1"] == [(8, 0.5), (16, 0.5)]
 
 
+def test_event_files_sort_in_the_order_they_were_opened(tmp_path):
+    """TensorBoard reads a run's event files in name order, and a purge marker only hides what was read before it.
+    Twelve writers opened one after the other (mostly in the same second, which tensorboardX names them by):
+    their files sort as they were opened, so each one's step is read in turn."""
+    for step in range(12):
+        writer = metrics.MetricWriter(str(tmp_path))
+        writer.write(step, {"loss": float(step)})
+        writer.close()
+    assert _tensorboard_scalars(str(tmp_path / "tensorboard"))["loss"] == [(s, float(s)) for s in range(12)]
+
+
 def test_a_resume_from_the_last_logged_step_keeps_every_record(tmp_path, capsys):
     workdir = str(tmp_path)
     _log_run(workdir, (4, 8), 1.0)
