@@ -212,8 +212,19 @@ def _fake_processes(fake):
 
 
 def _sync_loops(fake):
-    return [pid for pid, cmd in _fake_processes(fake).items()
-            if "while" in cmd and "--delete-unmatched-destination-objects" in cmd]
+    """Returns the pids of the running sync loops; not the loop's own subshells (`$(date +%s)`, `$(cat ...)`),
+    which have its command line for the moment they run (one was counted as a second loop on a loaded machine)."""
+    loops = [pid for pid, cmd in _fake_processes(fake).items()
+             if "while" in cmd and "--delete-unmatched-destination-objects" in cmd]
+    return [pid for pid in loops if _parent(pid) not in loops]
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the state, past the command's ")"
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @pytest.fixture
