@@ -308,10 +308,14 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
     # Several processes stop together: each votes its own flag every step, and all act on the fetched result.
     vote = parallel.any_process_vote(setup.mesh) if jax.process_count() > 1 else None
     agreed = False
+    # The collapse warning: once per collapse (again only after the monitor saw the embeddings spread), and not in
+    # the first epoch, where an untrained network's embeddings are not spread yet (MoCo v2's start at about 0.05
+    # of the isotropic standard deviation, with a queue of random keys): `collapsed` is logged all the same.
+    warned = False
 
     def drain():
         """Fetches the pending step's metrics, checks them, and logs every `every` steps."""
-        nonlocal pending, timer, agreed
+        nonlocal pending, timer, agreed, warned
         if pending is None:
             return
         step, device_metrics, ballot = pending
@@ -328,10 +332,11 @@ def _train_in(workdir, setup, evaluate_fn, progress, command):
             record["elapsed_s"] = elapsed_before + now - run_start  # wall time of training, over all resumes
             writer.write(done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-            if record.get("collapsed"):
+            if record.get("collapsed") and done > spe and not warned:
                 bar.write(f"warning: representation collapse at step {done} (embedding_std_ratio="
-                          f"{record['embedding_std_ratio']:.3g}, effective_rank={record['effective_rank']:.3g})",
-                          file=sys.stderr)
+                          f"{record['embedding_std_ratio']:.3g}, effective_rank={record['effective_rank']:.3g}; "
+                          f"metrics.jsonl's `collapsed` says when it ends)", file=sys.stderr)
+            warned = bool(record.get("collapsed")) and (warned or done > spe)
         if step == start:  # img_per_s from here on leaves out the first step's compilation
             timer = (time.perf_counter(), done)
 

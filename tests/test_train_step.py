@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from ssl_jax import config as config_lib, metrics, parallel, train
+from ssl_jax import config as config_lib, metrics, monitors, parallel, train
 import harness
 from harness import random_source as _source
 
@@ -93,6 +93,24 @@ def test_img_per_s_counts_training_steps_only(tmp_path, monkeypatch):
     records = [r for r in rows if "img_per_s" in r]
     assert len(records) > 3 and sum("knn_top1" in r for r in rows) == 3  # every step logged; one kNN per epoch
     assert min(r["img_per_s"] for r in records) > config.batch_size / 20
+
+
+def test_collapse_warning_is_printed_once_per_collapse_and_not_in_the_first_epoch(tmp_path, monkeypatch, capsys):
+    # Every logged step flagged (a threshold above any ratio): `collapsed` is logged at each, and the warning is
+    # printed once, at the first logged step after epoch 1 (MoCo v2 on CIFAR-10 starts at ratio 0.04-0.06, a
+    # warning every logged step of its first epoch on 2026-11-25, before its queue holds real keys).
+    monkeypatch.setattr(monitors, "COLLAPSE_STD_RATIO", 10.0)
+    config = config_lib.load_config("configs/simclr.py:smoke", ["num_epochs=3", "log_every_steps=2",
+                                                                "eval.knn_every_epochs=0"])
+    workdir = str(tmp_path / "run")
+    capsys.readouterr()
+    train.train(config, workdir, progress=False, devices=jax.devices()[:1])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "representation collapse" in line]
+    rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    spe = rows[-1]["step"] // 3
+    assert all(r["collapsed"] == 1.0 for r in rows) and len(rows) > 3
+    first_after = min(r["step"] for r in rows if r["step"] > spe)
+    assert len(warnings) == 1 and f"at step {first_after} " in warnings[0], warnings
 
 
 def test_bn_per_view_is_another_function_than_bn_over_both_views():
