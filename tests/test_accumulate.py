@@ -90,7 +90,8 @@ def _assert_leaves_close(got, want, what, rel=5e-4):
     for (path, g), w in zip(paths, jax.tree.leaves(want)):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         error, scale = np.linalg.norm(g - w), np.linalg.norm(w)
-        assert error <= rel * scale + floor, f"{what}{jax.tree_util.keystr(path)}: |diff| {error:.3g}, |ref| {scale:.3g}"
+        where = f"{what}{jax.tree_util.keystr(path)}"
+        assert error <= rel * scale + floor, f"{where}: |diff| {error:.3g}, |ref| {scale:.3g}"
 
 
 def test_accumulation_on_images_with_synchronised_batchnorm_matches_autodiff(threefry):
