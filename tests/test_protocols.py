@@ -265,6 +265,12 @@ def test_eval_fewshot_semi_and_linear_full_append_results(smoke_run, capsys, tmp
     again, again_path = protocols.semi_subset(config, workdir, synthetic.make_synthetic(512, 4), 10)
     assert again_path == subset_file and os.stat(subset_file).st_mtime_ns == mtime
     np.testing.assert_array_equal(again, written)
+    # On a training set that changed since (more images), the file's indices would name other images: the
+    # subset is drawn again from the new set and written over the file, with a warning.
+    capsys.readouterr()
+    redrawn, _ = protocols.semi_subset(config, workdir, synthetic.make_synthetic(640, 4), 10)
+    assert "drawn again" in capsys.readouterr().err and len(redrawn) == 4 * round(0.1 * 640 / 4)
+    np.testing.assert_array_equal(np.loadtxt(subset_file, dtype=np.int64), redrawn)
     (tmp_path / "other.txt").write_text("1\n2\n3\n")  # a given list wins over the drawn one
     with config.eval.unlocked():
         config.eval.semi_subset_file = str(tmp_path / "other.txt")

@@ -146,7 +146,9 @@ def fewshot_eval(setup, state, progress=False):
 
 def semi_subset(config, workdir, source, percent):
     """Returns (sorted train indices, path of the subset in DIR/subsets/): the eval.semi_subset_file list (its
-    indices written there), else the file of the seed (drawn and written if new)."""
+    indices written there), else the file of the seed (drawn and written if new). A seed's file that differs from
+    what this training set draws (the set changed since: its indices would name other images) is drawn again and
+    written over, with a warning."""
     config = with_eval_defaults(config)
     if config.eval.semi_subset_file:
         given = os.path.expanduser(config.eval.semi_subset_file)
@@ -159,9 +161,17 @@ def semi_subset(config, workdir, source, percent):
             subsets.write_subset(path, indices)
         return indices, path
     path = os.path.join(workdir, "subsets", f"semi{percent}_seed{config.eval.semi_seed}.txt")
-    if os.path.isfile(path):
-        return subsets.read_subset(path, source), path
     indices = subsets.balanced_subset(source.labels, percent / 100.0, config.eval.semi_seed)
+    if os.path.isfile(path):
+        try:
+            kept = subsets.read_subset(path, source)
+        except ValueError:  # empty, or indices past the end of a smaller set
+            kept = None
+        if kept is not None and np.array_equal(kept, indices):
+            return kept, path
+        print(f"warning: {path} is not the subset seed {config.eval.semi_seed} draws from this training set of "
+              f"{len(source)} (it changed since, or the file was edited; eval.semi_subset_file takes a list of "
+              f"your own): drawn again and written over it", file=sys.stderr)
     if jax.process_index() == 0:
         subsets.write_subset(path, indices)
     return indices, path
