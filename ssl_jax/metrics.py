@@ -92,15 +92,17 @@ class MetricWriter:
         self._file.flush()
         with open(path) as f:
             lines = f.readlines()
-        keep, dropped = [], []
+        keep, dropped, steps = [], [], []
         for line in lines:
             try:
                 record = json.loads(line)
             except ValueError:
                 record = None
-            stale = (isinstance(record, dict) and "protocol" not in record and _is_step(record.get("step"))
+            stale = (isinstance(record, dict) and "protocol" not in record and is_step(record.get("step"))
                      and record["step"] >= step)
             (dropped if stale else keep).append(line)
+            if stale:
+                steps.append(record["step"])
         if not dropped:
             return None
         try:
@@ -115,8 +117,7 @@ class MetricWriter:
                                     f"and run the same command again to resume") from e
         self._file.close()
         self._file = _open_for_append(path)
-        steps = sorted({json.loads(line)["step"] for line in dropped})
-        print(f"note: {path}: {len(dropped)} records of steps {steps[0]}..{steps[-1]}, logged before this run "
+        print(f"note: {path}: {len(dropped)} records of steps {min(steps)}..{max(steps)}, logged before this run "
               f"went back to an older checkpoint, are replaced by the ones it logs", file=sys.stderr)
         return step
 
@@ -151,7 +152,8 @@ def _abandon(summary_writer):
         event_writer._closed = True  # pylint: disable=protected-access  (tensorboardX has no public "abandon")
 
 
-def _is_step(value):
+def is_step(value):
+    """Whether `value` is a record's step: an int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

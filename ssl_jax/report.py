@@ -21,13 +21,6 @@ PLOTS = (("loss", "loss", "training loss", False), ("lr", "lr", "learning rate",
          ("knn_top1", "knn_top1", "kNN top-1 (%)", True))
 
 
-def _number(value):
-    """Returns `value` if it is a finite int/float (not a bool), else None: non-finite values are logged as text."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
-
-
 def _logged(value):
     """Returns a metric value as metrics.jsonl holds it: a number, or nan/inf for the text a non-finite one is
     written as; None for anything else."""
@@ -36,11 +29,17 @@ def _logged(value):
     return None if isinstance(value, bool) or not isinstance(value, (int, float)) else value
 
 
+def _number(value):
+    """Returns `value` if it is a finite number (not a bool), else None."""
+    value = _logged(value)
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _with_steps(records, path):
     """Returns the records that have an integer `step`, warning about the others (written by hand?)."""
     out = []
     for record in records:
-        if isinstance(record.get("step"), int) and not isinstance(record.get("step"), bool):
+        if metrics_lib.is_step(record.get("step")):
             out.append(record)
         else:
             print(f"warning: skipping a record of {path} without an integer step: {json.dumps(record)[:80]}",
@@ -75,8 +74,9 @@ def newest_evals(run):
     out = {}
     for record in run["evals"]:  # file order is write order
         for key, value in record.items():
-            if key not in ("step", "epoch") and _logged(value) is not None:
-                out[key] = (_logged(value), record.get("epoch"))
+            value = _logged(value)
+            if key not in ("step", "epoch") and value is not None:
+                out[key] = (value, record.get("epoch"))
     return out
 
 
