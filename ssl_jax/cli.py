@@ -41,7 +41,9 @@ def _parser():
     r = sub.add_parser("report", help="Markdown table and PNG plots comparing runs")
     r.add_argument("--workdir", required=True, nargs="+", help="one or more run directories")
     r.add_argument("--out", default="", help="output directory (default: the first workdir's report/)")
-    common(r)
+    # It reads files on this host only: no device or cluster flags (they would be accepted and ignored).
+    r.set_defaults(cpu_devices=0, no_progress=True, distributed=False, coordinator=None, num_processes=None,
+                   process_id=None)
     x = sub.add_parser("export", help="write the backbone weights for use elsewhere")
     x.add_argument("--workdir", required=True)
     x.add_argument("--format", required=True, choices=("npz", "safetensors", "torch"))
@@ -65,13 +67,18 @@ def _parser():
     return p
 
 
-def _split_overrides(extra, parser):
+def _split_overrides(extra, parser, command):
     """Returns KEY=VALUE strings from `--config.KEY=VALUE` / `--config.KEY VALUE` arguments."""
+    takes_overrides = command in ("train", "eval", "bench")
     out, i = [], 0
     while i < len(extra):
         arg = extra[i]
         if not arg.startswith("--config."):
-            parser.error(f"unrecognized argument {arg!r}; {USAGE_OVERRIDES}")
+            hint = f"; {USAGE_OVERRIDES}" if takes_overrides else f" (see ssl-jax {command} --help)"
+            parser.error(f"unrecognized argument {arg!r}{hint}")
+        if not takes_overrides:  # report and export read each run's own config.json
+            parser.error(f"{command} takes no --config overrides (it uses the run's config.json), got "
+                         f"{' '.join(extra)}")
         body = arg[len("--config."):]
         if "=" not in body:
             if i + 1 >= len(extra):
@@ -87,7 +94,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    overrides = _split_overrides(extra, parser)
+    overrides = _split_overrides(extra, parser, args.command)
+    if args.command == "bench" and args.torch_compile and not args.torch:
+        parser.error("--torch-compile needs --torch (it compiles the PyTorch model that --torch times)")
     cluster_flags = (args.coordinator, args.num_processes, args.process_id)
     if not args.distributed and any(f is not None for f in cluster_flags):
         parser.error("--coordinator, --num-processes and --process-id need --distributed")

@@ -305,3 +305,27 @@ def test_bad_device_and_cluster_flags_are_usage_errors_before_jax_starts(tmp_pat
     with pytest.raises(SystemExit) as e:  # argparse's usage error: exit status 2, nothing initialized or written
         cli.main(["train", "--config", SMOKE, "--workdir", str(tmp_path / "run"), *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "--workdir", "RUN", "--config.num_epochs=3"],
+     "report takes no --config overrides (it uses the run's config.json), got --config.num_epochs=3"),
+    (["export", "--workdir", "RUN", "--format", "npz", "--config.model.name=resnet50"],
+     "export takes no --config overrides (it uses the run's config.json), got --config.model.name=resnet50"),
+    (["report", "--workdir", "RUN", "--cpu-devices", "8"], "unrecognized argument '--cpu-devices' (see ssl-jax report --help)"),
+    (["report", "--workdir", "RUN", "--distributed"], "unrecognized argument '--distributed'"),
+    (["bench", "--config", SMOKE, "--torch-compile"], "--torch-compile needs --torch"),
+])
+def test_flags_a_command_would_ignore_are_usage_errors(tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / "run") if a == "RUN" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_report_help_lists_only_the_flags_it_uses(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["report", "--help"])
+    out = capsys.readouterr().out
+    assert "--workdir" in out and "--out" in out
+    assert not any(f in out for f in ("--cpu-devices", "--distributed", "--no-progress", "--coordinator"))
