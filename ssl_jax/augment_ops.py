@@ -225,15 +225,19 @@ def gaussian_blur(image, sigma, kernel_size):
     return image
 
 
-def default_blur_kernel_size(side):
-    """Returns SimCLR's odd blur kernel size for an image side: about 10% of it (23 for 224)."""
-    return 2 * (side // 20) + 1
+def default_blur_kernel_size(side, sigma_max=2.0):
+    """Returns the odd blur kernel size for an image side: SimCLR's ~10% of it (23 for 224), or 2 ceil(3 sigma_max) + 1
+    where that is larger (13 for sigma_max = 2 below 120 px)."""
+    # The 10% rule alone cuts the Gaussian short on small views: at SwAV's 96 px crops (kernel 9) sigma = 2 would
+    # blur like sigma = 1.85, below 20 px (kernel 1) not at all. PIL's GaussianBlur, which SwAV, MoCo v2, SimSiam
+    # and Barlow Twins use at every crop size, reaches about 3 sigma.
+    return max(2 * (side // 20) + 1, 2 * math.ceil(3 * sigma_max) + 1)
 
 
 def random_gaussian_blur(key, image, p, sigma_range=(0.1, 2.0), kernel_size=None):
     """Returns image (HxWxC) blurred with sigma ~ U(sigma_range) with probability p."""
     if kernel_size is None:
-        kernel_size = default_blur_kernel_size(min(image.shape[0], image.shape[1]))
+        kernel_size = default_blur_kernel_size(min(image.shape[0], image.shape[1]), sigma_range[1])
     u = jax.random.uniform(key, (2,))
     sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * u[0]
     blurred = gaussian_blur(image, sigma, kernel_size)

@@ -64,6 +64,7 @@ def spec_from_config(config, images_path, steps, warmup, compile_model=False):
         "crop_size": view.size, "scale": list(view.crop_scale), "flip_p": view.flip_p,
         "jitter": list(augment_ops.jitter_ranges(view.jitter or view.jitter_strength)), "jitter_p": view.jitter_p,
         "grayscale_p": view.grayscale_p, "blur_p": view.blur_p, "blur_sigma": list(view.blur_sigma),
+        "blur_kernel": augment_ops.default_blur_kernel_size(view.size, view.blur_sigma[1]),
         "mean": list(view.mean), "std": list(view.std), "num_workers": len(os.sched_getaffinity(0)),
     }
 
@@ -159,7 +160,7 @@ def loader(torch, spec, device):
            v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=spec["jitter_p"]),
            v2.RandomGrayscale(spec["grayscale_p"])]
     if spec["blur_p"] > 0:
-        kernel = 2 * (spec["crop_size"] // 20) + 1  # SimCLR's ~10% of the side, as ssl_jax.augment
+        kernel = spec["blur_kernel"]  # the size ssl_jax.augment blurs views of this side with
         ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=tuple(spec["blur_sigma"]))], p=spec["blur_p"]))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
     transform = v2.Compose(ops)

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from ssl_jax import augment
 from ssl_jax import config as config_lib
@@ -142,12 +142,32 @@ def test_gaussian_blur_matches_numpy_convolution(sigma, k):
 
 def test_random_blur_default_kernel_and_probability():
     assert ops.default_blur_kernel_size(224) == 23  # SimCLR / BYOL at 224
-    assert ops.default_blur_kernel_size(32) == 3
+    assert ops.default_blur_kernel_size(96) == 13  # SwAV's small crops: 3 sigma_max, not 10% (9)
+    assert ops.default_blur_kernel_size(32, sigma_max=0.5) == 5
     x = _image(4, 20, 20)
     key = jax.random.PRNGKey(1)
     np.testing.assert_array_equal(ops.random_gaussian_blur(key, x, p=0.0), x)
     blurred = np.asarray(ops.random_gaussian_blur(key, x, p=1.0, sigma_range=(1.0, 1.0)))
-    np.testing.assert_allclose(blurred, np_blur(x, 1.0, 3), atol=1e-5)
+    np.testing.assert_allclose(blurred, np_blur(x, 1.0, 7), atol=1e-5)
+
+
+@pytest.mark.parametrize("side", [16, 32, 96])
+def test_random_blur_has_the_drawn_sigma_on_small_views(side):
+    # SwAV blurs its 96 px crops (and MoCo v2 / SimSiam / Barlow Twins any crop) with PIL's GaussianBlur(sigma),
+    # whose support is about 3 sigma; SimCLR's 10% kernel alone would be 9, 3 and 1 taps wide here.
+    x = np.zeros((side, side, 3), np.float32)
+    x[side // 2, side // 2] = 1.0
+    out = np.asarray(ops.random_gaussian_blur(jax.random.PRNGKey(0), x, p=1.0, sigma_range=(2.0, 2.0)))
+    row = out[side // 2, :, 0] / out[side // 2, :, 0].sum()
+    offset = np.arange(side) - side // 2
+    assert abs(math.sqrt(np.sum(row * offset ** 2)) - 2.0) < 0.03
+    if side == 96:  # against PIL on a step edge: within its uint8 rounding
+        edge = np.zeros((side, side), np.uint8)
+        edge[:, side // 2:] = 255
+        pil = np.asarray(Image.fromarray(edge).filter(ImageFilter.GaussianBlur(2.0)), np.float64) / 255
+        ours = ops.random_gaussian_blur(jax.random.PRNGKey(0), np.repeat(edge[..., None] / 255.0, 3, -1), p=1.0,
+                                        sigma_range=(2.0, 2.0))
+        np.testing.assert_allclose(np.asarray(ours)[side // 2, :, 0], pil[side // 2], atol=2.5 / 255)
 
 
 def test_solarize_matches_numpy():

@@ -301,6 +301,15 @@ def test_pytorch_simclr_step_runs_on_the_same_images():
     assert np.abs(w).max() <= 2.0 * std / 0.87962566103423978 * (1 + 1e-6) and abs(w.std() / std - 1) < 0.02
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch and torchvision (pip install 'ssl-jax[torch]')")
+@pytest.mark.parametrize("preset, crop, kernel", [("cifar10", 32, 13), ("imagenet", 224, 23)])
+def test_pytorch_loader_blurs_with_the_kernel_of_ssl_jax_views(preset, crop, kernel):
+    # The 10% rule alone gave the PyTorch side a 3-tap kernel at 32 px where ssl_jax blurs with 13 taps.
+    config = config_lib.load_config(f"configs/simclr.py:{preset}", ["augment.blur_p=0.5"])
+    spec = bench_torch.spec_from_config(config, "x.npy", 1, 1)
+    assert spec["crop_size"] == crop and spec["blur_kernel"] == kernel
+
+
 def test_missing_torch_is_a_clear_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
