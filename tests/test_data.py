@@ -1,6 +1,7 @@
 """Tests for ssl_jax.data: ImageFolder dirs and archives, the uint8 cache, tfds, synthetic data, host pipeline."""
 import collections
 import io
+import multiprocessing
 import os
 import pathlib
 import socket
@@ -248,6 +249,28 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(monkeypatch):
     assert "decoding worker process died" in str(raised[0])
 
 
+def _wait_until_no_worker_lives(timeout=120):
+    deadline = time.monotonic() + timeout
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_worker_that_died_before_the_next_chunk_is_read_is_named(monkeypatch):
+    """After a worker's death the executor refuses new chunks with a bare BrokenProcessPool; decoding stops with the
+    DataError that says what to do, whether it is noticed on a result or on the next submission."""
+    monkeypatch.setattr(imagefolder, "_MIN_IMAGES_FOR_POOL", 0)
+    monkeypatch.setattr(imagefolder, "_CHUNK", 1)
+
+    def items():
+        yield 0, "img0.png", _KillsTheWorker(), 0
+        _wait_until_no_worker_lives()  # the pool has broken while the next item was read (a slow disk, say)
+        for i in range(1, 4):
+            yield i, f"img{i}.png", _pixels(i), 0
+
+    with pytest.raises(data.DataError, match="decoding worker process died"):
+        list(imagefolder.decode_images(items(), 4, 8, num_workers=2))
+
+
 def test_a_script_that_loads_data_without_a_main_guard_fails_with_a_clear_error(tmp_path):
     # Decoding workers are spawned and run the parent's script again as __mp_main__; this one loads data at its
     # top level, so each worker starts a decode of its own, which Python refuses while the worker bootstraps.
@@ -323,6 +346,85 @@ def test_missing_path_split_and_classes(tmp_path):
         data.get_source(_cfg(tmp_path), "train")
 
 
+def test_an_empty_class_folder_is_an_error_not_a_label_shift(tmp_path):
+    """torchvision's ImageFolder numbers every class folder (and refuses an empty one); skipping it silently gave
+    each later class the label of the one before it."""
+    root = tmp_path / "tree"
+    for rel in ("train/a/1.png", "train/c/1.png", "test/a/1.png", "test/b/1.png", "test/c/1.png"):
+        _save(root / rel, _pixels(1))
+    (root / "train/b").mkdir()
+    (root / "train/.ipynb_checkpoints").mkdir()  # hidden: not a class
+    archive = _tar(root, tmp_path / "tree.tar.gz")  # holds train/b/ as a folder member
+    for path in (root, archive):
+        for split in ("train", "test"):
+            with pytest.raises(data.DataError, match=r"class folders without images .*: (tree/)?train/b/; remove"):
+                data.get_source(_cfg(tmp_path, path=str(path)), split)
+    (root / "train/b/notes.txt").write_text("not an image")  # a class folder of other files is empty too
+    with pytest.raises(data.DataError, match="train/b/"):
+        data.get_source(_cfg(tmp_path, path=str(root)), "train")
+    _save(root / "train/b/1.png", _pixels(2))
+    (root / "test/c/1.png").unlink()
+    with pytest.raises(data.DataError, match=r"without images .*: test/c/"):
+        data.get_source(_cfg(tmp_path, path=str(root)), "test")
+    _save(root / "test/c/1.png", _pixels(3))
+    source = data.get_source(_cfg(tmp_path, path=str(root)), "train")
+    assert source.class_names == ["a", "b", "c"] and list(source.labels) == [0, 1, 2]
+
+
+def test_torchvision_image_extensions_are_read(tmp_path):
+    root = tmp_path / "tree"
+    for i, ext in enumerate((".png", ".tif", ".TIFF", ".ppm", ".webp")):
+        _save(root / f"train/a/{i}{ext}", _pixels(i))
+    _save(root / "train/b/gray.pgm", _pixels(9)[..., 0])
+    source = data.get_source(_cfg(tmp_path, path=str(root)), "train")
+    assert list(source.file_names) == ["train/a/0.png", "train/a/1.tif", "train/a/2.TIFF", "train/a/3.ppm",
+                                       "train/a/4.webp", "train/b/gray.pgm"]
+    np.testing.assert_array_equal(source.images[:4], np.stack([_pixels(i) for i in range(4)]))
+    np.testing.assert_array_equal(source.images[5], np.repeat(_pixels(9)[..., :1], 3, axis=-1))
+
+
+def test_links_in_an_archive_are_read_as_their_targets(tmp_path):
+    """tar stores the second hard link to a file (and any symbolic link) as a link member; those images were
+    silently left out."""
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tar:
+        for rel, seed in (("train/a/1.png", 1), ("train/b/2.png", 2)):
+            png = io.BytesIO()
+            Image.fromarray(_pixels(seed)).save(png, format="PNG")
+            info = tarfile.TarInfo(rel)
+            info.size = len(png.getvalue())
+            tar.addfile(info, io.BytesIO(png.getvalue()))
+        for rel, kind, target in (("train/a/hard.png", tarfile.LNKTYPE, "train/b/2.png"),
+                                  ("train/b/sym.png", tarfile.SYMTYPE, "../a/1.png"),
+                                  ("train/b/chain.png", tarfile.SYMTYPE, "sym.png")):
+            info = tarfile.TarInfo(rel)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+    for stream in (False, True):  # decoded into the cache, or streamed from the links' targets' bytes
+        source = data.get_source(_cfg(tmp_path, path=str(archive), stream=stream), "train")
+        assert list(source.file_names) == ["train/a/1.png", "train/a/hard.png", "train/b/2.png", "train/b/chain.png",
+                                           "train/b/sym.png"]
+        np.testing.assert_array_equal(source.images[:], np.stack([_pixels(s) for s in (1, 2, 2, 1, 1)]))
+    with tarfile.open(archive, "a") as tar:
+        info = tarfile.TarInfo("train/b/gone.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "/elsewhere/gone.png"
+        tar.addfile(info)
+    with pytest.raises(data.DataError, match=r"links\.tar:train/b/gone\.png is a link to '/elsewhere/gone\.png'"):
+        data.get_source(_cfg(tmp_path, path=str(archive)), "train")
+
+
+def test_a_truncated_archive_is_an_error_naming_it(tmp_path):
+    top, _ = _make_tree(tmp_path / "tree")
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tar:
+        tar.add(top, arcname="top")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    for stream in (False, True):
+        with pytest.raises(data.DataError, match=r"cut\.tar: cannot list the archive \(truncated or corrupt\?\)"):
+            data.get_source(_cfg(tmp_path, path=str(cut), stream=stream), "train")
+
+
 def test_native_size_must_be_uniform(tmp_path):
     root = tmp_path / "mixed"
     _save(root / "train/a/1.png", _pixels(1, 8, 8))
@@ -344,6 +446,13 @@ def test_decode_image_modes_and_resize():
     big = _pixels(3, 24, 36)
     want = np.asarray(Image.fromarray(big).resize((18, 12), Image.BILINEAR))[:, 3:15]
     np.testing.assert_array_equal(imagefolder.decode_image(big, 12), want)
+    # 16-bit grayscale keeps its high byte; converting it to RGB directly clipped every value above 255 to white.
+    deep = np.random.default_rng(4).integers(0, 1 << 16, (8, 8), dtype=np.uint16)
+    for fmt in ("PNG", "TIFF"):
+        encoded = io.BytesIO()
+        Image.fromarray(deep).save(encoded, format=fmt)
+        np.testing.assert_array_equal(imagefolder.decode_image(encoded.getvalue(), 0),
+                                      np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, axis=-1))
 
 
 def test_synthetic_images_do_not_depend_on_the_chunk_size(monkeypatch):
@@ -543,6 +652,9 @@ def test_local_slices_concatenate_to_global_batch():
     np.testing.assert_array_equal(np.concatenate(parts), global_B)
     with pytest.raises(ValueError, match="12.*5"):
         pipeline.local_slice(global_B, 0, 5)
+    for process in (2, -1):  # a process index past the end gave an empty share, not an error
+        with pytest.raises(ValueError, match="process_index"):
+            pipeline.local_slice(global_B, process, 2)
 
 
 def test_host_loader_matches_direct_computation_and_resumes():

@@ -158,6 +158,33 @@ def test_close_stops_the_workers_without_hanging(jpeg_tree, tmp_path):
         next(loader)
 
 
+class _KillsTheWorker:
+    """A file reference whose unpickling in a decoding worker ends that process, as the kernel's OOM killer does."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+class _DeadlyImages:
+    image_size, num_workers = 4, 1
+
+    def refs(self, rows):
+        return [(f"img{r}.jpg", _KillsTheWorker()) for r in rows]
+
+
+def test_a_batch_submitted_after_a_worker_died_is_a_clear_error():
+    """The executor refuses work after a worker's death with a bare BrokenProcessPool, which says nothing of why."""
+    for transport in stream.TRANSPORTS:
+        before = _children()
+        with stream.DecodePool(_DeadlyImages(), transport=transport) as pool:
+            pool.submit([0])
+            deadline = time.monotonic() + 120
+            while _children() - before and time.monotonic() < deadline:  # the worker died, the pool broke
+                time.sleep(0.05)
+            with pytest.raises(data.DataError, match="decoding worker process died"):
+                pool.submit([1])
+
+
 def test_stream_settings_errors(jpeg_tree, tmp_path):
     with pytest.raises(data.DataError, match="image_size > 0"):
         data.get_source(_cfg(tmp_path, jpeg_tree / "tree", stream=True, image_size=0), "train")

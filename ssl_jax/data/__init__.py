@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 SPLITS = ("train", "test")
-_CACHE_FORMAT = 2  # bump when the cache layout or the decoding (resize, crop) changes
+_CACHE_FORMAT = 3  # bump when the cache layout, the decoding (resize, crop) or the files an ImageFolder reads change
 
 
 class DataError(ValueError):

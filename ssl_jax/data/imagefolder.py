@@ -26,7 +26,8 @@ from PIL import Image
 
 from ssl_jax import data as data_lib, metrics
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# torchvision's ImageFolder extensions, so that the same files (and so the same labels and counts) are read
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _TEST_DIRS = ("test", "val")
 _MIN_IMAGES_FOR_POOL = 512  # below this, starting worker processes costs more than it saves
 _IN_MEMORY_ARCHIVE_BYTES = 1 << 30  # .tar.gz archives up to this size are decompressed in memory
@@ -71,8 +72,8 @@ def load(path, split, data_cfg):
         items = ((i, os.path.join(abspath, p), os.path.join(abspath, p), y) for i, (p, y) in enumerate(files))
         return decode_and_cache(files, class_names, items)
     with open_tar(abspath) as tar:
-        members = {member_path(m.name): m for m in tar.getmembers() if m.isfile()}
-        files, class_names = layout(list(members), split, abspath)
+        members, folders = archive_members(tar, abspath)
+        files, class_names = layout(list(members) + folders, split, abspath)
         # Read members in archive order (a compressed tar only streams forwards) but keep sorted indices.
         order = sorted(range(len(files)), key=lambda i: members[files[i][0]].offset_data)
         items = ((i, f"{abspath}:{files[i][0]}", tar.extractfile(members[files[i][0]]).read(), files[i][1])
@@ -108,20 +109,55 @@ def member_path(name):
     return posixpath.normpath(name).lstrip("/")
 
 
+def archive_members(tar, origin):
+    """Returns ({relative path: TarInfo of its bytes}, [relative folder paths ending in '/']) of an open archive.
+
+    An image stored as a link (tar writes a second hard link to a file as one; symbolic links are kept as such)
+    maps to its target's member, as extracting the archive would give; a link to nothing in it is a DataError.
+    """
+    try:
+        all_members = tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as e:  # a truncated archive fails here, not on opening
+        raise data_lib.DataError(f"data.path {origin}: cannot list the archive (truncated or corrupt?): "
+                                 f"{type(e).__name__}: {e}") from e
+    files = {member_path(m.name): m for m in all_members if m.isfile()}
+    links = {member_path(m.name): m for m in all_members if m.islnk() or m.issym()}
+    for path, link in links.items():
+        if _is_image(path):
+            files[path] = _link_target(path, link, files, links, origin)
+    return files, [member_path(m.name) + "/" for m in all_members if m.isdir()]
+
+
+def _link_target(path, link, files, links, origin):
+    name = path
+    for _ in range(32):  # a chain of symbolic links, which may loop
+        if link.issym() and link.linkname.startswith("/"):
+            break  # points outside the archive
+        target = member_path(link.linkname if link.islnk() else posixpath.join(posixpath.dirname(path), link.linkname))
+        if target in files:
+            return files[target]
+        if target not in links:
+            break
+        path, link = target, links[target]
+    raise data_lib.DataError(f"{origin}:{name} is a link to {link.linkname!r}, which is no file in the archive")
+
+
+def _is_hidden(path):
+    return any(p.startswith(".") or p == "__MACOSX" for p in path.split("/"))  # macOS resource forks, hidden files
+
+
 def _is_image(path):
-    parts = path.split("/")
-    if any(p.startswith(".") or p == "__MACOSX" for p in parts):  # macOS resource forks, hidden files
-        return False
-    return parts[-1].lower().endswith(IMAGE_EXTENSIONS)
+    return not _is_hidden(path) and path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def list_dir(root):
-    """Returns (relative image paths, cache key) of a directory tree."""
+    """Returns (relative paths of the files and of the folders (ending in '/'), cache key) of a directory tree."""
     paths, dir_times = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
         rel = "" if rel == "." else rel + "/"
+        paths.extend(rel + d + "/" for d in dirnames)  # so that an empty class folder is seen
         # Adding, removing or renaming a file changes its folder's mtime; editing a file in place does not
         # (delete the cache folder then). Stat-ing folders, not files, keeps this cheap for ImageNet.
         dir_times.append((rel, os.stat(dirpath).st_mtime_ns))
@@ -130,8 +166,10 @@ def list_dir(root):
 
 
 def layout(paths, split, origin):
-    """Returns ([(relative path, label)] sorted by class then path, class_names) of `split` in `paths`."""
-    paths = [p for p in paths if _is_image(p)]
+    """Returns ([(relative path, label)] sorted by class then path, class_names) of `split` in `paths` (relative
+    paths of files, and of folders ending in '/')."""
+    entries = [p for p in paths if not _is_hidden(p)]
+    paths = [p for p in entries if p.lower().endswith(IMAGE_EXTENSIONS)]
     roots = set()
     for p in paths:
         parts = p.split("/")
@@ -146,6 +184,7 @@ def layout(paths, split, origin):
         raise data_lib.DataError(f"{origin}: several top-level folders hold a train/ folder: {sorted(roots)}")
     root = "" if "" in roots else roots.pop()
     train = _by_class(paths, root + "train/")
+    _check_no_empty_class(entries, root + "train/", train, origin)
     class_names = sorted(train)
     if split == "train":
         by_class = train
@@ -161,12 +200,24 @@ def layout(paths, split, origin):
             raise data_lib.DataError(f"{origin}: no test split: neither {root}test/ nor {root}val/ holds "
                                      f"<class>/<image> files{hint}")
         split_dir, by_class = found[0]
+        _check_no_empty_class(entries, f"{root}{split_dir}/", by_class, origin)
         if sorted(by_class) != class_names:
             missing, extra = sorted(set(class_names) - set(by_class)), sorted(set(by_class) - set(class_names))
             raise data_lib.DataError(f"{origin}: {root}{split_dir}/ must have the classes of {root}train/; "
                                      f"missing {missing}, extra {extra}")
     files = [(p, y) for y, c in enumerate(class_names) for p in sorted(by_class[c])]
     return files, class_names
+
+
+def _check_no_empty_class(entries, prefix, by_class, origin):
+    """Raises DataError naming the class folders under `prefix` that hold no image: skipping one would give every
+    later class another label than torchvision's ImageFolder does (which refuses them too)."""
+    folders = {p[len(prefix):].split("/", 1)[0] for p in entries if p.startswith(prefix) and "/" in p[len(prefix):]}
+    empty = sorted(folders - set(by_class))
+    if empty:
+        raise data_lib.DataError(f"{origin}: class folders without images ({', '.join(IMAGE_EXTENSIONS)}): "
+                                 f"{', '.join(prefix + c + '/' for c in empty)}; remove them or add images (labels "
+                                 f"are the positions of the sorted class folders)")
 
 
 def _by_class(paths, prefix):
@@ -191,6 +242,10 @@ def decode_image(payload, image_size):
         img = Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload)
         if image_size and img.format == "JPEG":
             img.draft("RGB", (image_size, image_size))  # let libjpeg downscale by 2/4/8 while staying >= size
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit grayscale (PNG, TIFF; mode I in older Pillow): convert("RGB") would clip it to white. Keep the
+        # high byte.
+        img = Image.fromarray(np.clip(np.asarray(img) >> 8, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # avoids PIL's warning; alpha is dropped below
     if img.mode != "RGB":
@@ -269,7 +324,7 @@ def decode_images(items, count, image_size, num_workers=0, desc="decode"):
     try:
         pending = collections.deque()
         for chunk in _chunks(items, _CHUNK):
-            pending.append(pool.submit(_decode_batch, chunk, image_size) if pool
+            pending.append(submit(pool, _decode_batch, chunk, image_size) if pool
                            else _ready(_decode_batch(chunk, image_size)))
             while pending and (len(pending) > 4 * num_workers or pending[0].done()):
                 yield from _drain(pending.popleft(), bar)
@@ -279,6 +334,15 @@ def decode_images(items, count, image_size, num_workers=0, desc="decode"):
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def submit(pool, fn, *args):
+    """Returns pool.submit(fn, *args); DataError(WORKER_DIED) when a worker has died since the last result (the
+    executor then refuses new work with a BrokenProcessPool that says nothing of why)."""
+    try:
+        return pool.submit(fn, *args)
+    except BrokenProcessPool as e:
+        raise data_lib.DataError(WORKER_DIED) from e
 
 
 def _drain(future, bar):

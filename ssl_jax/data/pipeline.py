@@ -42,6 +42,8 @@ def batch_indices(seed, n, batch_size, step):
 
 def local_slice(indices, process_index, process_count):
     """Returns the contiguous 1/process_count part of the global batch `indices` that this process loads."""
+    if not 0 <= process_index < process_count:  # past the end the slice would be empty, not an error
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     if len(indices) % process_count:
         raise ValueError(f"global batch size {len(indices)} is not divisible by the process count {process_count}")
     per_process = len(indices) // process_count

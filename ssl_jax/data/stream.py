@@ -61,11 +61,12 @@ def _tar_layout(path, split):
                                  f"compressed (readable only from its start): unpack it, or set data.stream=False "
                                  f"to decode it once into the cache")
     try:
-        with tarfile.open(path, "r:") as tar:
-            members = {imagefolder.member_path(m.name): m for m in tar.getmembers() if m.isfile()}
+        tar = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise data_lib.DataError(f"data.path {path} is a file but not a readable .tar archive: {e}") from e
-    files, class_names = imagefolder.layout(list(members), split, path)
+    with tar:
+        members, folders = imagefolder.archive_members(tar, path)
+    files, class_names = imagefolder.layout(list(members) + folders, split, path)
     return members, files, class_names
 
 
@@ -211,7 +212,8 @@ class DecodePool:
         bounds = np.linspace(0, len(rows), min(self.num_workers, len(rows)) + 1).round().astype(int)
         parts = [(int(a), refs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         if self._transport == "pickle" or not len(rows):
-            return _Job(len(rows), None, [self._executor.submit(_decode_to_array, r, size) for _, r in parts])
+            return _Job(len(rows), None,
+                        [imagefolder.submit(self._executor, _decode_to_array, r, size) for _, r in parts])
         if not self._free_slots:
             raise RuntimeError(f"more than in_flight={self.in_flight} jobs submitted and not collected")
         slot = self._free_slots.pop()
@@ -222,7 +224,8 @@ class DecodePool:
                 buffer.unlink()
             buffer = self._buffers[slot] = shared_memory.SharedMemory(create=True, size=len(rows) * row_bytes)
         capacity = buffer.size // row_bytes
-        futures = [self._executor.submit(_decode_to_shared, buffer.name, capacity, a, r, size) for a, r in parts]
+        futures = [imagefolder.submit(self._executor, _decode_to_shared, buffer.name, capacity, a, r, size)
+                   for a, r in parts]
         return _Job(len(rows), slot, futures)
 
     def result(self, job, timeout=None):
