@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssl_jax import metrics
 from ssl_jax.evaluators import features, knn, linear
 
 
@@ -241,6 +242,28 @@ def test_extract_features_drops_padding_and_matches_numpy_on_8_devices():
     plain = lambda x: x.astype(jnp.float32).mean(axis=(1, 2))
     feats2, _ = features.extract_features(plain, batches(), mesh, progress=False)
     np.testing.assert_array_equal(feats2, feats)
+
+
+def test_extract_features_closes_its_batches_when_encoding_fails(monkeypatch, capsys):
+    # eval_batches holds a pool of decode worker processes until the generator is closed: an error midway (here
+    # the encoder's; a device OOM, Ctrl-C) must not leave them running as long as its traceback is kept. A shown
+    # progress bar (tqdm iterates with a plain for loop then) did not pass the close on.
+    monkeypatch.setattr(metrics, "_show_progress", True)
+    closed = []
+
+    def batches():
+        try:
+            while True:
+                yield np.zeros((8, 4, 4, 3), np.uint8), np.zeros(8, np.int32), np.ones(8, bool)
+        finally:
+            closed.append(True)
+
+    def failing(images_BxHxWx3):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory") as e:
+        features.extract_features(failing, batches(), _mesh(), progress=True)
+    assert closed == [True] and e.value.__traceback__ is not None
 
 
 def test_shard_batch_splits_over_devices_and_rejects_uneven_batches():

@@ -60,6 +60,19 @@ def extract_features(
         feats.append(np.asarray(out_BxD, dtype=np.float32)[keep_B])
         labels.append(np.asarray(labels_B, dtype=np.int32)[keep_B])
 
+    try:
+        _encode_all(encode, batches, mesh, collect, desc, progress, total)
+    finally:  # an error or Ctrl-C midway: a generator's decode workers stop now, not when the traceback goes
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int32)
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def _encode_all(encode, batches, mesh, collect, desc, progress, total):
+    """Encodes every batch, passing (features, labels, mask) of each to `collect` one batch behind."""
     pending = None
     for images_b, labels_b, mask_b in metrics.progress_bar(total, desc=desc, enabled=progress, unit="batch",
                                                            iterable=batches):
@@ -79,7 +92,3 @@ def extract_features(
         pending = (out_BxD, labels_B, mask_B)
     if pending is not None:
         collect(*pending)
-
-    if not feats:
-        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int32)
-    return np.concatenate(feats), np.concatenate(labels)
