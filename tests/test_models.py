@@ -69,6 +69,7 @@ def test_torchvision_param_counts():
     ("resnet34", (3, 4, 6, 3), "basic", 512),
     ("resnet50", (3, 4, 6, 3), "bottleneck", 2048),
     ("resnet101", (3, 4, 23, 3), "bottleneck", 2048),
+    ("resnet200", (3, 24, 36, 3), "bottleneck", 2048),  # not in torchvision: its layout, SimCLR's and BYOL's depth
 ])
 def test_param_count_matches_torchvision(name, stages, block, dim):
     model, feature_dim = get_backbone(name)
@@ -79,6 +80,13 @@ def test_param_count_matches_torchvision(name, stages, block, dim):
     bn_params = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(variables["params"])
                     if "bn" in jax.tree_util.keystr(path))
     assert param_count(variables["batch_stats"]) == bn_params
+
+
+def test_resnet200_2x_has_byols_parameter_count():
+    # BYOL (Grill et al. 2020) Table 1: ResNet-200 (2x), 250M parameters; 62.6M at width 1 (64.7M with fc).
+    wide, _ = get_backbone("resnet200", width_multiplier=2)
+    assert round(param_count(abstract_init(wide, 64)["params"]) / 1e6) == 250
+    assert torchvision_param_count((3, 24, 36, 3), "bottleneck") == 62_624_832
 
 
 def test_torchvision_names():

@@ -183,6 +183,19 @@ def test_synchronized_groups_over_eight_devices_equal_one_device():
     assert_trees_close((jnp.concatenate([got_1, got_2]), got_stats), (want, want_stats), rtol=1e-5, atol=1e-5)
 
 
+def test_synchronized_grouped_model_initializes_outside_shard_map_as_nn_batchnorm_does():
+    # Init outside the mesh, apply inside it: nn.BatchNorm skips its collective while initializing, and so must
+    # its grouped drop-in (it raised "unbound axis name").
+    x = normal((4, 8, 8, 3), seed=10)
+    for groups in (1, 2):
+        synced, _ = get_backbone("tiny", bn_axis_name="data", bn_groups=groups)
+        local, _ = get_backbone("tiny", bn_groups=groups)
+        got, want = synced.init(RNG, x, train=True), local.init(RNG, x, train=True)
+        assert_trees_close(got, want, rtol=0, atol=0)
+    head = MLPHead(hidden_dims=(6,), out_dim=4, bn_axis_name="data", bn_groups=2)
+    assert jax.tree.leaves(head.init(RNG, normal((4, 5), seed=11), train=True))
+
+
 def test_grouped_resnet18_equals_torchvision_called_once_per_view():
     # What bn_per_view is for: PyTorch code that calls its network once per view. torchvision's ResNet-18
     # with our weights (ssl_jax.export), in training mode, called on each view, against our one grouped pass.

@@ -83,7 +83,9 @@ class GroupedBatchNorm(nn.Module):
 
     def _statistics(self, x32, axes):
         """Returns (mean, biased variance) of each group's channels, G x C, over `axes` and `axis_name`."""
-        pmean = (lambda v: v) if self.axis_name is None else (lambda v: jax.lax.pmean(v, self.axis_name))  # noqa: E731
+        # As nn.BatchNorm: no collective in init, so a synchronized model can be initialized outside shard_map.
+        axis_name = None if self.is_initializing() else self.axis_name
+        pmean = (lambda v: v) if axis_name is None else (lambda v: jax.lax.pmean(v, axis_name))  # noqa: E731
         if self.use_fast_variance:  # both moments in one collective
             mean, mean_sq = pmean(jnp.stack([x32.mean(axes), jnp.square(x32).mean(axes)]))
             return mean, jnp.maximum(0.0, mean_sq - jnp.square(mean))

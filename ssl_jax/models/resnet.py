@@ -1,11 +1,14 @@
-"""ResNet backbones (18..152, wide variants, CIFAR stem) in flax.linen.
+"""ResNet backbones (18..200, wide variants, CIFAR stem) in flax.linen.
 
 Layer names follow torchvision's resnet state_dict so a converter is a renaming:
 torchvision `layer2.0.downsample.0.weight` is our `layer2_0/downsample_conv/kernel`, `bn1.running_var`
 is batch_stats `bn1/var`, and so on. Numerics follow torchvision too: symmetric explicit padding
 (Flax's "SAME" pads stride-2 convs asymmetrically), the stride in the bottleneck's 3x3 conv (ResNet
 v1.5), bias-free convs, kaiming-normal fan-out init. One known difference: Flax updates the running
-variance with the biased batch variance, torchvision with the unbiased one.
+variance with the biased batch variance, torchvision with the unbiased one (the TF code of SimCLR and
+the haiku code of BYOL use the biased one, as here). Unlike torchvision, those two pad "SAME": BYOL's
+stride-2 convs and max-pool, SimCLR's max-pool (its convs pad symmetrically), so on even sizes their
+windows sit one pixel later than ours.
 
 Selective kernels (ResNet.sk_ratio > 0, SimCLR v2's "SK" ResNets) follow the official SimCLR tf2 code
 (resnet.py SK_Conv2D) rather than the SKNet paper: each bottleneck's 3x3 conv becomes two 3x3 streams (one
@@ -250,8 +253,8 @@ class ResNet(nn.Module):
             norm = functools.partial(GroupedBatchNorm, groups=self.bn_groups, **norm.keywords)
         width = self.base_width * self.width_multiplier
         if self.sk_ratio < 0 or (self.sk_ratio > 0 and self.block != "bottleneck"):
-            raise ValueError(f"sk_ratio={self.sk_ratio}: selective kernels need a bottleneck ResNet (resnet50, "
-                             f"resnet101, resnet152) and sk_ratio > 0 (SimCLR v2's sk1: 0.0625), or 0 for none.")
+            raise ValueError(f"sk_ratio={self.sk_ratio}: selective kernels need a bottleneck ResNet (resnet50 and "
+                             f"deeper) and sk_ratio > 0 (SimCLR v2's sk1: 0.0625), or 0 for none.")
 
         x = jnp.asarray(x_BxHxWxC, self.dtype)
         if self.sk_ratio > 0 and not self.cifar_stem:  # ResNet-D stem: three 3x3 convs, the first strided
@@ -290,6 +293,8 @@ _ARCHS = {
     "resnet50": dict(stage_sizes=(3, 4, 6, 3), block="bottleneck"),
     "resnet101": dict(stage_sizes=(3, 4, 23, 3), block="bottleneck"),
     "resnet152": dict(stage_sizes=(3, 8, 36, 3), block="bottleneck"),
+    # Not in torchvision; SimCLR's tf2 resnet.py and BYOL's networks.py (its ResNet-200 2x) have it.
+    "resnet200": dict(stage_sizes=(3, 24, 36, 3), block="bottleneck"),
     # For tests: two stages of one basic block, widths 8 and 16.
     "tiny": dict(stage_sizes=(1, 1), block="basic", base_width=8),
 }
