@@ -1,8 +1,10 @@
 """Checkpoints with orbax: the whole train state (params, optimizer, BatchNorm stats, extras, step, rng).
 
 orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save never
-leaves a half checkpoint that looks finished. The trainer only saves states whose loss, gradient norm and
-parameter norm were checked finite, so a failing run never replaces the last good checkpoint.
+leaves a half checkpoint that looks finished. A finished one damaged later (a bad disk, a truncated copy) is
+skipped for the previous one with a warning, and the trainer moves it aside (restore_newest). The trainer only
+saves states whose loss, gradient norm and parameter norm were checked finite, so a failing run never replaces
+the last good checkpoint.
 """
 import logging
 import os
@@ -10,7 +12,9 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
+import weakref
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,6 +23,10 @@ import orbax.checkpoint as ocp
 def checkpoint_dir(workdir):
     """Returns the absolute directory holding a run's checkpoints."""
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+# The managers make_manager opened to write: only a workdir's writer may set its damaged checkpoints aside.
+_WRITERS = weakref.WeakSet()
 
 
 def make_manager(workdir, max_to_keep=2, async_save=True, read_only=False):
@@ -36,8 +44,11 @@ def make_manager(workdir, max_to_keep=2, async_save=True, read_only=False):
             remove_unfinished(checkpoint_dir(workdir))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())  # item_metadata reads shapes
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                    item_handlers=ocp.StandardCheckpointHandler())  # item_metadata reads shapes
+    if not read_only:
+        _WRITERS.add(manager)
+    return manager
 
 
 class _DropReadOnlyNotice(logging.Filter):
@@ -178,38 +189,81 @@ def restore(manager, abstract_state, step=None):
     of `abstract_state`.
 
     Without `step`, a checkpoint that fails to read (truncated or corrupt files) is skipped with a warning
-    and the next older one is tried, so one damaged save does not lose the run. A checkpoint whose arrays
-    differ from `abstract_state` (another model, method or head) raises CheckpointMismatchError at once: that
-    is not damage, and the older checkpoints of the same run differ in the same way.
+    and the next older one is tried, so one damaged save does not lose the run (restore_newest). A checkpoint
+    whose arrays differ from `abstract_state` (another model, method or head) raises CheckpointMismatchError at
+    once: that is not damage, and the older checkpoints of the same run differ in the same way.
     """
     if step is not None:
         _check_matches(manager, step, abstract_state, required=False)
         return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+    def read(candidate):
+        _check_matches(manager, candidate, abstract_state)
+        return manager.restore(candidate, args=ocp.args.StandardRestore(abstract_state))
+
+    return restore_newest(manager, read)[1]
+
+
+def restore_newest(manager, read):
+    """Returns (step, read(step)) for the newest checkpoint of `manager` that `read` reads back.
+
+    A checkpoint that fails to read is skipped with a warning and the next older one tried; none readable raises
+    CheckpointReadError naming the directory and each step's error. CheckpointMismatchError is raised at once.
+    A writer (make_manager without read_only) then sets the damaged newer ones aside (set_aside): orbax refuses
+    to save a step that exists, so the resumed run would otherwise fail on reaching that step, every time.
+    """
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    errors, tried = [], set()
+    skipped, errors, tried = [], [], set()
     while steps:
         candidate = steps.pop(0)
         tried.add(candidate)
         try:
-            _check_matches(manager, candidate, abstract_state)
-            return manager.restore(candidate, args=ocp.args.StandardRestore(abstract_state))
+            result = read(candidate)
         except CheckpointMismatchError:
             raise
         except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+            skipped.append(candidate)
             if not os.path.isdir(os.path.join(str(manager.directory), str(candidate))):
                 # Deleted while we read it: the run is still training (it keeps only the newest few) and has
-                # saved newer ones since. Not damage: list the checkpoints again.
+                # saved newer ones since; or, for a writer of several processes, process 0 set it aside (this
+                # process then joins set_aside all the same). Not damage: list the checkpoints again.
                 manager.reload()
                 steps = sorted((s for s in manager.all_steps() if s not in tried), reverse=True)
                 continue
             errors.append(f"step {candidate}: {type(e).__name__}: {str(e)[:200]}")
             warnings.warn(f"checkpoint at step {candidate} in {manager.directory} could not be read "
-                          f"({type(e).__name__}); trying the previous one", RuntimeWarning, stacklevel=2)
+                          f"({type(e).__name__}); trying the previous one", RuntimeWarning, stacklevel=3)
+            continue
+        if skipped and manager in _WRITERS:
+            set_aside(manager, skipped)
+        return candidate, result
     if not errors:
         raise FileNotFoundError(f"no checkpoint in {manager.directory} (each was deleted while being read)")
     raise CheckpointReadError(f"no checkpoint in {manager.directory} could be read:\n" + "\n".join(errors))
+
+
+def set_aside(manager, steps):
+    """Renames the damaged checkpoints `steps` to `<step>.damaged-<time>`, which no manager lists, and says so.
+
+    Kept rather than deleted: a read can fail for a reason that passes (an unmounted or flaky disk). A collective
+    in a job of several processes: process 0 renames, then every process lists the checkpoints again.
+    """
+    directory = str(manager.directory)
+    if jax.process_index() == 0:
+        stamp = int(time.time())
+        for step in steps:
+            if not os.path.isdir(os.path.join(directory, str(step))):
+                continue
+            moved = os.path.join(directory, f"{step}.damaged-{stamp}")
+            os.rename(os.path.join(directory, str(step)), moved)
+            warnings.warn(f"moved the unreadable checkpoint of step {step} to {moved}, so that this run can save "
+                          f"step {step} again; delete it once you no longer need it", RuntimeWarning, stacklevel=4)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("ssl_jax.checkpoint.set_aside")
+    manager.reload()
 
 
 def _check_matches(manager, step, abstract_state, required=True):

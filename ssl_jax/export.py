@@ -69,7 +69,11 @@ def _require(module, fmt):
 # Restore: the backbone of a run's newest checkpoint, without building the run (no data needed).
 # ----------------------------------------------------------------------------------------------
 def restore_backbone(workdir):
-    """Returns (config, step, params, batch_stats): the newest checkpoint's backbone as NumPy trees."""
+    """Returns (config, step, params, batch_stats): the newest readable checkpoint's backbone as NumPy trees.
+
+    A damaged newest checkpoint is skipped with a warning and the previous one exported, as `ssl-jax eval` does
+    (checkpoint.restore_newest); the sidecar's step says which one.
+    """
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{workdir} is not a training run: {config_path} does not exist")
@@ -81,17 +85,7 @@ def restore_backbone(workdir):
     manager = ocp.CheckpointManager(ckpt_dir, options=checkpoint.read_only_options(),
                                     item_handlers=ocp.PyTreeCheckpointHandler())
     try:
-        for attempt in range(3):
-            step = manager.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-            try:
-                state = _restore_backbone_at(manager, step)
-                break
-            except Exception:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
-                if attempt == 2 or os.path.isdir(os.path.join(ckpt_dir, str(step))):
-                    raise
-                manager.reload()  # deleted while we read it by the run, still training, that saved newer ones
+        step, state = checkpoint.restore_newest(manager, lambda s: _restore_backbone_at(manager, s))
     finally:
         manager.close()
     return config, int(step), state["params"]["model"]["backbone"], state["batch_stats"]["backbone"]

@@ -121,28 +121,60 @@ def test_a_reader_restores_the_newest_checkpoint_of_a_run_that_deletes_the_ones_
     assert checkpoint.finished_steps(checkpoint.checkpoint_dir(str(tmp_path))) == [3, 4]  # the reader deleted none
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=3, async_save=False)
-    for step in (1, 2):
-        checkpoint.save(manager, step, {"x": np.full((64,), step, np.float32)}, force=True)
-    manager.close()
-    # Damage every data file of step 2 (a truncated write, a bad disk sector).
+def damage_checkpoint(step_dir):
+    """Overwrites every data file and manifest of a checkpoint (a truncated write, a bad disk sector)."""
     damaged = 0
-    for root, _, files in os.walk(os.path.join(checkpoint.checkpoint_dir(str(tmp_path)), "2")):
+    for root, _, files in os.walk(step_dir):
         for name in files:
             if os.path.basename(root) == "d" or name.endswith("manifest.ocdbt"):
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"\0garbage")
                 damaged += 1
     assert damaged
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     manager = checkpoint.make_manager(str(tmp_path), max_to_keep=3, async_save=False)
+    for step in (1, 2):
+        checkpoint.save(manager, step, {"x": np.full((64,), step, np.float32)}, force=True)
+    manager.close()
+    ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+    damage_checkpoint(os.path.join(ckpt_dir, "2"))
     target = {"x": jax.ShapeDtypeStruct((64,), np.float32)}
+    reader = checkpoint.make_manager(str(tmp_path), read_only=True)  # `ssl-jax eval`: falls back, changes nothing
     with pytest.warns(RuntimeWarning, match="step 2 .* could not be read"):
-        restored = checkpoint.restore(manager, target)
+        restored = checkpoint.restore(reader, target)
     np.testing.assert_array_equal(restored["x"], np.full((64,), 1, np.float32))
     with pytest.raises(Exception):
-        checkpoint.restore(manager, target, step=2)  # asking for the damaged step itself is still an error
+        checkpoint.restore(reader, target, step=2)  # asking for the damaged step itself is still an error
+    reader.close()
+    assert sorted(os.listdir(ckpt_dir)) == ["1", "2"]  # a reader sets nothing aside: the run may be writing
+
+
+def test_a_resumed_writer_sets_a_corrupt_checkpoint_aside_and_can_save_that_step_again(tmp_path):
+    """The trainer resumes from step 1 because step 2 is damaged; orbax refuses to save a step that exists, so
+    without setting step 2 aside the resumed run would fail on reaching step 2, at every attempt."""
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=2, async_save=False)
+    for step in (1, 2):
+        checkpoint.save(manager, step, {"x": np.full((64,), step, np.float32)}, force=True)
     manager.close()
+    ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+    damage_checkpoint(os.path.join(ckpt_dir, "2"))
+    writer = checkpoint.make_manager(str(tmp_path), max_to_keep=2, async_save=False)
+    with pytest.warns(RuntimeWarning, match="moved the unreadable checkpoint of step 2 to .*2.damaged-"):
+        restored = checkpoint.restore(writer, {"x": jax.ShapeDtypeStruct((64,), np.float32)})
+    np.testing.assert_array_equal(restored["x"], np.full((64,), 1, np.float32))
+    assert checkpoint.latest_step(writer) == 1
+    checkpoint.save(writer, 2, {"x": np.full((64,), 20, np.float32)}, force=True)  # the resumed run reaches step 2
+    writer.close()
+    assert checkpoint.finished_steps(ckpt_dir) == [1, 2]
+    assert [n for n in os.listdir(ckpt_dir) if n.startswith("2.damaged-")]  # kept, not deleted
+    reader = checkpoint.make_manager(str(tmp_path), read_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = checkpoint.restore(reader, {"x": jax.ShapeDtypeStruct((64,), np.float32)})
+    reader.close()
+    np.testing.assert_array_equal(again["x"], np.full((64,), 20, np.float32))
 
 
 def test_a_checkpoint_of_other_arrays_is_a_mismatch_not_damage(tmp_path):

@@ -329,3 +329,27 @@ def test_exporting_a_run_still_training_reads_the_newest_checkpoint_when_the_lis
     writer.close()
     assert calls == [STEP, STEP + 1] and step == STEP + 1
     _assert_trees_equal((params, batch_stats), backbone)
+
+
+def test_exporting_a_run_whose_newest_checkpoint_is_damaged_exports_the_previous_one_with_a_warning(run, tmp_path):
+    """As `ssl-jax eval` does: one damaged save (a truncated copy, a bad sector) does not stop the export; the
+    warning and the sidecar's step say which checkpoint was exported. The run's files are left as they were."""
+    from test_checkpoint import damage_checkpoint  # pylint: disable=import-outside-toplevel
+    workdir, _, backbone = run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+    source_manager = checkpoint.make_manager(workdir, async_save=False)
+    state = source_manager.restore(STEP)
+    source_manager.close()
+    writer = checkpoint.make_manager(str(copy), max_to_keep=2, async_save=False)
+    for step in (STEP, STEP + 1):
+        checkpoint.save(writer, step, state, force=True)
+    writer.close()
+    ckpt_dir = checkpoint.checkpoint_dir(str(copy))
+    damage_checkpoint(os.path.join(ckpt_dir, str(STEP + 1)))
+    with pytest.warns(RuntimeWarning, match=f"step {STEP + 1} .* could not be read"):
+        path = export.export_workdir(str(copy), "npz")
+    assert json.load(open(path + ".json"))["step"] == STEP
+    _assert_trees_equal(export.load_backbone(path), backbone)
+    assert sorted(os.listdir(ckpt_dir)) == [str(STEP), str(STEP + 1)]  # a reader sets nothing aside

@@ -7,6 +7,7 @@ import harness
 import jax
 import numpy as np
 import pytest
+from test_checkpoint import damage_checkpoint
 
 from ssl_jax import checkpoint, config as config_lib, metrics, parallel, train
 
@@ -72,6 +73,28 @@ def test_preempted_and_killed_runs_resume_exactly(tmp_path, monkeypatch, config_
     manager.close()
     train.train(config, killed, progress=False)
     _assert_identical(_final_state(killed, config), expected)
+
+
+def test_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_previous_one_and_finishes(tmp_path, monkeypatch):
+    # A bad disk sector or a truncated copy of the workdir damages the newest checkpoint (step 16 of 24). The rerun
+    # resumes from step 8 with a warning, and must be able to save step 16 again (orbax refuses to save a step that
+    # exists): the run ends as an undamaged one does.
+    config = config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["num_epochs=3"])
+    straight = str(tmp_path / "straight")
+    train.train(config, straight, progress=False)
+    expected = _final_state(straight, config)
+
+    damaged = str(tmp_path / "damaged")
+    monkeypatch.setattr(checkpoint.PreemptionGuard, "requested", lambda self, step, agreed=None: step == 16)
+    train.train(config, damaged, progress=False)
+    monkeypatch.undo()
+    ckpt_dir = checkpoint.checkpoint_dir(damaged)
+    assert checkpoint.finished_steps(ckpt_dir) == [8, 16]
+    damage_checkpoint(os.path.join(ckpt_dir, "16"))
+    with pytest.warns(RuntimeWarning, match="step 16 .* could not be read"):
+        train.train(config, damaged, progress=False)
+    assert checkpoint.finished_steps(ckpt_dir) == [16, 24]
+    _assert_identical(_final_state(damaged, config), expected)
 
 
 @pytest.mark.usefixtures("threefry")
