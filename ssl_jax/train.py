@@ -230,6 +230,7 @@ def train(config, workdir, *, progress=True, evaluate_fn=None, command=None, dev
     is_main = jax.process_index() == 0
     workdir_lib.check_workdir(workdir)  # before the data is loaded: a bad --workdir fails at once
     config = config_lib.with_absolute_paths(config)  # config.json records where the data is, whatever the cwd
+    workdir_lib.check_resume_devices(workdir, config, len(devices) if devices is not None else jax.device_count())
     setup = build(config, devices=devices)
     if config.eval.knn_every_epochs and evaluate_fn is protocols.monitor:
         try:  # the test split now (it is loaded once a process), not after the first epoch of training

@@ -65,6 +65,22 @@ def resume_changes(workdir, config):
     return changes
 
 
+def check_resume_devices(workdir, config, num_devices):
+    """Raises ValueError when `workdir` holds a checkpoint and config.batch_size does not split over `num_devices`.
+
+    Checked before the mesh is built: its own error would suggest another batch_size, which resume_changes then
+    refuses (the step counts batches of the saved size). Here the device count is what can change.
+    """
+    b = config.batch_size
+    if b % num_devices == 0 or not checkpoint.finished_steps(checkpoint.checkpoint_dir(workdir)):
+        return
+    fits = max(d for d in range(1, num_devices + 1) if b % d == 0)
+    raise ValueError(f"batch_size={b} is not divisible by the number of devices ({num_devices}), and {workdir} holds "
+                     f"a checkpoint whose step counts batches of {b}, so resuming keeps it: resume on a number of "
+                     f"devices that divides {b} (e.g. {fits}: CUDA_VISIBLE_DEVICES, or --cpu-devices on CPU), or give "
+                     f"a new --workdir to train with another batch_size")
+
+
 class WorkdirNotSharedError(ValueError):
     """The processes of a job see different checkpoints in the workdir: it is not one shared folder."""
 

@@ -148,3 +148,21 @@ def test_a_resume_on_a_training_set_of_another_size_warns_and_records_it(tmp_pat
                                                                               "data.num_examples=640"]),
                 workdir, progress=False)
     assert "training set has" not in capsys.readouterr().err  # the same size as at the last start
+
+
+def test_a_resume_on_devices_that_do_not_divide_its_batch_says_to_change_the_devices(tmp_path):
+    # The mesh's own check suggested another --config.batch_size, which a resume then refuses (the step counts
+    # batches of the saved size): with a checkpoint, the device count is what to change.
+    config = config_lib.load_config("configs/simclr.py:smoke", OVERRIDES)
+    n = next(d for d in range(3, 9) if config.batch_size % d)
+    fits = max(d for d in range(1, n) if config.batch_size % d == 0)
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "10").mkdir(parents=True)
+    with pytest.raises(ValueError) as e:
+        train.train(config, str(workdir), progress=False, devices=jax.devices()[:n])
+    message = str(e.value)
+    assert f"batch_size={config.batch_size} is not divisible by the number of devices ({n})" in message
+    assert f"resume on a number of devices that divides {config.batch_size} (e.g. {fits}" in message
+    assert "--config.batch_size" not in message
+    with pytest.raises(ValueError, match=r"use a multiple of \d+, e.g. --config.batch_size="):  # a new run may
+        train.train(config, str(tmp_path / "new"), progress=False, devices=jax.devices()[:n])  # change it
