@@ -27,6 +27,10 @@ def _parser():
         sp.add_argument("--process-id", type=int, default=None,
                         help="this process's index, 0 .. num-processes - 1 (with --distributed)")
 
+    def host_only(sp):  # it reads files into host memory: device and cluster flags would be accepted and ignored
+        sp.set_defaults(cpu_devices=0, no_progress=True, distributed=False, coordinator=None, num_processes=None,
+                        process_id=None)
+
     t = sub.add_parser("train", help="pretrain (resumes from DIR's newest checkpoint)", epilog=USAGE_OVERRIDES)
     t.add_argument("--config", default=None, help="configs/<method>.py:<preset>, or a run's config.json "
                    "(default: WORKDIR/config.json, to resume a run with the config it was started with)")
@@ -41,14 +45,12 @@ def _parser():
     r = sub.add_parser("report", help="Markdown table and PNG plots comparing runs")
     r.add_argument("--workdir", required=True, nargs="+", help="one or more run directories")
     r.add_argument("--out", default="", help="output directory (default: the first workdir's report/)")
-    # It reads files on this host only: no device or cluster flags (they would be accepted and ignored).
-    r.set_defaults(cpu_devices=0, no_progress=True, distributed=False, coordinator=None, num_processes=None,
-                   process_id=None)
+    host_only(r)
     x = sub.add_parser("export", help="write the backbone weights for use elsewhere")
     x.add_argument("--workdir", required=True)
     x.add_argument("--format", required=True, choices=("npz", "safetensors", "torch"))
     x.add_argument("--out", default="", help="output file (default: DIR/export/backbone.<ext>)")
-    common(x)
+    host_only(x)
     b = sub.add_parser("bench", help="time the training step three ways: synthetic inputs, resident data, host "
                        "pipeline (JSON on stdout, a table on stderr)", epilog=USAGE_OVERRIDES)
     b.add_argument("--config", required=True)

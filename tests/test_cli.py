@@ -314,6 +314,8 @@ def test_bad_device_and_cluster_flags_are_usage_errors_before_jax_starts(tmp_pat
      "export takes no --config overrides (it uses the run's config.json), got --config.model.name=resnet50"),
     (["report", "--workdir", "RUN", "--cpu-devices", "8"], "unrecognized argument '--cpu-devices' (see ssl-jax report --help)"),
     (["report", "--workdir", "RUN", "--distributed"], "unrecognized argument '--distributed'"),
+    (["export", "--workdir", "RUN", "--format", "npz", "--distributed"], "unrecognized argument '--distributed' "
+     "(see ssl-jax export --help)"),
     (["bench", "--config", SMOKE, "--torch-compile"], "--torch-compile needs --torch"),
 ])
 def test_flags_a_command_would_ignore_are_usage_errors(tmp_path, capsys, argv, message):
@@ -323,9 +325,10 @@ def test_flags_a_command_would_ignore_are_usage_errors(tmp_path, capsys, argv, m
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_report_help_lists_only_the_flags_it_uses(capsys):
+@pytest.mark.parametrize("command", ["report", "export"])
+def test_host_only_commands_list_only_the_flags_they_use(capsys, command):
     with pytest.raises(SystemExit):
-        cli.main(["report", "--help"])
+        cli.main([command, "--help"])
     out = capsys.readouterr().out
     assert "--workdir" in out and "--out" in out
     assert not any(f in out for f in ("--cpu-devices", "--distributed", "--no-progress", "--coordinator"))
