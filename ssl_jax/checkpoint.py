@@ -136,8 +136,8 @@ def _save_failed(manager, step, error):
     which = "" if step is None else f" of step {step}"
     return CheckpointSaveError(
         f"saving the checkpoint{which} in {manager.directory} failed ({type(error).__name__}: "
-        f"{str(error)[:300]}). The checkpoints already written are intact (newest: {newest}); free disk space "
-        f"and run the same command again to resume from it")
+        f"{str(error)[:300]}). The checkpoints already written are intact (newest: {newest}); fix the cause "
+        f"(a full disk, the folder's permissions or quota) and run the same command again to resume from it")
 
 
 def save(manager, step, state, *, force=False):

@@ -113,8 +113,8 @@ class MetricWriter:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
             raise MetricsWriteError(f"cannot rewrite {path} without the records of step {step} and later, which "
-                                    f"this run logs again: {e.strerror or e}; it is unchanged: free disk space "
-                                    f"and run the same command again to resume") from e
+                                    f"this run logs again: {e.strerror or e}; it is unchanged: fix the cause "
+                                    f"(a full disk, permissions) and run the same command again to resume") from e
         self._file.close()
         self._file = _open_for_append(path)
         print(f"note: {path}: {len(dropped)} records of steps {min(steps)}..{max(steps)}, logged before this run "
