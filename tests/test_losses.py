@@ -375,3 +375,25 @@ def test_barlow_twins_sharded_equals_unsharded_value_and_gradient():
     fd = (barlow_numpy(z1 @ (w64 + e), z2 @ (w64 + e), 0.0051)
           - barlow_numpy(z1 @ (w64 - e), z2 @ (w64 - e), 0.0051)) / 2e-3
     np.testing.assert_allclose(ref[1][0][1, 2], fd, rtol=1e-3)
+
+
+# --- bfloat16 inputs -------------------------------------------------------------------------------------
+
+def test_losses_compute_in_float32_under_bfloat16_inputs():
+    # A bfloat16 network hands over bfloat16 embeddings: only that rounding may reach the loss, which runs in
+    # float32 (logits up to 1 / 0.05, sums over D x D entries: bfloat16's 3 digits would show at once).
+    x = [jnp.asarray(_rand(16, 8, seed=s), jnp.bfloat16) for s in range(3)]
+    cases = {
+        "nt_xent": lambda a, b, c: losses.nt_xent(a, b, 0.1),
+        "nt_xent chunked": lambda a, b, c: losses.nt_xent(a, b, 0.1, chunk_size=12),
+        "info_nce": lambda a, b, c: losses.info_nce(a, b, c, 0.07),
+        "byol_loss": lambda a, b, c: losses.byol_loss(a, b),
+        "negative_cosine": lambda a, b, c: losses.negative_cosine(a, b),
+        "sinkhorn": lambda a, b, c: losses.sinkhorn(a, 0.05, 3),
+        "swav_loss": lambda a, b, c: losses.swav_loss([a, b, c], [losses.sinkhorn(s, 0.05, 3) for s in (a, b)], 0.1),
+        "barlow_twins": lambda a, b, c: losses.barlow_twins(a, b, 0.0051),
+    }
+    for name, fn in cases.items():
+        got = fn(*x)
+        assert got.dtype == jnp.float32, name
+        np.testing.assert_allclose(got, fn(*(v.astype(jnp.float32) for v in x)), rtol=1e-6, atol=1e-7, err_msg=name)

@@ -380,3 +380,20 @@ def test_step_schedule_with_and_without_warmup():
     schedule = make_schedule(cfg, batch_size=256, steps_per_epoch=10, num_epochs=200)
     np.testing.assert_allclose([schedule(0), schedule(25), schedule(50), schedule(1199), schedule(1200)],
                                [0.0, 0.015, 0.03, 0.03, 0.003], rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["simclr", "byol", "larc"])
+def test_lars_zero_gradient(style):
+    # A kernel whose gradient is exactly zero (SwAV's prototypes while frozen): eta ||w|| / ||g|| is inf and
+    # 0 x inf NaN, so every official LARS takes a trust ratio of 1 there; without weight decay nothing moves.
+    tx, _ = make_optimizer(cfg(name="lars", lr=0.1, lr_scaling="none", weight_decay=0.0, lars_style=style), 256, 10, 1)
+    params = small_params()
+    for k, w in flat(params).items():
+        np.testing.assert_array_equal(run_optax(tx, params, 2, grad_fn=zero_grads)[-1][k], w, err_msg=k)
+    # With weight decay the kernels' gradient is wd w, so the trust ratio is eta / wd and the step lr eta w
+    # (SimCLR's LARS, BYOL's); apex's LARC (SwAV) skips decay and trust ratio alike while ||g|| = 0.
+    tx, _ = make_optimizer(cfg(name="lars", lr=0.1, lr_scaling="none", weight_decay=0.5, lars_style=style), 256, 10, 1)
+    after = run_optax(tx, params, 1, grad_fn=zero_grads)[0]
+    for k, w in flat(params).items():
+        decayed = k == "conv/kernel" and style != "larc"  # the all-zero kernel has nothing to decay
+        np.testing.assert_allclose(after[k], w * (1 - 0.1 * 0.001) if decayed else w, rtol=1e-7, err_msg=k)

@@ -25,8 +25,10 @@ src/multicropdataset.py):
   - Frozen prototypes: for the first freeze_prototypes_epochs x steps_per_epoch steps (official: 313
     iterations, one ImageNet epoch at batch 4096) the prototypes enter the loss through stop_gradient, so
     their gradient is exactly zero. The official code drops the gradient (`p.grad = None`), so the optimizer
-    skips the prototypes entirely; here weight decay still shrinks them during the freeze, which changes
-    their norm but not their direction, and the forward only sees the direction.
+    skips the prototypes entirely. Here the LARC optimizer (optim.lars_style="larc", the imagenet preset)
+    skips them too, as apex LARC skips weight decay where the gradient is 0; under SGD, Adam or the other LARS
+    styles weight decay still shrinks them during the freeze, which changes their norm but not their
+    direction, and the forward only sees the direction (project_params restores the norm after each step).
   - Queue (queue_length > 0): the embeddings of the large crops of the last queue_length / batch_size global
     batches, newest first, gathered in global example order (`extras["queue"]`: num_large x L x d). From
     epoch queue_start_epoch every step enqueues; once the queue is full its rows are scored with the current
