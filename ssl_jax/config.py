@@ -181,6 +181,18 @@ CHOICES = {"model.dtype": DTYPES, "optim.lars_style": ("simclr", "byol", "larc")
            "byol.head_init": ("torch", "haiku")}
 
 
+def module_choices():
+    """Returns {key: allowed values} of the string keys whose values the modules define (a typo such as
+    model.conv_init=foo then fails at load time, naming the key, not when the network is built)."""
+    # pylint: disable=import-outside-toplevel  (they import this module)
+    from ssl_jax import optim
+    from ssl_jax.methods import byol
+    from ssl_jax.models import resnet
+    return {"optim.name": optim.OPTIMIZERS, "optim.lr_scaling": optim.LR_SCALINGS,
+            "model.name": tuple(resnet.ARCHS), "model.conv_init": tuple(resnet.CONV_INITS),
+            "model.remat_policy": tuple(resnet.REMAT_POLICIES), "byol.tau_schedule": byol.TAU_SCHEDULES}
+
+
 def _get(config, key):
     """Returns config.<key>, or None when a section or field of the dotted key is absent."""
     node = config
@@ -236,7 +248,7 @@ def validate(config):
         low, high = _get(config, low_key), _get(config, high_key)
         if low is not None and high is not None and low > high:
             raise ConfigError(f"config key {low_key!r} ({low!r}) must not exceed {high_key!r} ({high!r})")
-    for key, choices in CHOICES.items():
+    for key, choices in {**CHOICES, **module_choices()}.items():
         value = _get(config, key)
         if value is not None and value not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")

@@ -210,6 +210,13 @@ def test_bad_file_preset_and_form():
     ("simclr", "model.width_multiplier=0", r"'model.width_multiplier' must be in \[1, inf\)"),
     ("simclr", "model.dtype=float8", r"'model.dtype' must be one of float32, bfloat16, float16, got 'float8'"),
     ("byol", "optim.lars_style=torch", r"'optim.lars_style' must be one of simclr, byol, larc, got 'torch'"),
+    # string keys whose values the modules define: these passed load_config and failed when the run was built
+    ("simclr", "optim.name=lras", r"'optim.name' must be one of adam, adamw, lamb, lars, sgd, got 'lras'"),
+    ("simclr", "optim.lr_scaling=squareroot", r"'optim.lr_scaling' must be one of linear, sqrt, none"),
+    ("simclr", "model.name=resnet-50", r"'model.name' must be one of resnet18, .*resnet200, tiny, got 'resnet-50'"),
+    ("simclr", "model.conv_init=kaiming", r"'model.conv_init' must be one of torchvision, .*got 'kaiming'"),
+    ("simclr", "model.remat_policy=conv", r"'model.remat_policy' must be one of block, convs, got 'conv'"),
+    ("byol", "byol.tau_schedule=cos", r"'byol.tau_schedule' must be one of constant, cosine, got 'cos'"),
     ("simclr", "seed=-1", r"'seed' must be in \[0, inf\)"),
     ("simclr", "loss.temperature=0", r"'loss.temperature' must be in \(0, inf\)"),
     ("simclr", "head.num_layers=0", r"'head.num_layers' must be in \[1, inf\)"),

@@ -287,7 +287,7 @@ class ResNet(nn.Module):
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-_ARCHS = {
+ARCHS = {
     "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic"),
     "resnet34": dict(stage_sizes=(3, 4, 6, 3), block="basic"),
     "resnet50": dict(stage_sizes=(3, 4, 6, 3), block="bottleneck"),
@@ -314,9 +314,9 @@ def get_backbone(name: str, *, width_multiplier: int = 1, cifar_stem: bool = Fal
     stem_relu=False: no ReLU after the stem (ResNet.stem_relu); bn_groups: views per batch (ResNet.bn_groups);
     project_first_block: a projection shortcut in every stage's first block (ResNet.project_first_block).
     """
-    if name not in _ARCHS:
-        raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(_ARCHS)}.")
-    model = ResNet(**_ARCHS[name], width_multiplier=width_multiplier, cifar_stem=cifar_stem, dtype=dtype,
+    if name not in ARCHS:
+        raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(ARCHS)}.")
+    model = ResNet(**ARCHS[name], width_multiplier=width_multiplier, cifar_stem=cifar_stem, dtype=dtype,
                    bn_axis_name=bn_axis_name, remat=remat, remat_policy=remat_policy,
                    zero_init_residual=zero_init_residual, sk_ratio=sk_ratio, conv_init=conv_init,
                    stem_relu=stem_relu, bn_groups=bn_groups, project_first_block=project_first_block)
