@@ -303,17 +303,23 @@ def test_sidecar_says_how_to_drop_the_stem_relu_in_torchvision():
         assert ("model.relu = torch.nn.Identity()" in info["torch_setup"]) is (not stem_relu)
 
 
-def test_exporting_a_run_still_training_reads_the_newest_checkpoint_when_the_listed_one_is_deleted(
-        run, tmp_path, monkeypatch):
-    """The run saves newer checkpoints and deletes the one the export listed before it was read: the export
-    lists again and reads the newest, instead of failing."""
-    workdir, config, backbone = run
+def _copy_of_run(workdir, tmp_path):
+    """Returns (tmp_path/run holding `workdir`'s config.json and no checkpoint, the state of its step STEP)."""
     copy = tmp_path / "run"
     copy.mkdir()
     (copy / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
     source_manager = checkpoint.make_manager(workdir, async_save=False)
     state = source_manager.restore(STEP)
     source_manager.close()
+    return copy, state
+
+
+def test_exporting_a_run_still_training_reads_the_newest_checkpoint_when_the_listed_one_is_deleted(
+        run, tmp_path, monkeypatch):
+    """The run saves newer checkpoints and deletes the one the export listed before it was read: the export
+    lists again and reads the newest, instead of failing."""
+    workdir, config, backbone = run
+    copy, state = _copy_of_run(workdir, tmp_path)
     writer = checkpoint.make_manager(str(copy), max_to_keep=1, async_save=False)
     checkpoint.save(writer, STEP, state, force=True)
     original, calls = export._restore_backbone_at, []  # pylint: disable=protected-access
@@ -336,12 +342,7 @@ def test_exporting_a_run_whose_newest_checkpoint_is_damaged_exports_the_previous
     warning and the sidecar's step say which checkpoint was exported. The run's files are left as they were."""
     from test_checkpoint import damage_checkpoint  # pylint: disable=import-outside-toplevel
     workdir, _, backbone = run
-    copy = tmp_path / "run"
-    copy.mkdir()
-    (copy / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
-    source_manager = checkpoint.make_manager(workdir, async_save=False)
-    state = source_manager.restore(STEP)
-    source_manager.close()
+    copy, state = _copy_of_run(workdir, tmp_path)
     writer = checkpoint.make_manager(str(copy), max_to_keep=2, async_save=False)
     for step in (STEP, STEP + 1):
         checkpoint.save(writer, step, state, force=True)

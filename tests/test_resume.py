@@ -75,19 +75,25 @@ def test_preempted_and_killed_runs_resume_exactly(tmp_path, monkeypatch, config_
     _assert_identical(_final_state(killed, config), expected)
 
 
+def _train(path, config, monkeypatch=None, stop_after=None):
+    """Trains `config` in `path` (to the end, or stopped as a preemption notice stops it after step `stop_after`);
+    returns the workdir."""
+    workdir = str(path)
+    if stop_after is not None:
+        monkeypatch.setattr(checkpoint.PreemptionGuard, "requested", lambda self, step, agreed=None: step == stop_after)
+    train.train(config, workdir, progress=False)
+    if stop_after is not None:
+        monkeypatch.undo()
+    return workdir
+
+
 def test_a_run_whose_newest_checkpoint_is_damaged_resumes_from_the_previous_one_and_finishes(tmp_path, monkeypatch):
     # A bad disk sector or a truncated copy of the workdir damages the newest checkpoint (step 16 of 24). The rerun
     # resumes from step 8 with a warning, and must be able to save step 16 again (orbax refuses to save a step that
     # exists): the run ends as an undamaged one does.
     config = config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["num_epochs=3"])
-    straight = str(tmp_path / "straight")
-    train.train(config, straight, progress=False)
-    expected = _final_state(straight, config)
-
-    damaged = str(tmp_path / "damaged")
-    monkeypatch.setattr(checkpoint.PreemptionGuard, "requested", lambda self, step, agreed=None: step == 16)
-    train.train(config, damaged, progress=False)
-    monkeypatch.undo()
+    expected = _final_state(_train(tmp_path / "straight", config), config)
+    damaged = _train(tmp_path / "damaged", config, monkeypatch, stop_after=16)
     ckpt_dir = checkpoint.checkpoint_dir(damaged)
     assert checkpoint.finished_steps(ckpt_dir) == [8, 16]
     damage_checkpoint(os.path.join(ckpt_dir, "16"))
@@ -104,14 +110,8 @@ def test_a_checkpoint_resumes_on_another_number_of_devices(tmp_path, monkeypatch
     # on as the 8-device run does, up to float32 summation order. Residual BatchNorm scales start at 1: see
     # test_train_step's 8-versus-1-device test.
     config = config_lib.load_config("configs/simclr.py:smoke", OVERRIDES + ["model.zero_init_residual=false"])
-    straight = str(tmp_path / "straight")
-    train.train(config, straight, progress=False)
-    expected = _final_state(straight, config)
-
-    moved = str(tmp_path / "moved")
-    monkeypatch.setattr(checkpoint.PreemptionGuard, "requested", lambda self, step, agreed=None: step == 10)
-    train.train(config, moved, progress=False)
-    monkeypatch.undo()
+    expected = _final_state(_train(tmp_path / "straight", config), config)
+    moved = _train(tmp_path / "moved", config, monkeypatch, stop_after=10)
     at_10 = _final_state(moved, config)
     assert int(at_10["step"]) == 10
     two = jax.devices()[:2]
