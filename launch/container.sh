@@ -62,7 +62,10 @@ case "$COMMAND" in
     for m in ${MOUNTS[@]+"${MOUNTS[@]}"}; do
       m="$(cd "$m" 2>/dev/null && pwd || echo "$m")"; args+=(-v "$m:$m:ro")
     done
-    run "${args[@]}" "$IMAGE" train --config "$CONFIG" --workdir "$WORKDIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"} ;;
+    args+=("$IMAGE" train --config "$CONFIG" --workdir "$WORKDIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
+    # exec: a SIGTERM sent to this script (a supervisor, `timeout`) then reaches docker, which passes it on to
+    # the trainer (docker run's --sig-proxy, on by default); bash would die of it and leave the run going
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then run "${args[@]}"; else exec "${args[@]}"; fi ;;
   "") usage >&2; die "COMMAND is required (build or train)" ;;
   *) die "unknown command $COMMAND" ;;
 esac

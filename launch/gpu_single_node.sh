@@ -78,12 +78,19 @@ LOG="$WORKDIR/launch_stderr.log"
 child=0; stopping=0
 # A SIGTERM/SIGINT sent to this script (docker stop, the VM shutting down) is passed to the trainer, which
 # saves; then the loop ends instead of restarting: whoever stopped us will start us again.
-on_signal() { stopping=1; ((child)) && kill -TERM "$child" 2>/dev/null || true; }
-trap on_signal TERM INT
+# One that comes between two trainers (the restart delay) ends the loop too, with 128 + its number.
+on_signal() { stopping="$1"; ((child)) && kill -TERM "$child" 2>/dev/null || true; }
+trap 'on_signal 15' TERM; trap 'on_signal 2' INT
 restarts=0
 while :; do
+  if ((stopping)); then
+    echo "gpu_single_node.sh: stopped by a signal before restart $restarts; not restarting" >&2
+    exit "$((128 + stopping))"
+  fi
   mark=$( { wc -c < "$LOG"; } 2>/dev/null || echo 0)
-  "${CMD[@]}" 2> >(tee -a "$LOG" >&2) &
+  # tee ignores SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and a tee killed by it would leave
+  # the trainer writing its "saving" lines into a closed pipe (it then dies before saving)
+  "${CMD[@]}" 2> >(trap '' INT TERM; exec tee -a "$LOG" >&2) &
   child=$!
   rc=0; wait "$child" || rc=$?
   while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done  # wait again after a trap
@@ -94,9 +101,14 @@ while :; do
     exit "$rc"
   fi
   if ((stopping)); then
-    echo "gpu_single_node.sh: stopped by a signal (trainer exit $rc); not restarting" >&2; exit "$rc"
+    echo "gpu_single_node.sh: stopped by a signal (trainer exit $rc); not restarting" >&2
+    # Ctrl-C: 130, as the trainer run by hand exits (the SIGTERM passed on here may have made it exit 0)
+    ((stopping == 2 && rc == 0)) && exit 130
+    exit "$rc"
   fi
-  stopped_by_signal() { tail -c +"$((mark + 1))" "$LOG" | grep -q "stop requested ("; }
+  # grep -c, not -q: -q stops reading at the match, and a tail still writing then dies of SIGPIPE, which
+  # pipefail makes the pipeline's status (a long stderr after the line read as "not stopped")
+  stopped_by_signal() { tail -c +"$((mark + 1))" "$LOG" | grep -c "stop requested (" > /dev/null; }
   # tee may still be writing the last lines: look twice before calling the run finished
   if ((rc == 0)) && ! stopped_by_signal && ! { sleep 1; stopped_by_signal; }; then exit 0; fi  # finished
   if ((rc == 2)); then echo "gpu_single_node.sh: trainer failed with exit 2 (not retried)" >&2; exit 2; fi
@@ -105,5 +117,6 @@ while :; do
   fi
   restarts=$((restarts + 1))
   echo "gpu_single_node.sh: trainer stopped (exit $rc); restart $restarts/$MAX_RESTARTS in ${RESTART_DELAY}s" >&2
-  sleep "$RESTART_DELAY"
+  sleep "$RESTART_DELAY" & sleeper=$!
+  wait "$sleeper" || kill "$sleeper" 2>/dev/null || true  # a trapped signal ends the wait at once
 done

@@ -93,6 +93,8 @@ step() {
   want="$(key "$@")"
   if [[ -f "$marker" && "$(cat "$marker")" == "$want" ]]; then say "$name in $dir: done before, skipped"; return 0; fi
   if [[ "$DRY" == 1 ]]; then printf '+'; printf ' %q' "$@"; printf '\n'; return 0; fi
+  # A signal that came between two steps (after the trainer had exited): no new step, which nobody would stop
+  if ((stopping)); then say "stopped by a signal before $name in $dir"; exit 130; fi
   local limit=() rc=0
   if [[ -n "$TIME_LIMIT" ]]; then
     local left=$((TIME_LIMIT - (SECONDS - START)))
@@ -103,7 +105,9 @@ step() {
   mkdir -p "$dir/method_table"
   local log="$dir/method_table/$name.log" mark
   mark=$( { wc -c < "$log"; } 2>/dev/null || echo 0)
-  ${limit[@]+"${limit[@]}"} "$@" 2> >(tee -a "$log" >&2) &
+  # tee ignores SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and a tee killed by it would leave
+  # the trainer writing its "saving" lines into a closed pipe (it then dies before saving)
+  ${limit[@]+"${limit[@]}"} "$@" 2> >(trap '' INT TERM; exec tee -a "$log" >&2) &
   child=$!
   wait "$child" || rc=$?
   while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done  # wait again after a trap
@@ -112,8 +116,9 @@ step() {
   if ((rc == 124)); then return 3; fi
   if ((rc)); then say "$name in $dir failed with exit $rc (its output: $log)"; return 1; fi
   # A trainer sent SIGTERM by someone else saves and exits 0 too: its "stop requested" line tells the two
-  # apart (tee may still be writing the last lines: look twice).
-  stopped() { tail -c +"$((mark + 1))" "$log" | grep -q "stop requested ("; }
+  # apart (tee may still be writing the last lines: look twice). grep -c, not -q: -q stops reading at the
+  # match, and a tail still writing then dies of SIGPIPE, which pipefail makes the pipeline's status.
+  stopped() { tail -c +"$((mark + 1))" "$log" | grep -c "stop requested (" > /dev/null; }
   if stopped || { sleep 1; stopped; }; then
     say "$name in $dir was stopped before its end; run again to continue"; return 1
   fi

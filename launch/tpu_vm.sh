@@ -191,7 +191,9 @@ cmd_install() {
   script+=" && ~/.local/bin/uv pip install -q --python $VENV_BIN/python -U $(q "$JAX_SPEC") -e ~/ssl_jax"
   script+=" && $VENV_BIN/python -c 'import jax, ssl_jax; print(\"jax\", jax.__version__, \"ok\")'"
   if [[ -n "$NFS_SHARE" ]]; then
-    script+="; sudo apt-get -qq update && sudo apt-get -qq install -y nfs-common && $(nfs_mount)"
+    # `&&`, not `;`: after `;` a failed install above would be hidden by the mount's exit status (set -e spares
+    # && lists), and up would go on to start trainers that do not exist
+    script+=" && sudo apt-get -qq update && sudo apt-get -qq install -y nfs-common && $(nfs_mount)"
     script+=" && { sudo chmod a+rwx /mnt/ssl_jax || true; }"
   fi
   on_workers all "$script"
@@ -225,12 +227,15 @@ sync_prepare() {
 
 # Worker 0, after the trainers started: push every SYNC_EVERY s and as soon as the trainer exits (it is
 # looked at every 2 s); a loop whose pid is no longer in ~/ssl_jax_sync.pid was replaced and exits quietly.
+# The loop (and the gcloud it starts) ignores SIGTERM: a VM shutting down (Spot preemption, maintenance)
+# sends SIGTERM to every process, the trainer's included, and the loop must outlive the trainer's save to
+# push it. SIGKILL ends it.
 sync_loop() {
   local wd url; wd="$(q "$WORKDIR")"; url="$(q "$SYNC_TO")"
   local push='if [ "$(cat '"$wd"'/.sync_to 2>/dev/null)" = '"$url"' ]; then echo "$(date) push";'
   push+=' gcloud storage rsync -r --delete-unmatched-destination-objects '"$wd $url"';'
   push+=' else echo "$(date) not pushing: the workdir is not bound to '"$url"' (see tpu_vm.sh -h)"; fi'
-  local s='echo $$ > ~/ssl_jax_sync.pid; last=$(date +%s)'
+  local s='trap "" TERM; echo $$ > ~/ssl_jax_sync.pid; last=$(date +%s)'
   s+='; mine() { [ "$(cat ~/ssl_jax_sync.pid 2>/dev/null)" = $$ ]; }'
   s+='; while mine && '"$TRAINER_ALIVE"'; do sleep 2'
   s+='; if [ $(($(date +%s) - last)) -ge '"$SYNC_EVERY"' ]; then '"$push"'; last=$(date +%s); fi; done'

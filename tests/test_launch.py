@@ -1,7 +1,9 @@
 """launch/: every script parses (`bash -n`), prints its usage, and in DRY_RUN=1 mode prints the exact
 `ssl-jax train` command with the config and overrides passed through (and `--distributed` where there are
-several processes). The GPU restart loop is run for real against a fake `ssl-jax`, and tpu_vm.sh against a
-stand-in `gcloud` (its workers' commands run here, its bucket is a folder)."""
+several processes). The GPU restart loop is run for real against a fake `ssl-jax`, tpu_vm.sh against a
+stand-in `gcloud` (its workers' commands run here, its bucket is a folder), the SLURM script against stand-in
+`srun`/`scancel`/`scontrol` and container.sh against a stand-in `docker`: signals sent as SLURM, a VM shutting
+down, a supervisor or a terminal's Ctrl-C send them."""
 import os
 import shlex
 import signal
@@ -96,6 +98,47 @@ def test_slurm_dry_run_one_task_per_gpu_and_requeue():
     assert "--requeue" in header and "--signal=B:USR1@120" in header
     per_node = {h.split("=")[0]: h.split("=")[1] for h in header if "per-node" in h}
     assert per_node["--ntasks-per-node"] == per_node["--gpus-per-node"]  # JAX: one process per GPU
+
+
+def test_slurm_time_limit_saves_then_requeues_and_a_preemption_does_not(tmp_path):
+    """The real path against stand-in srun/scancel/scontrol: USR1 (the time limit near) gets the trainers a
+    SIGTERM through scancel, and the job is requeued once they saved and exited; a SIGTERM (a preemption,
+    which SLURM sends to the trainers itself) is waited out and requeues nothing (--requeue does)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "srun": f"""echo "srun $*" >> {tmp_path}/calls; echo $$ > {tmp_path}/srun.pid
+trap 'sleep 0.3; echo saved >> {tmp_path}/calls; exit 0' TERM
+touch {tmp_path}/started
+for i in $(seq 100); do sleep 0.1; done; exit 1""",
+        "scancel": f'echo "scancel $*" >> {tmp_path}/calls; kill -TERM "$(cat {tmp_path}/srun.pid)"',
+        "scontrol": f'echo "scontrol $*" >> {tmp_path}/calls'}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=str(tmp_path / "no_venv"), SLURM_JOB_ID="42",
+               SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="16", SLURM_GPUS_ON_NODE="8", SLURM_NTASKS_PER_NODE="8",
+               SLURM_CPUS_PER_TASK="11")
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for name in ("calls", "started"):
+            (tmp_path / name).unlink(missing_ok=True)
+        proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm_multinode.sbatch"), CONFIG], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(tmp_path / "started")
+        proc.send_signal(sig)
+        if sig == signal.SIGTERM:  # SLURM signals every process of the job
+            os.kill(int((tmp_path / "srun.pid").read_text()), signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        calls = (tmp_path / "calls").read_text().splitlines()
+        assert proc.returncode == 0, err
+        assert calls[0].startswith("srun --kill-on-bad-exit=1 --cpus-per-task=11 ssl-jax train")
+        assert calls[1:] == (["scancel --signal=TERM 42", "saved", "scontrol requeue 42"]
+                             if sig == signal.SIGUSR1 else ["saved"]), calls
+    env["SLURM_NTASKS_PER_NODE"] = "1"  # one task per node: JAX would use GPU 0 of each node only
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "slurm_multinode.sbatch"), CONFIG], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "must equal the GPUs per node" in proc.stderr
 
 
 def test_tpu_vm_dry_run_up():
@@ -357,6 +400,32 @@ def test_tpu_vm_train_mounts_the_nfs_share(tpu_fake):
     _wait_for(fake / "trainer_calls")  # then it started
 
 
+def test_tpu_vm_sync_loop_outlives_the_shutdowns_sigterm(tpu_fake):
+    """A VM shutting down (Spot preemption) sends SIGTERM to every process: the trainer saves, and the sync loop
+    must live on to push that checkpoint."""
+    run, fake, home = tpu_fake
+    run("train", CONFIG)
+    _wait_for(fake / "started")
+    _wait_for(home / "ssl_jax_sync.pid")  # written once the loop runs (its first command set up the trap)
+    for pid in _fake_processes(fake):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    _wait_for(fake / "gcs" / "bucket" / "run" / "checkpoints" / "2")  # the step saved on SIGTERM, pushed
+
+
+def test_tpu_vm_install_failure_is_not_hidden_by_the_nfs_mount(tpu_fake):
+    """install with NFS_SHARE: a failed install (here: the copied archive is missing) fails the command and
+    mounts nothing, rather than exiting 0 with the mount's status and letting up start trainers."""
+    run, fake, home = tpu_fake
+    for name, body in (("mountpoint", "exit 1"), ("sudo", f'echo "$*" >> {fake}/sudo_calls')):
+        (fake / "bin" / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (fake / "bin" / name).chmod(0o755)
+    proc = run("install", NFS_SHARE="10.0.0.2:/vol1", TMPDIR=str(fake), check=False)
+    assert proc.returncode != 0 and not (fake / "sudo_calls").exists(), (proc.returncode, proc.stderr)
+
+
 def test_tpu_vm_create_says_how_to_resume_a_preempted_vm(tpu_fake):
     run, fake, home = tpu_fake
     run("create")
@@ -448,17 +517,22 @@ def test_preemptible_loop_does_not_retry_a_trainer_that_cannot_run(tmp_path):
     assert proc.returncode == 127 and "not found: activate the venv or set SSL_JAX" in proc.stderr
 
 
-def _sigterm_once_started(tmp_path, env, script, *args):
-    """Starts a launch script, sends it SIGTERM once its fake trainer touched tmp_path/started; returns
-    (exit status, stderr)."""
+def _sigterm_once_started(tmp_path, env, script, *args, ctrl_c=False, delay=0.0):
+    """Starts a launch script, sends it SIGTERM once its fake trainer touched tmp_path/started (and `delay`
+    seconds more); returns (exit status, stderr). ctrl_c: SIGINT to the script's whole process group instead,
+    as a terminal's Ctrl-C does."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full_env.update(env)
     proc = subprocess.Popen(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=ctrl_c)
     deadline = time.time() + 10
     while not (tmp_path / "started").exists() and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    time.sleep(delay)
+    if ctrl_c:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=10)
     return proc.returncode, err
 
@@ -475,6 +549,89 @@ exit 1
                                             "--preemptible", "--workdir", str(tmp_path / "w"), CONFIG)
     assert returncode == 0 and "not restarting" in err
     assert (tmp_path / "calls").read_text() == "x\n"
+
+
+def test_sigterm_during_the_restart_delay_ends_the_loop(tmp_path):
+    """A SIGTERM between two trainers (the restart delay) stops the loop at once: no new trainer is started
+    that nobody would stop."""
+    fake = _fake_ssl_jax(tmp_path, f"echo x >> {tmp_path}/calls; touch {tmp_path}/started; exit 1\n")
+    t0 = time.time()
+    returncode, err = _sigterm_once_started(tmp_path, {"SSL_JAX": fake, "RESTART_DELAY": "6"}, "gpu_single_node.sh",
+                                            "--preemptible", "--workdir", str(tmp_path / "w"), CONFIG, delay=1)
+    assert returncode == 143 and "not restarting" in err, err
+    assert (tmp_path / "calls").read_text() == "x\n" and time.time() - t0 < 5
+
+
+# The trainer as the real one behaves on Ctrl-C: it saves, then writes "stop requested" to stderr. (A bash fake
+# started in the background ignores SIGINT; the launch script's SIGTERM is what it sees.)
+_SAVES_ON_SIGNAL = """
+trap 'sleep 0.3; echo "stop requested (SIGTERM): saved step 3, exiting" >&2; touch {tmp}/saved; exit 0' TERM
+touch {tmp}/started
+for i in $(seq 100); do sleep 0.1; done
+exit 1
+"""
+
+
+@pytest.mark.parametrize("script", ["gpu_single_node.sh", "method_table.sh"])
+def test_ctrl_c_leaves_the_trainers_stderr_open_while_it_saves(tmp_path, script):
+    """Ctrl-C signals the whole process group, the `tee` that copies the trainer's stderr to the log included:
+    a tee killed by it broke the trainer's stderr, and the real trainer died there without saving."""
+    body = _SAVES_ON_SIGNAL.format(tmp=tmp_path)
+    if script == "gpu_single_node.sh":
+        fake = _fake_ssl_jax(tmp_path, body)
+        args, log = ["--preemptible", "--workdir", str(tmp_path / "w"), CONFIG], tmp_path / "w" / "launch_stderr.log"
+    else:
+        fake = _table_fake(tmp_path, f'if [[ "$1" == train ]]; then {body}\nfi')
+        args = ["--methods", "simclr", "--root", str(tmp_path / "runs")]
+        log = tmp_path / "runs" / "simclr_cifar10" / "method_table" / "train.log"
+    returncode, err = _sigterm_once_started(tmp_path, {"SSL_JAX": fake, "RESTART_DELAY": "0"}, script, *args,
+                                            ctrl_c=True)
+    assert (tmp_path / "saved").exists(), err
+    assert "stop requested" in err and "stop requested" in log.read_text()
+    assert returncode == 130, err  # interrupted, not finished: a `&&` after the script does not run
+
+
+@pytest.mark.parametrize("script", ["gpu_single_node.sh", "method_table.sh"])
+def test_a_long_stderr_after_the_stop_line_still_means_stopped(tmp_path, script):
+    """`grep -q` stops reading at the "stop requested" line; the tail feeding it then died of SIGPIPE, and
+    pipefail turned that into "no such line": a stopped run was taken as finished (not restarted, marked done)."""
+    once = f"""n=$(( $(cat {tmp_path}/count 2>/dev/null || echo 0) + 1 )); echo $n > {tmp_path}/count
+if [[ $n == 1 ]]; then
+  echo "stop requested (SIGTERM): saved step 5, exiting" >&2; head -c 1000000 /dev/zero | tr '\\0' x >&2
+fi"""
+    if script == "gpu_single_node.sh":
+        proc = _run(script, "--preemptible", "--workdir", str(tmp_path / "w"), CONFIG,
+                    env={"SSL_JAX": _fake_ssl_jax(tmp_path, once + "\nexit 0\n"), "RESTART_DELAY": "0"})
+        assert (tmp_path / "count").read_text() == "2\n" and "restart 1/20" in proc.stderr
+    else:
+        root = tmp_path / "runs"
+        fake = _table_fake(tmp_path, f'if [[ "$1" == train ]]; then {once}\nfi')
+        proc = _run(script, "--methods", "simclr", "--protocols", "none", "--root", str(root), env={"SSL_JAX": fake},
+                    check=False)
+        assert proc.returncode == 1 and "was stopped before its end" in proc.stderr
+        assert not (root / "simclr_cifar10" / "method_table" / "train.done").exists()
+
+
+def test_sigterm_to_container_sh_reaches_docker(tmp_path):
+    """container.sh execs `docker run`, so a SIGTERM sent to it reaches docker, which passes it to the trainer."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f"""#!/usr/bin/env bash
+exec > /dev/null 2>&1; echo $$ > {tmp_path}/docker.pid
+trap 'touch {tmp_path}/got_term; exit 0' TERM
+touch {tmp_path}/started
+for i in $(seq 100); do sleep 0.1; done
+""")
+    (bin_dir / "docker").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    try:
+        returncode, err = _sigterm_once_started(tmp_path, env, "container.sh", "train", CONFIG)
+        assert returncode == 0 and (tmp_path / "got_term").exists(), (returncode, err)
+    finally:
+        try:
+            os.kill(int((tmp_path / "docker.pid").read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,6 +752,16 @@ exit 1""")
         assert returncode == 130 and "nothing marked done" in err and (tmp_path / "saved").exists(), err
         assert not os.path.exists(tmp_path / "runs" / "simclr_cifar10" / "method_table" / "train.done")
         (tmp_path / "saved").unlink()
+
+
+def test_method_table_sigterm_between_two_steps_starts_no_other(tmp_path):
+    """A SIGTERM that comes after a training finished (while the script looks at its log) stops the script
+    before the evaluation: it used to start the next step and run it to its end."""
+    fake = _table_fake(tmp_path, f'[[ "$1" == train ]] && touch {tmp_path}/started')
+    returncode, err = _sigterm_once_started(tmp_path, {"SSL_JAX": fake}, "method_table.sh", "--methods", "simclr",
+                                            "--protocols", "knn", "--root", str(tmp_path / "runs"), delay=0.5)
+    assert returncode == 130 and "stopped by a signal before eval_knn" in err, err
+    assert _table_calls(tmp_path) == ["train --config configs/simclr.py:cifar10"]
 
 
 def test_method_table_real_smoke_run(tmp_path):
