@@ -317,8 +317,11 @@ class PreemptionGuard:
         self.signal_name = signal.Signals(signum).name
         self._flag.set()
         if signum == signal.SIGINT:
-            print("\ninterrupted: a checkpoint is saved after this step, then the run stops (Ctrl-C again stops at "
-                  "once, without saving)", file=sys.stderr, flush=True)
+            try:
+                print("\ninterrupted: a checkpoint is saved after this step, then the run stops (Ctrl-C again stops "
+                      "at once, without saving)", file=sys.stderr, flush=True)
+            except (OSError, ValueError):  # stderr gone (Ctrl-C killed the `tee` it went to): raised here, the
+                pass  # error would surface wherever the step was, and the run stop without saving
 
     @property
     def signalled(self):

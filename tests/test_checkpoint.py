@@ -102,6 +102,26 @@ def test_ctrl_c_sets_the_stop_flag_and_a_second_one_interrupts_at_once(capsys):
     assert signal.getsignal(signal.SIGINT) == before
 
 
+def test_ctrl_c_with_stderr_gone_still_stops_after_a_save(monkeypatch):
+    # Ctrl-C reaches the whole process group, so a `tee` that the trainer's stderr goes to may be dead already:
+    # the handler's notice must not raise (inside the step, wherever the signal lands) before the save.
+    class Broken:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    guard = checkpoint.PreemptionGuard(signals=(signal.SIGINT,))
+    try:
+        monkeypatch.setattr(sys, "stderr", Broken())
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.requested(1) and guard.signal_name == "SIGINT"
+    finally:
+        monkeypatch.undo()
+        guard.restore_handlers()
+
+
 def test_a_reader_restores_the_newest_checkpoint_of_a_run_that_deletes_the_ones_it_listed(tmp_path):
     """`ssl-jax eval` on a run still training: the checkpoints it listed are deleted (only the newest `keep` stay)
     before it reads them. That is not damage: it reads the newer ones."""
