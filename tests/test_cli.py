@@ -312,7 +312,8 @@ def test_bad_device_and_cluster_flags_are_usage_errors_before_jax_starts(tmp_pat
      "report takes no --config overrides (it uses the run's config.json), got --config.num_epochs=3"),
     (["export", "--workdir", "RUN", "--format", "npz", "--config.model.name=resnet50"],
      "export takes no --config overrides (it uses the run's config.json), got --config.model.name=resnet50"),
-    (["report", "--workdir", "RUN", "--cpu-devices", "8"], "unrecognized argument '--cpu-devices' (see ssl-jax report --help)"),
+    (["report", "--workdir", "RUN", "--cpu-devices", "8"],
+     "unrecognized argument '--cpu-devices' (see ssl-jax report --help)"),
     (["report", "--workdir", "RUN", "--distributed"], "unrecognized argument '--distributed'"),
     (["export", "--workdir", "RUN", "--format", "npz", "--distributed"], "unrecognized argument '--distributed' "
      "(see ssl-jax export --help)"),
