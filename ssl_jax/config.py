@@ -176,21 +176,21 @@ MAX_HUE = 0.5  # a hue shift is in turns of the colour wheel: torchvision's Colo
 # Pairs (low key, high key) whose values must be ordered low <= high.
 ORDERED = (("augment.min_scale", "augment.max_scale"), ("swav.small_min_scale", "swav.small_max_scale"))
 DTYPES = ("float32", "bfloat16", "float16")
-# String keys with a fixed set of values (optim.lars_style: whose official LARS, ssl_jax/optim.py's docstring).
-CHOICES = {"model.dtype": DTYPES, "optim.lars_style": ("simclr", "byol", "larc"),
-           "byol.head_init": ("torch", "haiku")}
+# String keys with a fixed set of values (and those the modules define: module_choices).
+CHOICES = {"model.dtype": DTYPES, "byol.head_init": ("torch", "haiku")}
 
 
 def module_choices():
     """Returns {key: allowed values} of the string keys whose values the modules define (a typo such as
     model.conv_init=foo then fails at load time, naming the key, not when the network is built)."""
-    # pylint: disable=import-outside-toplevel  (they import this module)
+    # pylint: disable=import-outside-toplevel  (they pull in jax and flax, which reading a config needs not)
     from ssl_jax import optim
     from ssl_jax.methods import byol
     from ssl_jax.models import resnet
     return {"optim.name": optim.OPTIMIZERS, "optim.lr_scaling": optim.LR_SCALINGS,
-            "model.name": tuple(resnet.ARCHS), "model.conv_init": tuple(resnet.CONV_INITS),
-            "model.remat_policy": tuple(resnet.REMAT_POLICIES), "byol.tau_schedule": byol.TAU_SCHEDULES}
+            "optim.lars_style": optim.LARS_STYLES, "model.name": tuple(resnet.ARCHS),
+            "model.conv_init": tuple(resnet.CONV_INITS), "model.remat_policy": tuple(resnet.REMAT_POLICIES),
+            "byol.tau_schedule": byol.TAU_SCHEDULES}
 
 
 def _get(config, key):

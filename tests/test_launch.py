@@ -412,7 +412,9 @@ def test_tpu_vm_sync_loop_outlives_the_shutdowns_sigterm(tpu_fake):
             os.kill(pid, signal.SIGTERM)
         except OSError:
             pass
-    _wait_for(fake / "gcs" / "bucket" / "run" / "checkpoints" / "2")  # the step saved on SIGTERM, pushed
+    pushed = fake / "gcs" / "bucket" / "run" / "checkpoints" / "2"  # the step saved on SIGTERM
+    _wait_for(pushed)
+    assert pushed.is_dir(), "the sync loop died with the trainer: the checkpoint saved on SIGTERM was not pushed"
 
 
 def test_tpu_vm_install_failure_is_not_hidden_by_the_nfs_mount(tpu_fake):

@@ -24,7 +24,9 @@ import optax
 
 from ssl_jax import augment, metrics, models, parallel
 from ssl_jax.data import pipeline
-from ssl_jax.evaluators import features as features_lib
+from ssl_jax.evaluators import features as features_lib, knn
+
+class_rank = knn.class_rank  # the fine-tuned classifier's ranks: argmax's tie-breaking, non-finite rows wrong
 
 
 class NonFiniteFineTuningError(FloatingPointError, ValueError):
@@ -225,14 +227,3 @@ def evaluate(model: Model, config, source, mesh, batch_size, progress=False) -> 
     if logits_NxC.shape[1] >= 5:
         result["top5"] = float(np.mean(rank_N < 5))
     return result
-
-
-def class_rank(logits_NxC, labels_N):
-    """Returns rank_N: how many classes rank above the true one, ties going to the lower index (argmax's order);
-    a row with a non-finite logit gets rank C (never correct). Counting only strictly higher logits would
-    credit every class of a tie: an untrained zero output layer, or NaN logits, would score 100%."""
-    logits_NxC, labels_N = np.asarray(logits_NxC), np.asarray(labels_N)
-    true_N = np.take_along_axis(logits_NxC, labels_N[:, None], 1)
-    lower_NxC = np.arange(logits_NxC.shape[1])[None, :] < labels_N[:, None]
-    rank_N = np.sum((logits_NxC > true_N) | ((logits_NxC == true_N) & lower_NxC), axis=1)
-    return np.where(np.isfinite(logits_NxC).all(axis=1), rank_N, logits_NxC.shape[1])
