@@ -132,7 +132,7 @@ def step_memory_bytes(compiled):
     try:
         m = compiled.memory_analysis()
     except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
-        return None
+        return None  # a backend without memory analysis: the bench reports step_bytes null rather than a guess
     if m is None:
         return None
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
