@@ -222,7 +222,7 @@ def evaluate(model: Model, config, source, mesh, batch_size, progress=False) -> 
     logits_NxC, labels_N = features_lib.extract_features(
         lambda x: predict(variables, x), local_batches, mesh,
         desc=f"evaluate ({len(source)})", progress=progress)
-    rank_N = class_rank(logits_NxC, labels_N)
+    rank_N = np.asarray(class_rank(jnp.asarray(logits_NxC), jnp.asarray(labels_N)))
     result = {"top1": float(np.mean(rank_N < 1))}
     if logits_NxC.shape[1] >= 5:
         result["top5"] = float(np.mean(rank_N < 5))

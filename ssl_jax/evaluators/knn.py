@@ -106,18 +106,18 @@ def class_rank(logits_NxC, labels_N):
     """Returns rank_N: how many classes rank above the true one, ties going to the lower index (argmax's order);
     a row with a non-finite logit gets rank C (never correct). Counting only strictly higher logits would
     credit every class of a tie: an untrained zero output layer, NaN logits, or a collapsed representation's
-    equal kNN scores would score 100%."""
-    logits_NxC, labels_N = np.asarray(logits_NxC), np.asarray(labels_N)
-    true_N = np.take_along_axis(logits_NxC, labels_N[:, None], 1)
-    lower_NxC = np.arange(logits_NxC.shape[1])[None, :] < labels_N[:, None]
-    rank_N = np.sum((logits_NxC > true_N) | ((logits_NxC == true_N) & lower_NxC), axis=1)
-    return np.where(np.isfinite(logits_NxC).all(axis=1), rank_N, logits_NxC.shape[1])
+    equal kNN scores would score 100%. In jnp: the kNN scores may be sharded over the devices of several
+    processes."""
+    true_N = jnp.take_along_axis(logits_NxC, labels_N[:, None], axis=1)
+    lower_NxC = jnp.arange(logits_NxC.shape[1])[None, :] < labels_N[:, None]
+    rank_N = jnp.sum((logits_NxC > true_N) | ((logits_NxC == true_N) & lower_NxC), axis=1)
+    return jnp.where(jnp.isfinite(logits_NxC).all(axis=1), rank_N, logits_NxC.shape[1])
 
 
-def _topk_correct(scores_MxC, labels_M, topk: int) -> np.ndarray:
+def _topk_correct(scores_MxC: jax.Array, labels_M: jax.Array, topk: int) -> jax.Array:
     """Returns bool_M: the true class has a positive score and fewer than `topk` classes rank above it
     (class_rank: argmax's tie-breaking, so tied classes are not all credited)."""
-    true_M = np.take_along_axis(scores_MxC, labels_M[:, None], axis=1)[:, 0]
+    true_M = jnp.take_along_axis(scores_MxC, labels_M[:, None], axis=1)[:, 0]
     # Zero-score classes got no neighbour's vote; counting them among the top 5 would reward ties at 0.
     return (class_rank(scores_MxC, labels_M) < topk) & (true_M > 0)
 
@@ -136,9 +136,9 @@ def knn_accuracy(
     """Returns {'knn_top1', 'knn_top5'} as fractions in [0, 1]; top-5 only when num_classes >= 5."""
     scores_MxC = knn_predict(train_feats_NxD, train_labels_N, test_feats_MxD, num_classes, k=k,
                              temperature=temperature, chunk_size=chunk_size, mesh=mesh, relative=True)
-    # On the host: a label array committed to one device cannot meet scores sharded over a mesh.
-    scores_MxC, labels_M = np.asarray(scores_MxC), np.asarray(test_labels_M, np.int32)
-    result = {"knn_top1": float(np.mean(_topk_correct(scores_MxC, labels_M, 1)))}
+    # Through NumPy: a label array committed to one device cannot meet scores sharded over a mesh.
+    labels_M = jnp.asarray(np.asarray(test_labels_M), jnp.int32)
+    result = {"knn_top1": float(jnp.mean(_topk_correct(scores_MxC, labels_M, 1)))}
     if num_classes >= 5:
-        result["knn_top5"] = float(np.mean(_topk_correct(scores_MxC, labels_M, 5)))
+        result["knn_top5"] = float(jnp.mean(_topk_correct(scores_MxC, labels_M, 5)))
     return result
